@@ -1,0 +1,44 @@
+//! `lazy-erofs`: the command-line tool (kernel check now; convert, pull, status later).
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use lazy_erofs_cmd::check::{self, CheckArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lazy-erofs",
+    version,
+    about = "Lazily pulled EROFS container images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report what this kernel supports (ondemand mode, failover, file-backed EROFS,
+    /// overlayfs) and what the snapshotter can do here. Exits 0 only when lazy pulling
+    /// with failover is possible.
+    Check(CheckArgs),
+}
+
+fn main() -> ExitCode {
+    lazy_erofs_cmd::init_logging("warn");
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("lazy-erofs: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Check(args) => check::run(&args, &mut std::io::stdout().lock()),
+    }
+}

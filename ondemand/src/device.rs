@@ -1,0 +1,205 @@
+//! The bound `/dev/cachefiles` device: commands (`dir`, `tag`, `bind ondemand`, `copen`,
+//! `restore`), request reads, and the anon fds the kernel hands out with OPEN.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::msg::{self, Close, Message, MsgError, Open, Read};
+use crate::sys;
+
+pub const DEVICE_PATH: &str = "/dev/cachefiles";
+
+/// Large enough for any message: OPEN carries two short keys.
+const MAX_MSG_LEN: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot open {DEVICE_PATH}: {0}")]
+    Open(#[source] io::Error),
+    #[error("{DEVICE_PATH} command '{command}' failed: {source}")]
+    Command {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading {DEVICE_PATH}: {0}")]
+    Read(#[source] io::Error),
+    #[error("malformed message from the kernel: {0}")]
+    Malformed(#[from] MsgError),
+    #[error("cache directory path is not valid UTF-8 or contains a newline: {0:?}")]
+    BadPath(std::path::PathBuf),
+}
+
+/// A request read from the device, with the anon fd of an OPEN already owned.
+#[derive(Debug)]
+pub enum Request {
+    Open { open: Open, anon: AnonFd },
+    Read(Read),
+    Close(Close),
+}
+
+/// `/dev/cachefiles`, opened and (once [`Device::bind`] succeeded) bound in ondemand mode.
+#[derive(Debug)]
+pub struct Device {
+    file: File,
+}
+
+impl Device {
+    /// Opens the device without binding it (one opener per host: EBUSY otherwise).
+    pub fn open() -> Result<Self, DeviceError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(DEVICE_PATH)
+            .map_err(DeviceError::Open)?;
+        Ok(Self { file })
+    }
+
+    /// Opens the device and binds an ondemand cache in `cache_dir` (which must exist and
+    /// not be on tmpfs) under `tag`.
+    pub fn bind(cache_dir: &Path, tag: &str) -> Result<Self, DeviceError> {
+        let device = Self::open()?;
+        device.bind_ondemand(cache_dir, tag)?;
+        Ok(device)
+    }
+
+    /// `dir`, `tag`, `bind ondemand` on an opened device.
+    pub fn bind_ondemand(&self, cache_dir: &Path, tag: &str) -> Result<(), DeviceError> {
+        let dir = cache_dir
+            .to_str()
+            .filter(|d| !d.contains('\n'))
+            .ok_or_else(|| DeviceError::BadPath(cache_dir.to_path_buf()))?;
+        self.command(&format!("dir {dir}"))?;
+        self.command(&format!("tag {tag}"))?;
+        self.command("bind ondemand")
+    }
+
+    /// Wraps a device fd received from another process (already bound).
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self {
+            file: File::from(fd),
+        }
+    }
+
+    /// Writes one command in one `write(2)`; the kernel answers each write with success
+    /// or an errno.
+    pub fn command(&self, command: &str) -> Result<(), DeviceError> {
+        match nix::unistd::write(&self.file, command.as_bytes()) {
+            Ok(_) => Ok(()),
+            Err(errno) => Err(DeviceError::Command {
+                command: command.to_owned(),
+                source: errno.into(),
+            }),
+        }
+    }
+
+    /// Answers an OPEN: the object's size, or a negative errno to refuse it (the mount
+    /// then fails with that error).
+    pub fn copen(&self, msg_id: u32, size: Result<u64, Errno>) -> Result<(), DeviceError> {
+        match size {
+            Ok(size) => self.command(&format!("copen {msg_id},{size}")),
+            Err(errno) => self.command(&format!("copen {msg_id},-{}", errno as i32)),
+        }
+    }
+
+    /// Asks the kernel to re-send every request still in flight (after a fetcher died).
+    pub fn restore(&self) -> Result<(), DeviceError> {
+        self.command("restore")
+    }
+
+    /// Waits up to `timeout` for a request and reads it. `Ok(None)` when none arrived.
+    /// A malformed OPEN is refused with `copen -EINVAL` (so no mount hangs on it) and
+    /// its anon fd closed before the error is returned.
+    pub fn next_request(&self, timeout: Duration) -> Result<Option<Request>, DeviceError> {
+        let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(millis)) {
+            Ok(0) | Err(Errno::EINTR) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(DeviceError::Read(e.into())),
+        }
+        let mut buf = vec![0u8; MAX_MSG_LEN];
+        let n = match nix::unistd::read(&self.file, &mut buf) {
+            Ok(n) => n,
+            Err(Errno::EINTR | Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(DeviceError::Read(e.into())),
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        self.decode(&buf[..n]).map(Some)
+    }
+
+    fn decode(&self, buf: &[u8]) -> Result<Request, DeviceError> {
+        let anon = msg::open_fd(buf)
+            .and_then(sys::own_installed_fd)
+            .map(AnonFd::new);
+        match msg::parse(buf) {
+            Ok(Message::Open(open)) => match anon {
+                Some(anon) => Ok(Request::Open { open, anon }),
+                None => Err(DeviceError::Malformed(MsgError::BodyLength {
+                    op: "OPEN",
+                    got: buf.len(),
+                    expected: msg::MSG_HEADER_LEN + msg::OPEN_HEADER_LEN,
+                })),
+            },
+            Ok(Message::Read(read)) => Ok(Request::Read(read)),
+            Ok(Message::Close(close)) => Ok(Request::Close(close)),
+            Err(err) => {
+                if anon.is_some() {
+                    drop(anon);
+                    if let Some(msg_id) = msg::msg_id(buf) {
+                        let _ = self.copen(msg_id, Err(Errno::EINVAL));
+                    }
+                }
+                Err(err.into())
+            }
+        }
+    }
+}
+
+impl AsFd for Device {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl From<Device> for OwnedFd {
+    fn from(device: Device) -> OwnedFd {
+        device.file.into()
+    }
+}
+
+/// The per-object fd the kernel installs with an OPEN: READ replies are written into it
+/// and completed with an ioctl. Writes are direct I/O: use page-aligned buffers
+/// ([`crate::AlignedBuf`]) and 4 KiB-aligned offsets and lengths.
+#[derive(Debug)]
+pub struct AnonFd {
+    file: File,
+}
+
+impl AnonFd {
+    fn new(fd: OwnedFd) -> Self {
+        Self {
+            file: File::from(fd),
+        }
+    }
+
+    /// Writes all of `buf` at `offset`; a short write continues where it stopped.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Tells the kernel the READ `msg_id` is done; the range it asked for must have been
+    /// written (an unwritten range reads as EIO).
+    pub fn complete(&self, msg_id: u32) -> io::Result<()> {
+        sys::read_complete(self.file.as_fd(), msg_id).map_err(io::Error::from)
+    }
+}

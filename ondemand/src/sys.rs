@@ -1,0 +1,106 @@
+//! Thin wrappers over the syscalls and ioctls that need `unsafe`. Nothing else in the
+//! workspace may use `unsafe`; each block states why it is sound.
+#![allow(unsafe_code)]
+
+use std::alloc::{self, Layout};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Page size the kernel's direct I/O on cachefiles anon fds needs buffers aligned to.
+pub const PAGE_SIZE: usize = 4096;
+
+// _IOW(0x98, 1, int): tell the kernel a READ request's range has been written.
+nix::ioctl_write_int!(ioc_read_complete, 0x98, 1);
+
+/// `CACHEFILES_IOC_READ_COMPLETE` on an anon fd for the READ with `msg_id`.
+pub fn read_complete(anon_fd: BorrowedFd<'_>, msg_id: u32) -> nix::Result<()> {
+    let arg = nix::libc::c_ulong::from(msg_id);
+    // SAFETY: the ioctl takes an int by value (no pointer), the fd is valid for the borrow.
+    unsafe { ioc_read_complete(std::os::fd::AsRawFd::as_raw_fd(&anon_fd), arg) }.map(drop)
+}
+
+/// Takes ownership of an fd number the kernel installed in this process (the anon fd of
+/// an OPEN message), so it is closed exactly once.
+///
+/// Only call this with a number read from an OPEN message just read from the device:
+/// the kernel installed that fd for us and nothing else owns it.
+pub fn own_installed_fd(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel installed this fd in our table while answering our read() of the
+    // device and handed its number to us alone; no other owner exists.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A zeroed, page-aligned heap buffer: writes to cachefiles anon fds are direct I/O and
+/// fail with EINVAL from unaligned user memory.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out &[u8], like a Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of `len` bytes rounded up to whole pages (at least one page).
+    pub fn new(len: usize) -> Self {
+        let size = len.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let layout = match Layout::from_size_align(size, PAGE_SIZE) {
+            Ok(layout) => layout,
+            Err(_) => alloc::handle_alloc_error(Layout::new::<u8>()),
+        };
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        Self { ptr, layout }
+    }
+
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr points to layout.size() initialised (zeroed) bytes we own.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this exact layout, freed once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_page_aligned_and_whole_pages() {
+        let buf = AlignedBuf::new(5000);
+        assert_eq!(buf.as_ptr() as usize % PAGE_SIZE, 0);
+        assert_eq!(buf.len(), 8192);
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(AlignedBuf::new(0).len(), PAGE_SIZE);
+    }
+}
