@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, unit and integration tests on the host, then the
+# privileged_vm_* tests inside the test VM. Installs what it needs first (root).
+# Fails on the first failing stage. Caches live under $LAZY_EROFS_CACHE
+# (default ~/.cache/lazy-erofs): cargo's target dir, the kernel, the initramfs.
+set -euo pipefail
+checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$checkout"
+[ "$(id -u)" = 0 ] || exec sudo -E bash "$0" "$@"
+
+export LAZY_EROFS_CACHE=${LAZY_EROFS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lazy-erofs}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LAZY_EROFS_CACHE/target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+t0=$(date +%s)
+stage() { printf '\n=== %s (%ss elapsed)\n' "$*" $(( $(date +%s) - t0 )); }
+
+stage "setup"
+bash packaging/setup.sh
+
+stage "cargo fmt --check"
+cargo fmt --all -- --check
+
+stage "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+stage "host tests"
+cargo nextest run --workspace --locked
+
+stage "test VM: kernel and initramfs"
+kernel=$(packaging/testvm/kernel.sh)
+echo "kernel: $kernel"
+
+stage "test VM: privileged_vm_* tests"
+archive=$LAZY_EROFS_CACHE/vm-tests.tar.zst
+cargo nextest archive --workspace --locked --archive-file "$archive"
+packaging/testvm/run.sh --kernel "$kernel" -- \
+    cargo nextest run --profile vm --archive-file "$archive" --workspace-remap "$checkout"
+
+stage "all tests passed"
