@@ -31,6 +31,9 @@ stage "test VM: kernel and initramfs"
 kernel=$(packaging/testvm/kernel.sh)
 echo "kernel: $kernel"
 
+stage "test VM: run.sh contract"
+LAZY_EROFS_KERNEL=$kernel bash packaging/testvm/selftest.sh
+
 stage "test VM: privileged_vm_* tests"
 archive=$LAZY_EROFS_CACHE/vm-tests.tar.zst
 cargo nextest archive --workspace --locked --archive-file "$archive"

@@ -20,6 +20,10 @@ echo "$(cut -d' ' -f1 /proc/uptime)" >$ctl/started
 
 out=/dev/hvc0
 [ -c $out ] || out=/dev/console
+# Raw: no \n -> \r\n translation, so the host gets the bytes the command wrote. The
+# console stays open on fd 9 so the setting holds (a tty resets on its last close).
+exec 9<>$out
+stty raw -echo <&9 2>/dev/null
 fail() { echo "testvm guest: $*" >$out; echo 125 >$ctl/exit_code; sync; echo o >/proc/sysrq-trigger; sleep 5; }
 
 # Writable host folders, at the same path as on the host.
@@ -38,7 +42,7 @@ echo "127.0.0.1 localhost lazy-erofs-vm" >/etc/hosts
 ip link set lo up || fail "cannot bring up loopback"
 
 # Through a pipe, not the console tty: programs then write plain output, as under CI.
-{ /bin/bash $ctl/cmd.sh </dev/null 2>&1; echo $? >$ctl/exit_code; } | cat >$out
+{ /bin/bash $ctl/cmd.sh </dev/null 9>&- 2>&1; echo $? >$ctl/exit_code; } | cat >&9
 sync
 umount $ctl
 echo o >/proc/sysrq-trigger
