@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{self, Layout};
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Page size the kernel's direct I/O on cachefiles anon fds needs buffers aligned to.
 pub const PAGE_SIZE: usize = 4096;
@@ -69,6 +69,12 @@ impl AlignedBuf {
     }
 }
 
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len())
+    }
+}
+
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -91,6 +97,82 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// An array of `AtomicU64` in a shared memory file (memfd): the supervisor creates it,
+/// each fetcher child maps the same file, so counters survive a child's SIGKILL exactly.
+pub struct SharedCounters {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is only accessed through atomics.
+unsafe impl Send for SharedCounters {}
+// SAFETY: as above; &AtomicU64 is Sync.
+unsafe impl Sync for SharedCounters {}
+
+impl SharedCounters {
+    /// A fresh zeroed memfd of `len` counters, mapped.
+    pub fn create(name: &str, len: usize) -> std::io::Result<Self> {
+        let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+        let bytes = Self::bytes(len)?;
+        nix::unistd::ftruncate(&fd, bytes as i64)?;
+        Self::map(fd, len)
+    }
+
+    /// Maps a memfd received from the supervisor; it must hold at least `len` counters.
+    pub fn map(fd: OwnedFd, len: usize) -> std::io::Result<Self> {
+        let bytes = Self::bytes(len)?;
+        let size = nix::sys::stat::fstat(&fd)?.st_size;
+        if u64::try_from(size).unwrap_or(0) < bytes as u64 {
+            return Err(std::io::Error::other(format!(
+                "shared counters file has {size} bytes, need {bytes}"
+            )));
+        }
+        let length = std::num::NonZeroUsize::new(bytes)
+            .ok_or_else(|| std::io::Error::other("zero-sized counters"))?;
+        // SAFETY: a fresh shared mapping of a file we hold, sized above; no existing
+        // memory is affected and the kernel picks the address.
+        let raw = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                length,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )?
+        };
+        Ok(Self {
+            ptr: raw.cast(),
+            len,
+            fd,
+        })
+    }
+
+    fn bytes(len: usize) -> std::io::Result<usize> {
+        len.checked_mul(8)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| std::io::Error::other("bad counter count"))
+    }
+
+    pub fn counters(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping holds len 8-byte-aligned (page-aligned base) u64 slots, lives
+        // as long as self, and is only ever accessed atomically, by us and other processes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for SharedCounters {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region mapped in map(); no references outlive self.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len * 8) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +184,20 @@ mod tests {
         assert_eq!(buf.len(), 8192);
         assert!(buf.iter().all(|&b| b == 0));
         assert_eq!(AlignedBuf::new(0).len(), PAGE_SIZE);
+    }
+
+    #[test]
+    fn shared_counters_are_shared_between_mappings() {
+        use std::sync::atomic::Ordering;
+        let a = SharedCounters::create("test", 10).expect("memfd");
+        let dup = a.fd().try_clone_to_owned().expect("dup");
+        let b = SharedCounters::map(dup, 10).expect("map");
+        a.counters()[3].fetch_add(7, Ordering::SeqCst);
+        assert_eq!(b.counters()[3].load(Ordering::SeqCst), 7);
+        let small = a.fd().try_clone_to_owned().expect("dup");
+        assert!(
+            SharedCounters::map(small, 1000).is_err(),
+            "too small a file must be refused"
+        );
     }
 }

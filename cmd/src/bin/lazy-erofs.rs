@@ -1,10 +1,11 @@
-//! `lazy-erofs`: the command-line tool (kernel check now; convert, pull, status later).
+//! `lazy-erofs`: the command-line tool.
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lazy_erofs_cmd::check::{self, CheckArgs};
+use lazy_erofs_cmd::serve::{self, FetcherArgs, ServeArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,10 +24,16 @@ enum Command {
     /// overlayfs) and what the snapshotter can do here. Exits 0 only when lazy pulling
     /// with failover is possible.
     Check(CheckArgs),
+    /// Serve local EROFS images lazily through /dev/cachefiles with fetcher failover,
+    /// so `mount -t erofs none -o fsid=NAME MNT` works. Root only; stops on SIGTERM.
+    Serve(ServeArgs),
+    /// The fetcher child process (started by `serve` and the snapshotter).
+    #[command(hide = true)]
+    Fetcher(FetcherArgs),
 }
 
 fn main() -> ExitCode {
-    lazy_erofs_cmd::init_logging("warn");
+    lazy_erofs_cmd::init_logging("info");
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -40,5 +47,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Check(args) => check::run(&args, &mut std::io::stdout().lock()),
+        Command::Serve(args) => serve::run(&args).map(|()| true),
+        Command::Fetcher(args) => serve::fetcher(&args).map(|()| true),
     }
 }

@@ -1,0 +1,159 @@
+//! `lazy-erofs serve`: the failover supervisor and fetcher serving local EROFS images
+//! lazily through `/dev/cachefiles`, and the hidden `fetcher` child it runs.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use lazy_erofs_ondemand::{
+    Device, Event, LocalBlob, LocalSourceFactory, Supervisor, SupervisorConfig, Throttle, child,
+};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory for the cachefiles cache. Must exist on a disk filesystem (ext4, xfs,
+    /// …): the kernel refuses tmpfs.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: PathBuf,
+    /// A blob to serve: NAME is the EROFS fsid (or device tag) the kernel asks for,
+    /// PATH a local image file. Repeatable.
+    #[arg(long = "blob", value_name = "NAME=PATH", value_parser = parse_blob, required = true)]
+    pub blobs: Vec<(String, PathBuf)>,
+    /// Slow every fetch down, e.g. `latency=20ms,rate=8MiB` (per second): models a
+    /// remote registry; used by tests and benchmarks.
+    #[arg(long, value_name = "SPEC", value_parser = Throttle::parse)]
+    pub throttle: Option<Throttle>,
+    /// cachefiles tag of this cache (shown in /proc/fs/fscache).
+    #[arg(long, default_value = "lazy-erofs")]
+    pub tag: String,
+    /// Directory for the fd hand-over socket and `fetcher.pid` (the current fetcher's
+    /// pid). Created 0700.
+    #[arg(long, value_name = "DIR", default_value = "/run/lazy-erofs/serve")]
+    pub run_dir: PathBuf,
+    /// Seconds between status lines on stderr (0: none).
+    #[arg(long, default_value_t = 5)]
+    pub status_interval: u64,
+    /// Do not write `restore` after a fetcher restart. This breaks failover (readers of
+    /// in-flight data hang); it exists to prove in tests that failover needs restore.
+    #[arg(long, hide = true)]
+    pub no_restore: bool,
+}
+
+fn parse_blob(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}': expected NAME=PATH"))?;
+    if name.is_empty() || name.contains(['\n', '\0']) {
+        return Err(format!(
+            "'{text}': blob name must be non-empty, without newline or NUL"
+        ));
+    }
+    Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+/// Runs until SIGTERM or SIGINT. Prints `ready …` on stdout once the first fetcher is
+/// serving, status lines on stderr, and a final `stats {json}` line on stdout.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    for (name, path) in &args.blobs {
+        if !path.is_file() {
+            bail!("blob {name}: {} is not a readable file", path.display());
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    let device = Device::bind(&args.cache_dir, &args.tag)
+        .with_context(|| format!("binding an ondemand cache in {}", args.cache_dir.display()))?;
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let mut config =
+        SupervisorConfig::new(args.run_dir.clone(), vec![exe.into(), "fetcher".into()]);
+    config.restore = !args.no_restore;
+    let supervisor = Supervisor::new(device, config)?;
+    for (name, path) in &args.blobs {
+        let blob = LocalBlob {
+            path: path.canonicalize()?,
+            throttle: args.throttle,
+        };
+        supervisor
+            .blobs()
+            .insert(name.clone(), serde_json::to_value(blob)?);
+    }
+    let names: Vec<&str> = args.blobs.iter().map(|(n, _)| n.as_str()).collect();
+    let pid_file = supervisor.pid_file();
+
+    let status =
+        std::thread::scope(|scope| {
+            if args.status_interval > 0 {
+                let (stop, supervisor) = (&stop, &supervisor);
+                scope.spawn(move || {
+                    status_lines(stop, supervisor, Duration::from_secs(args.status_interval))
+                });
+            }
+            let mut announced = false;
+            supervisor.run(&stop, |event| match event {
+            Event::Started { pid, generation, restored } => {
+                tracing::info!(pid, generation, restored, "fetcher started");
+                if !announced {
+                    announced = true;
+                    println!(
+                        "ready: cache {} bound (tag {}), fetcher pid {pid} (also in {}), blobs: {}",
+                        args.cache_dir.display(),
+                        args.tag,
+                        pid_file.display(),
+                        names.join(", ")
+                    );
+                    let _ = std::io::stdout().flush();
+                }
+            }
+            Event::Exited { pid, generation, status, lived } => {
+                tracing::warn!(pid, generation, %status, ?lived, "fetcher exited; restarting");
+            }
+            Event::StartFailed { generation, reason } => {
+                tracing::error!(generation, %reason, "fetcher failed to start");
+            }
+        })
+        });
+    println!("stats {}", serde_json::to_string(&status)?);
+    Ok(())
+}
+
+fn status_lines(stop: &AtomicBool, supervisor: &Supervisor, every: Duration) {
+    let mut next = std::time::Instant::now() + every;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+        if std::time::Instant::now() < next {
+            continue;
+        }
+        next += every;
+        let s = supervisor.stats().summary();
+        tracing::info!(
+            restores = s.restores,
+            opens = s.opens,
+            reads = s.reads_served,
+            failed = s.reads_failed,
+            retries = s.fetch_retries,
+            fetched_mib = s.bytes_fetched >> 20,
+            p50_ms = s.read_p50_ms.unwrap_or(0.0),
+            p99_ms = s.read_p99_ms.unwrap_or(0.0),
+            "status"
+        );
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FetcherArgs {
+    /// The supervisor's hand-over socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+}
+
+/// The fetcher child: serves local blobs as the supervisor describes them.
+pub fn fetcher(args: &FetcherArgs) -> Result<()> {
+    child::run(&args.socket, Arc::new(LocalSourceFactory))?;
+    Ok(())
+}

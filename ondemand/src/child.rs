@@ -1,0 +1,131 @@
+//! The fetcher child process: receives the device fd from the supervisor, writes
+//! `restore` when told to, and serves until the device or the supervisor goes away.
+
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use nix::sys::signal::Signal;
+
+use crate::device::Device;
+use crate::fault::{Fault, FaultTrigger};
+use crate::fetcher::{self, FetcherConfig, Resolver};
+use crate::handover::{self, HandoverError, ToChild, ToParent};
+use crate::source::SourceFactory;
+use crate::stats::{Counter, Stats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    #[error("connecting to the supervisor at {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
+    #[error("shared stats: {0}")]
+    Stats(std::io::Error),
+    #[error("writing restore: {0}")]
+    Restore(#[source] crate::device::DeviceError),
+    #[error("the supervisor is gone")]
+    Orphaned,
+    #[error(transparent)]
+    Fetcher(#[from] fetcher::FetcherError),
+    #[error("tokio runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Asks the supervisor over the hand-over socket; one question at a time.
+struct SupervisorResolver {
+    conn: tokio::sync::Mutex<Conn>,
+}
+
+struct Conn {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Conn {
+    fn ask(&mut self, cookie: &str) -> Result<Option<serde_json::Value>, HandoverError> {
+        handover::write_line(
+            &self.writer,
+            &ToParent::Resolve {
+                cookie: cookie.to_owned(),
+            },
+        )?;
+        Ok(match handover::read_line(&mut self.reader)? {
+            ToChild::Blob { spec } => Some(spec),
+            ToChild::Unknown => None,
+        })
+    }
+}
+
+#[async_trait]
+impl Resolver for SupervisorResolver {
+    async fn resolve(&self, cookie: &str) -> Result<Option<serde_json::Value>, String> {
+        let mut conn = self.conn.lock().await;
+        // Blocking I/O on a local socket answered from memory: microseconds, and OPENs
+        // are rare (one per layer mount).
+        tokio::task::block_in_place(|| conn.ask(cookie)).map_err(|e| e.to_string())
+    }
+}
+
+/// Entry point of the hidden `fetcher` subcommand.
+pub fn run(socket: &Path, factory: Arc<dyn SourceFactory>) -> Result<(), ChildError> {
+    // Die with the supervisor; if it is already gone, do not serve as an orphan.
+    let parent = nix::unistd::getppid();
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() != parent {
+        return Err(ChildError::Orphaned);
+    }
+    let stream = UnixStream::connect(socket).map_err(|source| ChildError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    let (handover, device_fd, stats_fd) = handover::recv_handover(&stream)?;
+    let device = Arc::new(Device::from_fd(device_fd));
+    let stats = Arc::new(Stats::from_fd(stats_fd).map_err(ChildError::Stats)?);
+    if handover.restore {
+        device.restore().map_err(ChildError::Restore)?;
+        stats.add(Counter::Restores, 1);
+    }
+    handover::write_line(
+        &stream,
+        &ToParent::Ready {
+            pid: std::process::id(),
+            restored: handover.restore,
+        },
+    )?;
+    tracing::info!(
+        generation = handover.generation,
+        restored = handover.restore,
+        "fetcher serving"
+    );
+
+    let reader = stream.try_clone().map_err(HandoverError::Io)?;
+    let conn = Conn {
+        writer: stream,
+        reader: BufReader::new(reader),
+    };
+    let resolver = Arc::new(SupervisorResolver {
+        conn: tokio::sync::Mutex::new(conn),
+    });
+    let faults = Arc::new(FaultTrigger::new(Fault::from_env()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .map_err(ChildError::Runtime)?;
+    runtime.block_on(fetcher::serve(
+        device,
+        resolver,
+        factory,
+        stats,
+        faults,
+        FetcherConfig::default(),
+    ))?;
+    Ok(())
+}

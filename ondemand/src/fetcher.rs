@@ -1,0 +1,324 @@
+//! The fetcher: serves the kernel's OPEN / READ / CLOSE requests concurrently.
+//!
+//! A blocking thread reads requests from the device; OPENs are answered in order (the
+//! kernel sends no READ for an object before its `copen`); each READ runs as its own
+//! task. Fetching is per chunk and single-flight: overlapping READs share one fetch and
+//! one write of the whole chunk into the cache file, then each completes its READ.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use nix::errno::Errno;
+use tokio::sync::mpsc;
+
+use crate::device::{AnonFd, Device, DeviceError, Request};
+use crate::fault::{FaultPoint, FaultTrigger};
+use crate::msg::{Open, Read};
+use crate::source::{BlobSource, SourceFactory};
+use crate::stats::{Counter, Stats, monotonic_ns};
+use crate::sys::PAGE_SIZE;
+
+/// Answers "which blob is this cookie?" — the supervisor's table, asked over the socket.
+#[async_trait]
+pub trait Resolver: Send + Sync {
+    /// The blob description for `cookie`, `None` if unknown.
+    async fn resolve(&self, cookie: &str) -> Result<Option<serde_json::Value>, String>;
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FetcherConfig {
+    /// Fetch and write granularity (a multiple of 4 KiB).
+    pub chunk_size: u64,
+    /// Extra attempts after a failed fetch before the READ is failed.
+    pub retries: u32,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub retry_base: Duration,
+}
+
+impl Default for FetcherConfig {
+    fn default() -> Self {
+        Self {
+            chunk_size: 1 << 20,
+            retries: 4,
+            retry_base: Duration::from_millis(50),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetcherError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+struct Object {
+    cookie: String,
+    anon: AnonFd,
+    source: Arc<dyn BlobSource>,
+}
+
+type ChunkFetch = Shared<BoxFuture<'static, Result<(), Arc<String>>>>;
+
+struct Fetcher {
+    device: Arc<Device>,
+    resolver: Arc<dyn Resolver>,
+    factory: Arc<dyn SourceFactory>,
+    stats: Arc<Stats>,
+    faults: Arc<FaultTrigger>,
+    config: FetcherConfig,
+    objects: Mutex<HashMap<u32, Arc<Object>>>,
+    inflight: Arc<Mutex<HashMap<(u32, u64), ChunkFetch>>>,
+}
+
+/// Serves requests until the device fails (or is closed under us). Runs on the current
+/// tokio runtime.
+pub async fn serve(
+    device: Arc<Device>,
+    resolver: Arc<dyn Resolver>,
+    factory: Arc<dyn SourceFactory>,
+    stats: Arc<Stats>,
+    faults: Arc<FaultTrigger>,
+    config: FetcherConfig,
+) -> Result<(), FetcherError> {
+    let fetcher = Arc::new(Fetcher {
+        device: device.clone(),
+        resolver,
+        factory,
+        stats,
+        faults,
+        config,
+        objects: Mutex::new(HashMap::new()),
+        inflight: Arc::new(Mutex::new(HashMap::new())),
+    });
+    let (tx, mut rx) = mpsc::channel::<Result<(Request, Instant), DeviceError>>(1024);
+    std::thread::Builder::new()
+        .name("cachefiles-reader".into())
+        .spawn(move || read_requests(&device, &tx))
+        .map_err(|e| FetcherError::Device(DeviceError::Read(e)))?;
+    while let Some(next) = rx.recv().await {
+        let (request, received) = next?;
+        match request {
+            Request::Open { open, anon } => fetcher.open(open, anon).await,
+            Request::Read(read) => {
+                let fetcher = fetcher.clone();
+                tokio::spawn(async move { fetcher.read(read, received).await });
+            }
+            Request::Close(close) => {
+                fetcher.lock_objects().remove(&close.object_id);
+                fetcher.stats.add(Counter::Closes, 1);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_requests(device: &Device, tx: &mpsc::Sender<Result<(Request, Instant), DeviceError>>) {
+    loop {
+        match device.next_request(Duration::from_millis(500)) {
+            Ok(None) => {
+                if tx.is_closed() {
+                    return;
+                }
+            }
+            Ok(Some(request)) => {
+                if tx.blocking_send(Ok((request, Instant::now()))).is_err() {
+                    return;
+                }
+            }
+            // Bad bytes from the kernel lose one request, never the fetcher.
+            Err(DeviceError::Malformed(err)) => {
+                tracing::error!(%err, "malformed cachefiles message skipped");
+            }
+            Err(err) => {
+                let _ = tx.blocking_send(Err(err));
+                return;
+            }
+        }
+    }
+}
+
+impl Fetcher {
+    fn lock_objects(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Object>>> {
+        self.objects
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn open(&self, open: Open, anon: AnonFd) {
+        self.faults.hit(FaultPoint::CrashInOpen, &self.stats);
+        let cookie = String::from_utf8_lossy(&open.cookie_key).into_owned();
+        let refuse = |errno: Errno, why: String| {
+            tracing::error!(%cookie, object = open.object_id, "OPEN refused ({errno}): {why}");
+            self.stats.add(Counter::OpensRefused, 1);
+            if let Err(err) = self.device.copen(open.msg_id, Err(errno)) {
+                tracing::error!(%err, "copen refusal failed");
+            }
+        };
+        let spec = match self.resolver.resolve(&cookie).await {
+            Ok(Some(spec)) => spec,
+            Ok(None) => return refuse(Errno::ENOENT, "no such blob registered".into()),
+            Err(err) => return refuse(Errno::EIO, format!("cannot ask the supervisor: {err}")),
+        };
+        let source = match self.factory.open(&cookie, &spec) {
+            Ok(source) => source,
+            Err(err) => return refuse(Errno::ENOENT, err.to_string()),
+        };
+        let size = source.size();
+        self.lock_objects().insert(
+            open.object_id,
+            Arc::new(Object {
+                cookie: cookie.clone(),
+                anon,
+                source,
+            }),
+        );
+        match self.device.copen(open.msg_id, Ok(size)) {
+            Ok(()) => {
+                self.stats.add(Counter::Opens, 1);
+                tracing::debug!(%cookie, object = open.object_id, size, "OPEN");
+            }
+            Err(err) => {
+                tracing::error!(%cookie, %err, "copen failed");
+                self.lock_objects().remove(&open.object_id);
+            }
+        }
+    }
+
+    async fn read(self: Arc<Self>, read: Read, received: Instant) {
+        let Some(object) = self.lock_objects().get(&read.object_id).cloned() else {
+            // Only after a CLOSE raced the READ: nobody waits for it any more.
+            tracing::warn!(
+                object = read.object_id,
+                msg = read.msg_id,
+                "READ for a closed object"
+            );
+            return;
+        };
+        let size = object.source.size();
+        let end = read.offset.saturating_add(read.len).min(size);
+        let chunk = self.config.chunk_size;
+        let fetches: Vec<ChunkFetch> = (read.offset / chunk..end.div_ceil(chunk))
+            .map(|index| self.chunk(read.object_id, &object, index))
+            .collect();
+        let failures: Vec<Arc<String>> = futures::future::join_all(fetches)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        if failures.is_empty() {
+            self.faults.hit(FaultPoint::CrashAfterWrite, &self.stats);
+        }
+        // Complete even on failure: the unwritten range reads as EIO instead of hanging.
+        if let Err(err) = object.anon.complete(read.msg_id) {
+            tracing::error!(cookie = %object.cookie, msg = read.msg_id, %err, "READ_COMPLETE failed");
+        }
+        if let Some(first) = failures.first() {
+            self.stats.add(Counter::ReadsFailed, 1);
+            tracing::error!(
+                cookie = %object.cookie, offset = read.offset, len = read.len,
+                "READ failed after retries, the reader sees EIO: {first}"
+            );
+        } else {
+            self.stats.add(Counter::ReadsServed, 1);
+            self.stats.record_read_latency(received.elapsed());
+            self.stats
+                .set_if_zero(Counter::FirstReadDoneNs, monotonic_ns());
+        }
+    }
+
+    /// The shared fetch-and-write of chunk `index`, started if nobody has started it.
+    fn chunk(&self, object_id: u32, object: &Arc<Object>, index: u64) -> ChunkFetch {
+        let key = (object_id, index);
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(fetch) = inflight.get(&key) {
+            return fetch.clone();
+        }
+        let (object, stats, config, map) = (
+            object.clone(),
+            self.stats.clone(),
+            self.config,
+            self.inflight.clone(),
+        );
+        let fetch = async move {
+            let result = fetch_and_write(&object, index, &stats, config)
+                .await
+                .map_err(Arc::new);
+            map.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&key);
+            result
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, fetch.clone());
+        fetch
+    }
+}
+
+async fn fetch_and_write(
+    object: &Arc<Object>,
+    index: u64,
+    stats: &Stats,
+    config: FetcherConfig,
+) -> Result<(), String> {
+    let size = object.source.size();
+    let start = index * config.chunk_size;
+    let len = usize::try_from(config.chunk_size.min(size.saturating_sub(start)))
+        .map_err(|e| e.to_string())?;
+    let mut attempt = 0;
+    let buf = loop {
+        match object.source.read_at(start, len).await {
+            Ok(buf) => break buf,
+            Err(err) if attempt < config.retries => {
+                attempt += 1;
+                stats.add(Counter::FetchRetries, 1);
+                let delay = backoff(config.retry_base, attempt);
+                tracing::warn!(cookie = %object.cookie, start, len, attempt, ?delay, "fetch failed, retrying: {err}");
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    };
+    stats.add(Counter::BytesFetched, len as u64);
+    // Whole pages: the anon fd is direct I/O. The buffer is zero past `len`.
+    let write_len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let object = object.clone();
+    tokio::task::spawn_blocking(move || object.anon.write_all_at(&buf[..write_len], start))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("writing {write_len} bytes at {start} into the cache file: {e}"))?;
+    stats.add(Counter::BytesWritten, write_len as u64);
+    Ok(())
+}
+
+/// `base * 2^(attempt-1)`, plus up to 50 % jitter so retries of many READs spread out.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1 << attempt.saturating_sub(1).min(10));
+    let jitter_frac = (monotonic_ns() % 1000) as f64 / 2000.0;
+    exp + exp.mul_f64(jitter_frac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_bounded_jitter() {
+        let base = Duration::from_millis(50);
+        for attempt in 1..=4 {
+            let d = backoff(base, attempt);
+            let floor = base * (1 << (attempt - 1));
+            assert!(
+                d >= floor && d <= floor.mul_f64(1.5),
+                "attempt {attempt}: {d:?}"
+            );
+        }
+    }
+}

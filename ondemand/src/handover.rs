@@ -1,0 +1,175 @@
+//! The supervisor ↔ fetcher protocol over a Unix socket.
+//!
+//! 1. The child connects; the supervisor sends one [`Handover`] datagram carrying, as
+//!    SCM_RIGHTS, the bound `/dev/cachefiles` fd and the shared stats memfd.
+//! 2. The child writes `restore` if told to, then a [`ToParent::Ready`] line.
+//! 3. From then on JSON lines: the child asks [`ToParent::Resolve`] for a cookie on each
+//!    OPEN and the supervisor answers [`ToChild`]. The child keeps no blob table of its own.
+
+use std::io::{self, BufRead, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use sendfd::{RecvWithFd, SendWithFd};
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// 1 for the first child, +1 per restart.
+    pub generation: u64,
+    /// Write `restore` before serving (every child but the first on a fresh bind).
+    pub restore: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToParent {
+    Ready { pid: u32, restored: bool },
+    Resolve { cookie: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToChild {
+    Blob { spec: serde_json::Value },
+    Unknown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("fd hand-over socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("hand-over message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("hand-over carried {0} fds, expected 2 (device, stats)")]
+    Fds(usize),
+    #[error("peer closed the hand-over socket")]
+    Closed,
+}
+
+/// Supervisor side: sends the hand-over with the device and stats fds.
+pub fn send_handover(
+    stream: &UnixStream,
+    handover: Handover,
+    device: BorrowedFd<'_>,
+    stats: BorrowedFd<'_>,
+) -> Result<(), HandoverError> {
+    let bytes = serde_json::to_vec(&handover)?;
+    let sent = stream.send_with_fd(&bytes, &[device.as_raw_fd(), stats.as_raw_fd()])?;
+    if sent != bytes.len() {
+        return Err(HandoverError::Io(io::Error::other("short hand-over send")));
+    }
+    Ok(())
+}
+
+/// Child side: receives the hand-over and takes ownership of the two fds.
+pub fn recv_handover(stream: &UnixStream) -> Result<(Handover, OwnedFd, OwnedFd), HandoverError> {
+    let mut buf = [0u8; 4096];
+    let mut fds = [-1; 4];
+    let (n, nfds) = stream.recv_with_fd(&mut buf, &mut fds)?;
+    // Own every fd received, so extras are closed rather than leaked.
+    let mut owned: Vec<OwnedFd> = fds[..nfds]
+        .iter()
+        .filter_map(|&fd| sys::own_installed_fd(fd))
+        .collect();
+    if n == 0 {
+        return Err(HandoverError::Closed);
+    }
+    if owned.len() != 2 {
+        return Err(HandoverError::Fds(owned.len()));
+    }
+    let handover: Handover = serde_json::from_slice(&buf[..n])?;
+    let stats = owned.pop().ok_or(HandoverError::Fds(1))?;
+    let device = owned.pop().ok_or(HandoverError::Fds(0))?;
+    Ok((handover, device, stats))
+}
+
+/// Writes one JSON line.
+pub fn write_line<T: Serialize>(mut out: impl Write, message: &T) -> Result<(), HandoverError> {
+    let mut line = serde_json::to_vec(message)?;
+    line.push(b'\n');
+    out.write_all(&line)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Reads one JSON line; `Closed` at end of stream.
+pub fn read_line<T: for<'de> Deserialize<'de>>(
+    input: &mut impl BufRead,
+) -> Result<T, HandoverError> {
+    let mut line = String::new();
+    if input.read_line(&mut line)? == 0 {
+        return Err(HandoverError::Closed);
+    }
+    Ok(serde_json::from_str(line.trim_end())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufReader;
+
+    #[test]
+    fn handover_carries_two_fds_and_lines_round_trip() {
+        let (parent, child) = UnixStream::pair().expect("pair");
+        let stats = crate::stats::Stats::create().expect("memfd");
+        let dev = std::fs::File::open("/dev/null").expect("null");
+        use std::os::fd::AsFd;
+        send_handover(
+            &parent,
+            Handover {
+                generation: 3,
+                restore: true,
+            },
+            dev.as_fd(),
+            stats.fd(),
+        )
+        .expect("send");
+        let (handover, _dev, _stats) = recv_handover(&child).expect("recv");
+        assert_eq!(
+            handover,
+            Handover {
+                generation: 3,
+                restore: true
+            }
+        );
+
+        write_line(
+            &child,
+            &ToParent::Resolve {
+                cookie: "layer".into(),
+            },
+        )
+        .expect("write");
+        let got: ToParent = read_line(&mut BufReader::new(&parent)).expect("read");
+        assert_eq!(
+            got,
+            ToParent::Resolve {
+                cookie: "layer".into()
+            }
+        );
+    }
+
+    #[test]
+    fn handover_without_fds_is_refused() {
+        let (parent, child) = UnixStream::pair().expect("pair");
+        use std::io::Write as _;
+        (&parent)
+            .write_all(br#"{"generation":1,"restore":false}"#)
+            .expect("write");
+        assert!(matches!(recv_handover(&child), Err(HandoverError::Fds(0))));
+        drop(parent);
+        assert!(matches!(recv_handover(&child), Err(HandoverError::Closed)));
+    }
+
+    #[test]
+    fn garbage_line_is_an_error() {
+        let mut input = BufReader::new(&b"{not json\n"[..]);
+        assert!(matches!(
+            read_line::<ToChild>(&mut input),
+            Err(HandoverError::Json(_))
+        ));
+    }
+}
