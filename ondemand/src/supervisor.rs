@@ -192,24 +192,24 @@ impl Supervisor {
             generation += 1;
             self.stats.set(Counter::FirstReadDoneNs, 0);
             let died_at = monotonic_ns();
-            let started = Instant::now();
+            let opens_before = self.stats.get(Counter::Opens);
             match self.run_child(generation, stop, &mut on_event, &mut summary) {
                 ChildEnd::Stopped => break,
                 ChildEnd::Exited => {}
             }
-            if generation > 1 {
-                let first = self.stats.get(Counter::FirstReadDoneNs);
-                if first > died_at {
-                    gaps.push(Duration::from_nanos(first - died_at));
-                }
+            let first_read = self.stats.get(Counter::FirstReadDoneNs);
+            if generation > 1 && first_read > died_at {
+                gaps.push(Duration::from_nanos(first_read - died_at));
             }
             summary.restarts += 1;
-            // A child that dies young is restarted with growing delays; one that ran
-            // for a while is replaced at once.
-            backoff = if started.elapsed() < Duration::from_secs(1) {
-                (backoff * 2).clamp(Duration::from_millis(10), self.config.max_backoff)
-            } else {
+            // A child that served something is replaced at once: the kernel is waiting.
+            // One that died without serving anything (a crash loop at start-up, or on a
+            // request that kills every fetcher) is restarted with growing delays.
+            let made_progress = first_read != 0 || self.stats.get(Counter::Opens) > opens_before;
+            backoff = if made_progress {
                 Duration::ZERO
+            } else {
+                (backoff * 2).clamp(Duration::from_millis(10), self.config.max_backoff)
             };
             sleep_unless(stop, backoff);
         }
@@ -451,5 +451,61 @@ fn sleep_unless(stop: &AtomicBool, duration: Duration) {
     let end = Instant::now() + duration;
     while !stop.load(Ordering::SeqCst) && Instant::now() < end {
         thread::sleep(Duration::from_millis(5).min(end.saturating_duration_since(Instant::now())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fetcher that dies at once is restarted with growing delays, not in a hot loop,
+    /// and each death is reported with its exit status.
+    #[test]
+    fn crash_looping_fetcher_is_restarted_with_backoff() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let devnull = std::fs::File::open("/dev/null").expect("/dev/null");
+        let config = SupervisorConfig::new(
+            dir.path().join("run"),
+            vec!["/bin/sh".into(), "-c".into(), "exit 3".into()],
+        );
+        let supervisor =
+            Supervisor::new(Device::from_fd(devnull.into()), config).expect("supervisor");
+        let mode = std::fs::metadata(dir.path().join("run"))
+            .expect("run dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let stop = AtomicBool::new(false);
+        let mut events = Vec::new();
+        let started = Instant::now();
+        let summary = thread::scope(|scope| {
+            scope.spawn(|| {
+                thread::sleep(Duration::from_millis(700));
+                stop.store(true, Ordering::SeqCst);
+            });
+            supervisor.run(&stop, |event| events.push(event.clone()))
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "stop took {:?}",
+            started.elapsed()
+        );
+        // 10 + 20 + 40 + 80 + 160 + 320 ms of backoff fit in 700 ms: about 6 restarts.
+        assert!(
+            (3..=10).contains(&summary.restarts),
+            "{} restarts",
+            summary.restarts
+        );
+        assert!(events.iter().any(|e| matches!(e, Event::StartFailed { reason, .. } if reason.contains("died before connecting"))), "{events:?}");
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Exited { status, .. } if status == "exit code 3")),
+            "{events:?}"
+        );
+        assert!(
+            !supervisor.pid_file().exists(),
+            "pid file of a fetcher that never served"
+        );
     }
 }

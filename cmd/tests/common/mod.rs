@@ -1,0 +1,223 @@
+//! Helpers for the VM tests that drive `lazy-erofs serve` against the real kernel.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// A fresh directory on the VM's ext4 scratch disk (the cache cannot be on tmpfs).
+pub fn scratch() -> Result<tempfile::TempDir> {
+    let scratch = std::env::var_os("LAZY_EROFS_SCRATCH")
+        .context("LAZY_EROFS_SCRATCH unset: run in the test VM (packaging/testvm/run.sh)")?;
+    ensure!(
+        Path::new("/dev/cachefiles").exists(),
+        "/dev/cachefiles missing: kernel lacks ondemand mode"
+    );
+    Ok(tempfile::tempdir_in(scratch)?)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64), so failures reproduce.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn mkfs_erofs(image: &Path, src: &Path) -> Result<()> {
+    let out = Command::new("mkfs.erofs")
+        .arg(image)
+        .arg(src)
+        .output()
+        .context("run mkfs.erofs")?;
+    ensure!(
+        out.status.success(),
+        "mkfs.erofs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+pub fn mount_fsid(fsid: &str, mnt: &Path) -> Result<std::process::Output> {
+    fs::create_dir_all(mnt)?;
+    Ok(Command::new("timeout")
+        .args(["60", "mount", "-t", "erofs", "none", "-o"])
+        .arg(format!("fsid={fsid}"))
+        .arg(mnt)
+        .output()?)
+}
+
+pub fn umount(mnt: &Path) -> Result<()> {
+    let out = Command::new("umount").arg(mnt).output()?;
+    ensure!(
+        out.status.success(),
+        "umount {}: {}",
+        mnt.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+pub fn drop_caches() -> Result<()> {
+    Ok(fs::write("/proc/sys/vm/drop_caches", "3")?)
+}
+
+/// Kernel log lines so far; compare before and after a test.
+pub fn dmesg_lines() -> Result<Vec<String>> {
+    let out = Command::new("dmesg").output().context("dmesg")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// New kernel log lines that signal trouble: hung tasks, cachefiles or erofs errors.
+pub fn kernel_trouble_since(before: usize) -> Result<Vec<String>> {
+    let lines = dmesg_lines()?;
+    Ok(lines
+        .into_iter()
+        .skip(before)
+        .filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("hung_task")
+                || l.contains("blocked for more than")
+                || (l.contains("cachefiles") && (l.contains("error") || l.contains("fail")))
+                || (l.contains("erofs") && l.contains("error"))
+        })
+        .collect())
+}
+
+/// A running `lazy-erofs serve`.
+pub struct Serve {
+    child: Child,
+    pub run_dir: PathBuf,
+    stdout: mpsc::Receiver<String>,
+    stderr_log: PathBuf,
+}
+
+pub struct ServeOptions<'a> {
+    pub blobs: Vec<(&'a str, &'a Path)>,
+    pub throttle: Option<&'a str>,
+    pub no_restore: bool,
+    pub fault: Option<&'a str>,
+}
+
+impl Serve {
+    pub fn start(work: &Path, options: ServeOptions<'_>) -> Result<Self> {
+        let cache = work.join("cache");
+        let run_dir = work.join("run");
+        fs::create_dir_all(&cache)?;
+        let stderr_log = work.join("serve.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"));
+        cmd.arg("serve")
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("--run-dir")
+            .arg(&run_dir);
+        cmd.args(["--status-interval", "1"]);
+        for (name, path) in &options.blobs {
+            cmd.arg("--blob").arg(format!("{name}={}", path.display()));
+        }
+        if let Some(throttle) = options.throttle {
+            cmd.args(["--throttle", throttle]);
+        }
+        if options.no_restore {
+            cmd.arg("--no-restore");
+        }
+        match options.fault {
+            Some(fault) => cmd.env("LAZY_EROFS_FAULT", fault),
+            None => cmd.env_remove("LAZY_EROFS_FAULT"),
+        };
+        cmd.env("RUST_LOG", "info");
+        cmd.stdout(Stdio::piped())
+            .stderr(fs::File::create(&stderr_log)?);
+        let mut child = cmd.spawn().context("spawn lazy-erofs serve")?;
+        let out = child.stdout.take().context("serve stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let serve = Self {
+            child,
+            run_dir,
+            stdout: rx,
+            stderr_log,
+        };
+        let ready = serve.stdout.recv_timeout(Duration::from_secs(30));
+        match ready {
+            Ok(line) if line.starts_with("ready: ") => Ok(serve),
+            other => bail!(
+                "serve did not become ready ({other:?}); log:\n{}",
+                serve.log()
+            ),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// The serving fetcher's pid (the pid file is written once it serves).
+    pub fn fetcher_pid(&self) -> Result<i32> {
+        let text = fs::read_to_string(self.run_dir.join("fetcher.pid"))?;
+        Ok(text.trim().parse()?)
+    }
+
+    /// SIGKILLs the serving fetcher and waits until a replacement serves.
+    pub fn kill_fetcher(&self) -> Result<()> {
+        let pid = self.fetcher_pid()?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let start = Instant::now();
+        while self.fetcher_pid().ok() == Some(pid) || self.fetcher_pid().is_err() {
+            ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "no new fetcher after killing {pid}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM; returns the final stats JSON.
+    pub fn stop(mut self) -> Result<serde_json::Value> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = self.child.wait()?;
+        ensure!(
+            status.success(),
+            "serve exited with {status}; log:\n{}",
+            self.log()
+        );
+        let stats = self
+            .stdout
+            .iter()
+            .find_map(|line| line.strip_prefix("stats ").map(str::to_owned))
+            .context("no stats line from serve")?;
+        Ok(serde_json::from_str(&stats)?)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
