@@ -25,10 +25,11 @@ Pin: release n=trixie
 Pin-Priority: 50
 '
 changed=0
-if [ "$(cat "$sources" 2>/dev/null)" != "$want_sources" ]; then
+# $(...) drops trailing newlines on both sides, so equal files compare equal.
+if [ "$(cat "$sources" 2>/dev/null)" != "$(printf '%s' "$want_sources")" ]; then
     printf '%s' "$want_sources" >"$sources"; changed=1
 fi
-if [ "$(cat "$pins" 2>/dev/null)" != "$want_pins" ]; then
+if [ "$(cat "$pins" 2>/dev/null)" != "$(printf '%s' "$want_pins")" ]; then
     printf '%s' "$want_pins" >"$pins"; changed=1
 fi
 stamp=/var/lib/apt/lists/.lazy-erofs-updated
@@ -86,7 +87,13 @@ install_group() {
         log "refusing: this install would move libc6 or systemd to a newer Debian (see lines above)"
         exit 1
     fi
-    apt-get install -y -qq "${args[@]}" "${missing[@]}"
+    local aptlog
+    aptlog=$(mktemp)
+    if ! apt-get install -y -qq "${args[@]}" "${missing[@]}" >"$aptlog" 2>&1; then
+        tail -n 40 "$aptlog" >&2; rm -f "$aptlog"
+        log "apt-get install failed"; exit 1
+    fi
+    rm -f "$aptlog"
 }
 
 libc_before=$(dpkg-query -W -f='${Version}' libc6)

@@ -1,0 +1,172 @@
+//! Benchmark of lazy reads through `lazy-erofs serve` on the real kernel (run it in the
+//! test VM: `bash packaging/bench.sh`). Prints figures; asserts nothing about speed.
+//!
+//! Same image, same VM run: cold sequential read through the lazy mount vs the same
+//! image mounted file-backed (the limit); warm re-read after drop_caches vs the limit;
+//! READ round trip p50/p99; fetcher kill → first completed READ p50/p99; fetcher RSS.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::{Serve, ServeOptions};
+
+const IMAGE_MIB: usize = 256;
+
+fn read_all(path: &Path) -> Result<(u64, Duration)> {
+    let start = Instant::now();
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok((total, start.elapsed()))
+}
+
+fn mb_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / 1e6 / took.as_secs_f64()
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(()); // cargo bench --list
+    }
+    let work = common::scratch()?;
+    let src = work.path().join("src");
+    fs::create_dir_all(&src)?;
+    fs::write(
+        src.join("big.bin"),
+        common::pseudo_random(IMAGE_MIB << 20, 42),
+    )?;
+    let image = work.path().join("bench.erofs");
+    common::mkfs_erofs(&image, &src)?;
+    let file = Path::new("big.bin");
+
+    // The limit: the same image mounted file-backed (all bytes already local).
+    let limit_mnt = work.path().join("limit");
+    fs::create_dir_all(&limit_mnt)?;
+    nix::mount::mount(
+        Some(&image),
+        &limit_mnt,
+        Some("erofs"),
+        nix::mount::MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .context("file-backed erofs mount")?;
+    common::drop_caches()?;
+    let (bytes, limit_cold) = read_all(&limit_mnt.join(file))?;
+    common::drop_caches()?;
+    let (_, limit_warm) = read_all(&limit_mnt.join(file))?;
+    common::umount(&limit_mnt)?;
+
+    // Lazy: every byte arrives through OPEN/READ from the fetcher (local source).
+    let serve = Serve::start(
+        work.path(),
+        ServeOptions {
+            blobs: vec![("bench", &image)],
+            throttle: None,
+            no_restore: false,
+            fault: None,
+        },
+    )?;
+    let mnt = work.path().join("lazy");
+    let out = common::mount_fsid("bench", &mnt)?;
+    ensure!(
+        out.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::drop_caches()?;
+    let (lazy_bytes, lazy_cold) = read_all(&mnt.join(file))?;
+    ensure!(
+        lazy_bytes == bytes,
+        "lazy read {lazy_bytes} bytes, expected {bytes}"
+    );
+    common::drop_caches()?;
+    let (_, lazy_warm) = read_all(&mnt.join(file))?;
+    common::umount(&mnt)?;
+    let stats = serve.stop()?;
+
+    // Failover: a fresh cache, a reader, the fetcher killed every 300 ms.
+    let failover_dir = work.path().join("failover");
+    fs::create_dir_all(&failover_dir)?;
+    let serve = Serve::start(
+        &failover_dir,
+        ServeOptions {
+            blobs: vec![("bench", &image)],
+            throttle: Some("latency=5ms,rate=64MiB"),
+            no_restore: false,
+            fault: None,
+        },
+    )?;
+    let mnt = failover_dir.join("mnt");
+    let out = common::mount_fsid("bench", &mnt)?;
+    ensure!(
+        out.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reader = {
+        let path = mnt.join(file);
+        std::thread::spawn(move || read_all(&path))
+    };
+    let mut kills = 0;
+    while !reader.is_finished() && kills < 30 {
+        std::thread::sleep(Duration::from_millis(300));
+        if !reader.is_finished() {
+            serve.kill_fetcher()?;
+            kills += 1;
+        }
+    }
+    let (failover_bytes, failover_took) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    ensure!(
+        failover_bytes == bytes,
+        "reader under kills got {failover_bytes} bytes"
+    );
+    common::umount(&mnt)?;
+    let failover = serve.stop()?;
+
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!("lazy-erofs ondemand benchmark ({IMAGE_MIB} MiB file, release build, test VM)");
+    println!(
+        "cold sequential read   lazy {:7.1} MB/s   file-backed limit {:7.1} MB/s",
+        mb_per_s(bytes, lazy_cold),
+        mb_per_s(bytes, limit_cold)
+    );
+    println!(
+        "warm re-read (dropped) lazy {:7.1} MB/s   file-backed limit {:7.1} MB/s",
+        mb_per_s(bytes, lazy_warm),
+        mb_per_s(bytes, limit_warm)
+    );
+    println!(
+        "READ round trip        p50 {:.2} ms   p99 {:.2} ms   ({} READs, 1 MiB fetch chunks)",
+        f(&stats, "read_p50_ms"),
+        f(&stats, "read_p99_ms"),
+        stats["reads_served"]
+    );
+    println!(
+        "fetcher kill -> first completed READ   p50 {:.1} ms   p99 {:.1} ms   ({} kills, {} gaps measured, 5 ms + 64 MiB/s source; reader took {:.1} s)",
+        f(&failover, "failover_p50_ms"),
+        f(&failover, "failover_p99_ms"),
+        kills,
+        failover["failover_gaps"],
+        failover_took.as_secs_f64()
+    );
+    println!(
+        "fetcher peak RSS       {} KiB (unthrottled run)   {} KiB (kill run)",
+        stats["fetcher_peak_rss_kib"], failover["fetcher_peak_rss_kib"]
+    );
+    Ok(())
+}
