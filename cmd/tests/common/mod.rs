@@ -69,6 +69,23 @@ pub fn umount(mnt: &Path) -> Result<()> {
     Ok(())
 }
 
+pub fn process_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+pub fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !cond() {
+        ensure!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 pub fn drop_caches() -> Result<()> {
     Ok(fs::write("/proc/sys/vm/drop_caches", "3")?)
 }
@@ -193,6 +210,17 @@ impl Serve {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the supervisor itself (not its fetcher) and reaps it.
+    pub fn kill_supervisor(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
         Ok(())
     }
 
