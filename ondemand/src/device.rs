@@ -144,20 +144,21 @@ impl Device {
         match msg::parse(buf) {
             Ok(Message::Open(open)) => match anon {
                 Some(anon) => Ok(Request::Open { open, anon }),
-                None => Err(DeviceError::Malformed(MsgError::BodyLength {
-                    op: "OPEN",
-                    got: buf.len(),
-                    expected: msg::MSG_HEADER_LEN + msg::OPEN_HEADER_LEN,
-                })),
+                // parse() accepts only valid fd numbers, so this is unreachable; refuse
+                // rather than leave the mount waiting.
+                None => {
+                    let _ = self.copen(open.msg_id, Err(Errno::EINVAL));
+                    Err(DeviceError::Malformed(MsgError::BadFd(u32::MAX)))
+                }
             },
             Ok(Message::Read(read)) => Ok(Request::Read(read)),
             Ok(Message::Close(close)) => Ok(Request::Close(close)),
             Err(err) => {
-                if anon.is_some() {
-                    drop(anon);
-                    if let Some(msg_id) = msg::msg_id(buf) {
-                        let _ = self.copen(msg_id, Err(Errno::EINVAL));
-                    }
+                drop(anon);
+                if msg::is_open(buf)
+                    && let Some(msg_id) = msg::msg_id(buf)
+                {
+                    let _ = self.copen(msg_id, Err(Errno::EINVAL));
                 }
                 Err(err.into())
             }

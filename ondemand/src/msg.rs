@@ -82,6 +82,8 @@ pub enum MsgError {
     },
     #[error("OPEN volume key is empty or not NUL-terminated")]
     VolumeKeyNotTerminated,
+    #[error("OPEN carries fd {0}, not a valid descriptor number")]
+    BadFd(u32),
     #[error("READ range {offset}+{len} overflows a 64-bit offset")]
     ReadOverflow { offset: u64, len: u64 },
 }
@@ -100,6 +102,12 @@ fn u64_at(buf: &[u8], at: usize) -> Option<u64> {
 /// a malformed OPEN with a negative `copen` so the mount fails instead of hanging.
 pub fn msg_id(buf: &[u8]) -> Option<u32> {
     u32_at(buf, 0)
+}
+
+/// Whether `buf` claims to be an OPEN: such a message must get a `copen` answer even
+/// when it is malformed, or the mount waiting on it hangs.
+pub fn is_open(buf: &[u8]) -> bool {
+    u32_at(buf, 4) == Some(OP_OPEN)
 }
 
 /// The anon fd number the kernel installed for an OPEN message, if `buf` is an OPEN long
@@ -182,6 +190,10 @@ fn parse_open(msg_id: u32, object_id: u32, body: &[u8]) -> Result<Open, MsgError
     };
     let volume_size = u32_at(body, 0).ok_or(short.clone())?;
     let cookie_size = u32_at(body, 4).ok_or(short.clone())?;
+    let fd = u32_at(body, 8).ok_or(short.clone())?;
+    if i32::try_from(fd).is_err() {
+        return Err(MsgError::BadFd(fd));
+    }
     let flags = u32_at(body, 12).ok_or(short)?;
     let keys = &body[OPEN_HEADER_LEN..];
     let past_end = MsgError::KeysPastEnd {
@@ -354,6 +366,14 @@ mod tests {
             parse(&empty).is_ok(),
             "a lone NUL is an empty but terminated key"
         );
+    }
+
+    #[test]
+    fn open_with_an_impossible_fd_number() {
+        let buf = fixture::open(1, 2, b"erofs,x", b"y", 0x8080_8080);
+        assert_eq!(parse(&buf), Err(MsgError::BadFd(0x8080_8080)));
+        assert!(is_open(&buf));
+        assert_eq!(open_fd(&buf), None);
     }
 
     #[test]
