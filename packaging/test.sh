@@ -24,6 +24,9 @@ cargo fmt --all -- --check
 stage "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+stage "fuzz target builds"
+cargo check --manifest-path ondemand/fuzz/Cargo.toml --target-dir "$LAZY_EROFS_CACHE/fuzz-check"
+
 stage "host tests"
 cargo nextest run --workspace --locked
 
