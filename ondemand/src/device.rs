@@ -17,7 +17,7 @@ use crate::sys;
 pub const DEVICE_PATH: &str = "/dev/cachefiles";
 
 /// Large enough for any message: OPEN carries two short keys.
-const MAX_MSG_LEN: usize = 64 * 1024;
+pub const MAX_MSG_LEN: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -114,10 +114,15 @@ impl Device {
         self.command("restore")
     }
 
-    /// Waits up to `timeout` for a request and reads it. `Ok(None)` when none arrived.
+    /// Waits up to `timeout` for a request and reads it into `buf` (reused between
+    /// calls; [`MAX_MSG_LEN`] bytes fit any message). `Ok(None)` when none arrived.
     /// A malformed OPEN is refused with `copen -EINVAL` (so no mount hangs on it) and
     /// its anon fd closed before the error is returned.
-    pub fn next_request(&self, timeout: Duration) -> Result<Option<Request>, DeviceError> {
+    pub fn next_request(
+        &self,
+        buf: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Request>, DeviceError> {
         let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(millis)) {
@@ -125,8 +130,8 @@ impl Device {
             Ok(_) => {}
             Err(e) => return Err(DeviceError::Read(e.into())),
         }
-        let mut buf = vec![0u8; MAX_MSG_LEN];
-        let n = match nix::unistd::read(&self.file, &mut buf) {
+        buf.resize(MAX_MSG_LEN, 0);
+        let n = match nix::unistd::read(&self.file, buf) {
             Ok(n) => n,
             Err(Errno::EINTR | Errno::EAGAIN) => return Ok(None),
             Err(e) => return Err(DeviceError::Read(e.into())),

@@ -117,8 +117,9 @@ pub async fn serve(
 }
 
 fn read_requests(device: &Device, tx: &mpsc::Sender<Result<(Request, Instant), DeviceError>>) {
+    let mut buf = Vec::new();
     loop {
-        match device.next_request(Duration::from_millis(500)) {
+        match device.next_request(&mut buf, Duration::from_millis(500)) {
             Ok(None) => {
                 if tx.is_closed() {
                     return;

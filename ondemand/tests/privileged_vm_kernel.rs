@@ -66,8 +66,9 @@ fn serve(
 ) -> Result<()> {
     let mut objects: HashMap<u32, (AnonFd, File)> = HashMap::new();
     let mut buf = AlignedBuf::new(1 << 20);
+    let mut msg = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        match device.next_request(Duration::from_millis(50))? {
+        match device.next_request(&mut msg, Duration::from_millis(50))? {
             None => {}
             Some(Request::Open { open, anon }) => match blobs.get(&open.cookie_key) {
                 Some(path) => {

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{Facts, KernelConfig, Trial};
 use crate::device::{Device, DeviceError};
@@ -109,8 +109,7 @@ fn bind_and_restore(dir: &Path) -> Trial {
 
 fn remove_scratch(dir: &Path) {
     // The kernel may still be releasing the cache; a leftover directory is harmless.
-    let dir: PathBuf = dir.to_path_buf();
-    if let Err(e) = fs::remove_dir_all(&dir) {
+    if let Err(e) = fs::remove_dir_all(dir) {
         tracing::debug!(dir = %dir.display(), error = %e, "could not remove trial cache directory");
     }
 }
