@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks in the test VM (release build) and prints their figures.
 set -euo pipefail
-checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$checkout"
-[ "$(id -u)" = 0 ] || exec sudo -E bash "$0" "$@"
-export LAZY_EROFS_CACHE=${LAZY_EROFS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lazy-erofs}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LAZY_EROFS_CACHE/target}
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash packaging/setup.sh
 cargo build --release --locked --bins
 bench=$(cargo bench --locked -p lazy-erofs-cmd --bench ondemand --no-run --message-format json 2>/dev/null |

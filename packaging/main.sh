@@ -3,12 +3,7 @@
 # (most distribution kernels) it boots the test VM and runs there.
 # Today the job is the kernel check; it grows into a lazily pulled container.
 set -euo pipefail
-checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$checkout"
-[ "$(id -u)" = 0 ] || exec sudo -E bash "$0" "$@"
-
-export LAZY_EROFS_CACHE=${LAZY_EROFS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lazy-erofs}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LAZY_EROFS_CACHE/target}
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 bash packaging/setup.sh
 cargo build --release --locked --bins

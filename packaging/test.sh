@@ -4,12 +4,7 @@
 # Fails on the first failing stage. Caches live under $LAZY_EROFS_CACHE
 # (default ~/.cache/lazy-erofs): cargo's target dir, the kernel, the initramfs.
 set -euo pipefail
-checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$checkout"
-[ "$(id -u)" = 0 ] || exec sudo -E bash "$0" "$@"
-
-export LAZY_EROFS_CACHE=${LAZY_EROFS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lazy-erofs}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LAZY_EROFS_CACHE/target}
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 t0=$(date +%s)

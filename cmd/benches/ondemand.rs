@@ -70,22 +70,9 @@ fn main() -> Result<()> {
     common::umount(&limit_mnt)?;
 
     // Lazy: every byte arrives through OPEN/READ from the fetcher (local source).
-    let serve = Serve::start(
-        work.path(),
-        ServeOptions {
-            blobs: vec![("bench", &image)],
-            throttle: None,
-            no_restore: false,
-            fault: None,
-        },
-    )?;
+    let serve = Serve::start(work.path(), ServeOptions::blob("bench", &image))?;
     let mnt = work.path().join("lazy");
-    let out = common::mount_fsid("bench", &mnt)?;
-    ensure!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::mount_ok("bench", &mnt)?;
     common::drop_caches()?;
     let (lazy_bytes, lazy_cold) = read_all(&mnt.join(file))?;
     ensure!(
@@ -103,19 +90,12 @@ fn main() -> Result<()> {
     let serve = Serve::start(
         &failover_dir,
         ServeOptions {
-            blobs: vec![("bench", &image)],
             throttle: Some("latency=5ms,rate=64MiB"),
-            no_restore: false,
-            fault: None,
+            ..ServeOptions::blob("bench", &image)
         },
     )?;
     let mnt = failover_dir.join("mnt");
-    let out = common::mount_fsid("bench", &mnt)?;
-    ensure!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::mount_ok("bench", &mnt)?;
     let reader = {
         let path = mnt.join(file);
         std::thread::spawn(move || read_all(&path))

@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::io::ErrorKind;
 
-use anyhow::{Result, ensure};
+use anyhow::Result;
 use common::{Serve, ServeOptions};
 
 #[test]
@@ -17,15 +17,7 @@ fn privileged_vm_unknown_blob_fails_the_mount_with_a_clear_error() -> Result<()>
     fs::write(src.join("a"), "a")?;
     let image = work.path().join("known.erofs");
     common::mkfs_erofs(&image, &src)?;
-    let serve = Serve::start(
-        work.path(),
-        ServeOptions {
-            blobs: vec![("known", &image)],
-            throttle: None,
-            no_restore: false,
-            fault: None,
-        },
-    )?;
+    let serve = Serve::start(work.path(), ServeOptions::blob("known", &image))?;
     let out = common::mount_fsid("not-registered", &work.path().join("mnt"))?;
     assert!(!out.status.success(), "mount of an unknown blob succeeded");
     assert_ne!(out.status.code(), Some(124), "mount hung");
@@ -36,12 +28,7 @@ fn privileged_vm_unknown_blob_fails_the_mount_with_a_clear_error() -> Result<()>
     );
     // Still serving the known blob.
     let mnt = work.path().join("mnt2");
-    let out = common::mount_fsid("known", &mnt)?;
-    ensure!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::mount_ok("known", &mnt)?;
     assert_eq!(fs::read(mnt.join("a"))?, b"a");
     common::umount(&mnt)?;
     let stats = serve.stop()?;
@@ -58,22 +45,9 @@ fn privileged_vm_truncated_source_fails_the_read_with_eio_and_serving_goes_on() 
     fs::write(src.join("big.bin"), common::pseudo_random(8 << 20, 9))?;
     let image = work.path().join("image.erofs");
     common::mkfs_erofs(&image, &src)?;
-    let serve = Serve::start(
-        work.path(),
-        ServeOptions {
-            blobs: vec![("trunc", &image)],
-            throttle: None,
-            no_restore: false,
-            fault: None,
-        },
-    )?;
+    let serve = Serve::start(work.path(), ServeOptions::blob("trunc", &image))?;
     let mnt = work.path().join("mnt");
-    let out = common::mount_fsid("trunc", &mnt)?;
-    ensure!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::mount_ok("trunc", &mnt)?;
     // The registry-side blob shrinks under us: the tail of big.bin is gone.
     let size = fs::metadata(&image)?.len();
     fs::OpenOptions::new()

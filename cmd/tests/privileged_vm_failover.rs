@@ -193,19 +193,12 @@ fn privileged_vm_readers_survive_50_fetcher_kills_byte_identical() -> Result<()>
     let serve = Serve::start(
         work.path(),
         ServeOptions {
-            blobs: vec![("seed", &image)],
             throttle: Some("latency=20ms,rate=16MiB"),
-            no_restore: false,
-            fault: None,
+            ..ServeOptions::blob("seed", &image)
         },
     )?;
     let mnt = work.path().join("mnt");
-    let out = common::mount_fsid("seed", &mnt)?;
-    ensure!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::mount_ok("seed", &mnt)?;
 
     let workload = start_readers(&tree, &mnt, 4, 4);
     let mut rng = Rng(0xfeed_beef);
@@ -253,19 +246,13 @@ fn privileged_vm_control_without_restore_readers_hang_or_fail() -> Result<()> {
     let serve = Serve::start(
         work.path(),
         ServeOptions {
-            blobs: vec![("ctl", &image)],
             throttle: Some("latency=300ms,rate=8MiB"),
             no_restore: true,
-            fault: None,
+            ..ServeOptions::blob("ctl", &image)
         },
     )?;
     let mnt = work.path().join("mnt");
-    let out = common::mount_fsid("ctl", &mnt)?;
-    ensure!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::mount_ok("ctl", &mnt)?;
     let workload = start_readers(&tree, &mnt, 1, 0);
     let mut rng = Rng(0xc0ff_ee11);
     for _ in 0..5 {
@@ -305,10 +292,8 @@ fn fault_run(fault: &str) -> Result<()> {
     let serve = Serve::start(
         work.path(),
         ServeOptions {
-            blobs: vec![("fault", &image)],
-            throttle: None,
-            no_restore: false,
             fault: Some(fault),
+            ..ServeOptions::blob("fault", &image)
         },
     )?;
     let mnt = work.path().join("mnt");

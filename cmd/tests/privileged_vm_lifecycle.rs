@@ -22,15 +22,7 @@ fn tiny_image(work: &std::path::Path) -> Result<std::path::PathBuf> {
 fn privileged_vm_sigterm_stops_the_fetcher_and_releases_the_device() -> Result<()> {
     let work = common::scratch()?;
     let image = tiny_image(work.path())?;
-    let serve = Serve::start(
-        work.path(),
-        ServeOptions {
-            blobs: vec![("t", &image)],
-            throttle: None,
-            no_restore: false,
-            fault: None,
-        },
-    )?;
+    let serve = Serve::start(work.path(), ServeOptions::blob("t", &image))?;
     let fetcher = serve.fetcher_pid()?;
     let pid_file = serve.run_dir.join("fetcher.pid");
     let stats = serve.stop()?;
@@ -52,15 +44,7 @@ fn privileged_vm_sigterm_stops_the_fetcher_and_releases_the_device() -> Result<(
 fn privileged_vm_fetcher_dies_with_a_killed_supervisor() -> Result<()> {
     let work = common::scratch()?;
     let image = tiny_image(work.path())?;
-    let mut serve = Serve::start(
-        work.path(),
-        ServeOptions {
-            blobs: vec![("t", &image)],
-            throttle: None,
-            no_restore: false,
-            fault: None,
-        },
-    )?;
+    let mut serve = Serve::start(work.path(), ServeOptions::blob("t", &image))?;
     let fetcher = serve.fetcher_pid()?;
     serve.kill_supervisor()?;
     common::wait_until(

@@ -58,6 +58,17 @@ pub fn mount_fsid(fsid: &str, mnt: &Path) -> Result<std::process::Output> {
         .output()?)
 }
 
+/// Mounts and fails with mount's own message if it did not work.
+pub fn mount_ok(fsid: &str, mnt: &Path) -> Result<()> {
+    let out = mount_fsid(fsid, mnt)?;
+    ensure!(
+        out.status.success(),
+        "mount fsid={fsid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 pub fn umount(mnt: &Path) -> Result<()> {
     let out = Command::new("umount").arg(mnt).output()?;
     ensure!(
@@ -128,6 +139,18 @@ pub struct ServeOptions<'a> {
     pub throttle: Option<&'a str>,
     pub no_restore: bool,
     pub fault: Option<&'a str>,
+}
+
+impl<'a> ServeOptions<'a> {
+    /// One blob, no throttle, restore on, no fault: override fields as needed.
+    pub fn blob(name: &'a str, path: &'a Path) -> Self {
+        Self {
+            blobs: vec![(name, path)],
+            throttle: None,
+            no_restore: false,
+            fault: None,
+        }
+    }
 }
 
 impl Serve {
