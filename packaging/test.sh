@@ -25,6 +25,9 @@ cargo check --manifest-path ondemand/fuzz/Cargo.toml --target-dir "$LAZY_EROFS_C
 stage "host tests"
 cargo nextest run --workspace --locked
 
+stage "host tests as root (privileged_host_*)"
+cargo nextest run --workspace --locked --profile host-root
+
 stage "test VM: kernel and initramfs"
 kernel=$(packaging/testvm/kernel.sh)
 echo "kernel: $kernel"
