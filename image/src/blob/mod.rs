@@ -1,0 +1,204 @@
+//! The lazy layer blob (format v1): one registry blob per layer, read by ranges.
+//!
+//! ```text
+//! [ header, 4 KiB: magic, version, compression, chunk size, section offsets/lengths ]
+//! [ EROFS metadata image ]
+//! [ chunk table: per data-space chunk — offset, compressed offset/length, sha256 ]
+//! [ data chunks: the data space cut into chunks, each compressed on its own ]
+//! ```
+//! Header, metadata and table form the *verified region*: its sha256 travels in the
+//! manifest, so one check covers every chunk digest and the whole metadata image.
+
+mod reader;
+mod writer;
+
+pub use reader::{BlobReader, RangeRead};
+pub use writer::{BlobInfo, BlobWriter, DataSpace, DataSpaceWriter};
+
+use sha2::{Digest, Sha256};
+
+pub const MAGIC: &[u8; 8] = b"LZEROFS\x01";
+pub const VERSION: u32 = 1;
+pub const HEADER_SIZE: u64 = 4096;
+pub const ENTRY_SIZE: usize = 56;
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd { level: i32 },
+}
+
+impl Compression {
+    fn code(self) -> u32 {
+        match self {
+            Compression::None => 0,
+            Compression::Zstd { .. } => 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a lazy layer blob (bad magic)")]
+    Magic,
+    #[error("unsupported lazy layer format version {0}")]
+    Version(u32),
+    #[error("unsupported compression code {0}")]
+    Compression(u32),
+    #[error("corrupt header: {0}")]
+    Header(String),
+    #[error("verified region digest mismatch: expected {expected}, got {actual}")]
+    RegionDigest { expected: String, actual: String },
+    #[error("chunk {index} digest mismatch: the bytes fetched are not the layer's")]
+    ChunkDigest { index: usize },
+    #[error("chunk {index}: {reason}")]
+    Chunk { index: usize, reason: String },
+    #[error("range {offset}+{len} is outside the data space ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+/// Section layout, as stored in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub compression_code: u32,
+    pub chunk_size: u32,
+    pub metadata_offset: u64,
+    pub metadata_len: u64,
+    pub table_offset: u64,
+    pub table_len: u64,
+    pub data_offset: u64,
+    pub data_len: u64,
+    pub data_space_size: u64,
+}
+
+impl Header {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; HEADER_SIZE as usize];
+        out[0..8].copy_from_slice(MAGIC);
+        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[12..16].copy_from_slice(&self.compression_code.to_le_bytes());
+        out[16..20].copy_from_slice(&self.chunk_size.to_le_bytes());
+        let fields = [
+            self.metadata_offset,
+            self.metadata_len,
+            self.table_offset,
+            self.table_len,
+            self.data_offset,
+            self.data_len,
+            self.data_space_size,
+        ];
+        for (i, v) in fields.iter().enumerate() {
+            out[24 + i * 8..32 + i * 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, BlobError> {
+        if bytes.len() < 80 || &bytes[0..8] != MAGIC {
+            return Err(BlobError::Magic);
+        }
+        let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(b)
+        };
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(BlobError::Version(version));
+        }
+        let header = Header {
+            compression_code: u32_at(12),
+            chunk_size: u32_at(16),
+            metadata_offset: u64_at(24),
+            metadata_len: u64_at(32),
+            table_offset: u64_at(40),
+            table_len: u64_at(48),
+            data_offset: u64_at(56),
+            data_len: u64_at(64),
+            data_space_size: u64_at(72),
+        };
+        header.validate()?;
+        Ok(header)
+    }
+
+    /// Sections in order, contiguous, sized consistently: anything else is corrupt.
+    fn validate(&self) -> Result<(), BlobError> {
+        let bad = |what: &str| Err(BlobError::Header(what.to_owned()));
+        if self.compression_code > 1 {
+            return Err(BlobError::Compression(self.compression_code));
+        }
+        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(4096) {
+            return bad("chunk size must be a non-zero multiple of 4 KiB");
+        }
+        if self.metadata_offset != HEADER_SIZE
+            || self.table_offset != self.metadata_offset.saturating_add(self.metadata_len)
+            || self.data_offset != self.table_offset.saturating_add(self.table_len)
+        {
+            return bad("sections are not contiguous after the header");
+        }
+        let chunks = self.data_space_size.div_ceil(u64::from(self.chunk_size));
+        if self.table_len != chunks.saturating_mul(ENTRY_SIZE as u64) {
+            return bad("chunk table length does not match the data space size");
+        }
+        // The verified region is read into memory whole: refuse absurd sizes.
+        if self.data_offset > 1 << 32 {
+            return bad("metadata and chunk table larger than 4 GiB");
+        }
+        Ok(())
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.data_space_size.div_ceil(u64::from(self.chunk_size)) as usize
+    }
+}
+
+/// One data chunk's entry in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkEntry {
+    /// Offset of the chunk in the data space (uncompressed).
+    pub offset: u64,
+    /// Offset of its stored bytes, relative to the data section.
+    pub stored_offset: u64,
+    pub stored_len: u32,
+    /// 1 when the stored bytes are compressed, 0 when stored as they are.
+    pub compressed: bool,
+    /// sha256 of the uncompressed bytes.
+    pub sha256: [u8; 32],
+}
+
+impl ChunkEntry {
+    pub fn encode(&self) -> [u8; ENTRY_SIZE] {
+        let mut out = [0u8; ENTRY_SIZE];
+        out[0..8].copy_from_slice(&self.offset.to_le_bytes());
+        out[8..16].copy_from_slice(&self.stored_offset.to_le_bytes());
+        out[16..20].copy_from_slice(&self.stored_len.to_le_bytes());
+        out[20..24].copy_from_slice(&u32::from(self.compressed).to_le_bytes());
+        out[24..56].copy_from_slice(&self.sha256);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Self {
+        let mut u64b = [0u8; 8];
+        u64b.copy_from_slice(&bytes[0..8]);
+        let offset = u64::from_le_bytes(u64b);
+        u64b.copy_from_slice(&bytes[8..16]);
+        let stored_offset = u64::from_le_bytes(u64b);
+        let stored_len = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+        let compressed = bytes[20] != 0;
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(&bytes[24..56]);
+        Self { offset, stored_offset, stored_len, compressed, sha256 }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,113 @@
+//! Reading a lazy layer blob by ranges, verifying everything before returning it.
+
+use sha2::{Digest, Sha256};
+
+use super::{BlobError, ChunkEntry, ENTRY_SIZE, HEADER_SIZE, Header, hex};
+
+/// Ranged access to a blob (a local file, or a registry with range requests).
+pub trait RangeRead {
+    /// Exactly `len` bytes at `offset`, or an error.
+    fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
+}
+
+impl RangeRead for std::fs::File {
+    fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
+        self.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+}
+
+impl RangeRead for [u8] {
+    fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len() as u64);
+        match end {
+            Some(end) => Ok(self[offset as usize..end as usize].to_vec()),
+            None => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "range past the end")),
+        }
+    }
+}
+
+/// A blob whose verified region (header, metadata, chunk table) matched the digest from
+/// the manifest. Metadata bytes and data-space bytes it returns are verified.
+pub struct BlobReader<R> {
+    source: R,
+    header: Header,
+    metadata: Vec<u8>,
+    entries: Vec<ChunkEntry>,
+}
+
+impl<R: RangeRead> BlobReader<R> {
+    /// Reads and verifies the region `[0, data_offset)` against `verified_digest`
+    /// (`sha256:<hex>`), in one read after the header.
+    pub fn open(source: R, verified_digest: &str) -> Result<Self, BlobError> {
+        let head = source.read_range(0, HEADER_SIZE)?;
+        let header = Header::decode(&head)?;
+        let rest = source.read_range(HEADER_SIZE, header.data_offset - HEADER_SIZE)?;
+        let mut hash = Sha256::new();
+        hash.update(&head);
+        hash.update(&rest);
+        let actual = format!("sha256:{}", hex(&hash.finalize()));
+        if actual != verified_digest {
+            return Err(BlobError::RegionDigest { expected: verified_digest.to_owned(), actual });
+        }
+        let meta_end = header.metadata_len as usize;
+        let metadata = rest[..meta_end].to_vec();
+        let entries: Vec<ChunkEntry> = rest[meta_end..].chunks_exact(ENTRY_SIZE).map(ChunkEntry::decode).collect();
+        for (index, e) in entries.iter().enumerate() {
+            let expected_offset = index as u64 * u64::from(header.chunk_size);
+            let in_bounds = e.stored_offset.checked_add(u64::from(e.stored_len)).is_some_and(|end| end <= header.data_len);
+            if e.offset != expected_offset || !in_bounds {
+                return Err(BlobError::Chunk { index, reason: "table entry out of place or out of bounds".into() });
+            }
+        }
+        Ok(Self { source, header, metadata, entries })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The EROFS metadata image (verified).
+    pub fn metadata(&self) -> &[u8] {
+        &self.metadata
+    }
+
+    /// Fetches, decompresses and verifies chunk `index` of the data space.
+    pub fn chunk(&self, index: usize) -> Result<Vec<u8>, BlobError> {
+        let entry = self.entries.get(index).ok_or(BlobError::Chunk { index, reason: "no such chunk".into() })?;
+        let stored = self.source.read_range(self.header.data_offset + entry.stored_offset, u64::from(entry.stored_len))?;
+        let expected_len = (self.header.data_space_size - entry.offset).min(u64::from(self.header.chunk_size)) as usize;
+        let bytes = if entry.compressed {
+            zstd::bulk::decompress(&stored, expected_len)
+                .map_err(|e| BlobError::Chunk { index, reason: format!("zstd: {e}") })?
+        } else {
+            stored
+        };
+        if bytes.len() != expected_len {
+            return Err(BlobError::Chunk { index, reason: format!("{} bytes, expected {expected_len}", bytes.len()) });
+        }
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if digest != entry.sha256 {
+            return Err(BlobError::ChunkDigest { index });
+        }
+        Ok(bytes)
+    }
+
+    /// `len` verified bytes of the data space at `offset`.
+    pub fn read_data(&self, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
+        let size = self.header.data_space_size;
+        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or(BlobError::OutOfRange { offset, len, size })?;
+        let chunk = u64::from(self.header.chunk_size);
+        let mut out = Vec::with_capacity(len as usize);
+        for index in offset / chunk..end.div_ceil(chunk) {
+            let bytes = self.chunk(index as usize)?;
+            let start = index * chunk;
+            let from = offset.max(start) - start;
+            let to = end.min(start + bytes.len() as u64) - start;
+            out.extend_from_slice(&bytes[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,184 @@
+//! Writing a lazy layer blob: the data space is chunked and compressed as it streams in
+//! (to a temporary file), then header, metadata, table and data are assembled.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use super::{BlobError, ChunkEntry, Compression, ENTRY_SIZE, HEADER_SIZE, Header, hex};
+
+/// Streams the layer's file contents into the data space: fixed-size chunks, each
+/// compressed independently as soon as it is full. Memory: one chunk plus the encoder.
+pub struct DataSpaceWriter {
+    compression: Compression,
+    chunk_size: usize,
+    buf: Vec<u8>,
+    position: u64,
+    stored: BufWriter<File>,
+    stored_len: u64,
+    entries: Vec<ChunkEntry>,
+}
+
+/// A finished data space, ready to be assembled into a blob.
+pub struct DataSpace {
+    compression: Compression,
+    chunk_size: u32,
+    pub entries: Vec<ChunkEntry>,
+    pub size: u64,
+    stored: File,
+    pub stored_len: u64,
+}
+
+impl DataSpaceWriter {
+    pub fn new(compression: Compression, chunk_size: u32, temp_dir: &Path) -> Result<Self, BlobError> {
+        Ok(Self {
+            compression,
+            chunk_size: chunk_size as usize,
+            buf: Vec::with_capacity(chunk_size as usize),
+            position: 0,
+            stored: BufWriter::new(tempfile::tempfile_in(temp_dir)?),
+            stored_len: 0,
+            entries: Vec::new(),
+        })
+    }
+
+    /// Current offset in the data space.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Pads with zeros to the next multiple of 4 KiB (file data starts block-aligned).
+    pub fn align_block(&mut self) -> Result<(), BlobError> {
+        let pad = (self.position.div_ceil(4096) * 4096 - self.position) as usize;
+        self.write(&vec![0u8; pad])
+    }
+
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<(), BlobError> {
+        while !bytes.is_empty() {
+            let room = self.chunk_size - self.buf.len();
+            let n = room.min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            self.position += n as u64;
+            bytes = &bytes[n..];
+            if self.buf.len() == self.chunk_size {
+                self.flush_chunk()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_chunk(&mut self) -> Result<(), BlobError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let sha256: [u8; 32] = Sha256::digest(&self.buf).into();
+        let compressed = match self.compression {
+            Compression::Zstd { level } => Some(zstd::bulk::compress(&self.buf, level)?),
+            Compression::None => None,
+        };
+        let (bytes, is_compressed) = match &compressed {
+            Some(c) if c.len() < self.buf.len() => (c.as_slice(), true),
+            _ => (self.buf.as_slice(), false),
+        };
+        self.stored.write_all(bytes)?;
+        let offset = self.entries.len() as u64 * self.chunk_size as u64;
+        self.entries.push(ChunkEntry {
+            offset,
+            stored_offset: self.stored_len,
+            stored_len: bytes.len() as u32,
+            compressed: is_compressed,
+            sha256,
+        });
+        self.stored_len += bytes.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<DataSpace, BlobError> {
+        self.align_block()?;
+        self.flush_chunk()?;
+        let stored = self.stored.into_inner().map_err(|e| BlobError::Io(e.into_error()))?;
+        Ok(DataSpace {
+            compression: self.compression,
+            chunk_size: self.chunk_size as u32,
+            entries: self.entries,
+            size: self.position,
+            stored,
+            stored_len: self.stored_len,
+        })
+    }
+}
+
+/// What the manifest needs to know about a written blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// `sha256:<hex>` of the whole blob (its registry digest).
+    pub digest: String,
+    pub size: u64,
+    /// `sha256:<hex>` of header + metadata + chunk table.
+    pub verified_digest: String,
+    pub metadata_len: u64,
+    pub data_space_size: u64,
+    pub chunk_size: u32,
+}
+
+pub struct BlobWriter;
+
+impl BlobWriter {
+    /// Writes the whole blob to `out`.
+    pub fn assemble(metadata: &[u8], mut data: DataSpace, out: impl Write) -> Result<BlobInfo, BlobError> {
+        let table: Vec<u8> = data.entries.iter().flat_map(|e| e.encode()).collect();
+        debug_assert_eq!(table.len(), data.entries.len() * ENTRY_SIZE);
+        let header = Header {
+            compression_code: data.compression.code(),
+            chunk_size: data.chunk_size,
+            metadata_offset: HEADER_SIZE,
+            metadata_len: metadata.len() as u64,
+            table_offset: HEADER_SIZE + metadata.len() as u64,
+            table_len: table.len() as u64,
+            data_offset: HEADER_SIZE + metadata.len() as u64 + table.len() as u64,
+            data_len: data.stored_len,
+            data_space_size: data.size,
+        };
+        let mut out = HashingWriter { inner: out, hash: Sha256::new(), written: 0 };
+        out.write_all(&header.encode())?;
+        out.write_all(metadata)?;
+        out.write_all(&table)?;
+        let verified_digest = format!("sha256:{}", hex(&out.hash.clone().finalize()));
+        data.stored.seek(SeekFrom::Start(0))?;
+        let copied = io::copy(&mut (&mut data.stored).take(data.stored_len), &mut out)?;
+        if copied != data.stored_len {
+            return Err(BlobError::Io(io::Error::other("data section shorter than written")));
+        }
+        out.flush()?;
+        Ok(BlobInfo {
+            digest: format!("sha256:{}", hex(&out.hash.finalize())),
+            size: out.written,
+            verified_digest,
+            metadata_len: metadata.len() as u64,
+            data_space_size: data.size,
+            chunk_size: data.chunk_size,
+        })
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

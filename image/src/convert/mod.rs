@@ -1,0 +1,137 @@
+//! OCI layer tar (plain, gzip or zstd) → lazy layer blob, in one streaming pass.
+//!
+//! File contents go straight into the data space (chunked and compressed as they
+//! stream); the tree of names and metadata stays in memory — O(entries), plus at most
+//! one 1 MiB chunk and inline files of up to [`INLINE_MAX`] bytes each — whatever the
+//! layer's size. At the end the EROFS metadata is written and the blob assembled.
+
+mod layer_tree;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::blob::{BlobError, BlobInfo, BlobWriter, Compression, DEFAULT_CHUNK_SIZE, DataSpaceWriter, hex};
+use crate::erofs::{ErofsError, TreeError, WriteOptions, write_metadata};
+pub use layer_tree::LayerTree;
+
+/// Files up to this size live inline in the metadata (they come with the first fetch).
+pub const INLINE_MAX: u64 = 2048;
+
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub compression: Compression,
+    pub chunk_size: u32,
+    /// Tag of the data device inside the EROFS image (its fscache cookie name).
+    pub data_tag: String,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        Self { compression: Compression::Zstd { level: 3 }, chunk_size: DEFAULT_CHUNK_SIZE, data_tag: "data".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("reading the layer: {0}")]
+    Io(#[from] io::Error),
+    #[error("layer tar entry {entry}: {reason}")]
+    Entry { entry: String, reason: String },
+    #[error("tar entry path {0:?} escapes the layer root ('..')")]
+    PathEscapes(String),
+    #[error("tar entry {0:?} appears twice")]
+    Duplicate(String),
+    #[error("hard link {path:?} → {target:?}: {reason}")]
+    HardLink { path: String, target: String, reason: String },
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error(transparent)]
+    Erofs(#[from] ErofsError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("the data space exceeds 16 TiB")]
+    TooLarge,
+}
+
+/// The outcome of converting one layer.
+#[derive(Debug, Clone)]
+pub struct ConvertedLayer {
+    pub blob: BlobInfo,
+    /// `sha256:<hex>` of the uncompressed tar: the layer's diff id.
+    pub diff_id: String,
+    /// Bytes read from the (possibly compressed) source.
+    pub source_size: u64,
+    pub entries: u64,
+}
+
+/// Converts a layer read from `input` into a blob written to `out`. `temp_dir` holds the
+/// compressed data section until the metadata is known.
+pub fn convert_layer(
+    input: impl Read,
+    out: impl Write,
+    options: &ConvertOptions,
+    temp_dir: &Path,
+) -> Result<ConvertedLayer, ConvertError> {
+    let source_size = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let mut counted = CountingReader { inner: BufReader::with_capacity(1 << 20, input), count: source_size.clone() };
+    let magic = counted.inner.fill_buf()?.get(..4).map(<[u8]>::to_vec).unwrap_or_default();
+    let tar_stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(&mut counted))
+    } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
+        Box::new(zstd::stream::read::Decoder::new(&mut counted)?)
+    } else {
+        Box::new(&mut counted)
+    };
+    let mut hashed = HashingReader { inner: tar_stream, hash: Sha256::new() };
+    let mut data = DataSpaceWriter::new(options.compression, options.chunk_size, temp_dir)?;
+    let mut tree = LayerTree::new();
+    let mut entries = 0u64;
+    {
+        let mut archive = tar::Archive::new(&mut hashed);
+        for entry in archive.entries()? {
+            let entry = entry.map_err(|e| ConvertError::Entry { entry: format!("#{}", entries + 1), reason: e.to_string() })?;
+            tree.add(entry, &mut data)?;
+            entries += 1;
+        }
+    }
+    // Drain what follows the end-of-archive marker so the diff id covers the whole tar.
+    io::copy(&mut hashed, &mut io::sink())?;
+    let diff_id = format!("sha256:{}", hex(&hashed.hash.finalize()));
+    let source_size = source_size.get();
+    let data = data.finish()?;
+    let data_blocks = u32::try_from(data.size / 4096).map_err(|_| ConvertError::TooLarge)?;
+    let metadata = write_metadata(
+        tree.fs_tree(),
+        &WriteOptions { data_tag: options.data_tag.clone(), data_blocks },
+    )?;
+    let blob = BlobWriter::assemble(&metadata, data, out)?;
+    Ok(ConvertedLayer { blob, diff_id, source_size, entries })
+}
+
+struct CountingReader<R> {
+    inner: R,
+    count: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
