@@ -100,7 +100,9 @@ impl Header {
         if bytes.len() < 80 || &bytes[0..8] != MAGIC {
             return Err(BlobError::Magic);
         }
-        let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
         let u64_at = |at: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&bytes[at..at + 8]);
@@ -191,7 +193,13 @@ impl ChunkEntry {
         let compressed = bytes[20] != 0;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(&bytes[24..56]);
-        Self { offset, stored_offset, stored_len, compressed, sha256 }
+        Self {
+            offset,
+            stored_offset,
+            stored_len,
+            compressed,
+            sha256,
+        }
     }
 }
 

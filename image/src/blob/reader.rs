@@ -24,7 +24,10 @@ impl RangeRead for [u8] {
         let end = offset.checked_add(len).filter(|&e| e <= self.len() as u64);
         match end {
             Some(end) => Ok(self[offset as usize..end as usize].to_vec()),
-            None => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "range past the end")),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "range past the end",
+            )),
         }
     }
 }
@@ -50,19 +53,36 @@ impl<R: RangeRead> BlobReader<R> {
         hash.update(&rest);
         let actual = format!("sha256:{}", hex(&hash.finalize()));
         if actual != verified_digest {
-            return Err(BlobError::RegionDigest { expected: verified_digest.to_owned(), actual });
+            return Err(BlobError::RegionDigest {
+                expected: verified_digest.to_owned(),
+                actual,
+            });
         }
         let meta_end = header.metadata_len as usize;
         let metadata = rest[..meta_end].to_vec();
-        let entries: Vec<ChunkEntry> = rest[meta_end..].chunks_exact(ENTRY_SIZE).map(ChunkEntry::decode).collect();
+        let entries: Vec<ChunkEntry> = rest[meta_end..]
+            .chunks_exact(ENTRY_SIZE)
+            .map(ChunkEntry::decode)
+            .collect();
         for (index, e) in entries.iter().enumerate() {
             let expected_offset = index as u64 * u64::from(header.chunk_size);
-            let in_bounds = e.stored_offset.checked_add(u64::from(e.stored_len)).is_some_and(|end| end <= header.data_len);
+            let in_bounds = e
+                .stored_offset
+                .checked_add(u64::from(e.stored_len))
+                .is_some_and(|end| end <= header.data_len);
             if e.offset != expected_offset || !in_bounds {
-                return Err(BlobError::Chunk { index, reason: "table entry out of place or out of bounds".into() });
+                return Err(BlobError::Chunk {
+                    index,
+                    reason: "table entry out of place or out of bounds".into(),
+                });
             }
         }
-        Ok(Self { source, header, metadata, entries })
+        Ok(Self {
+            source,
+            header,
+            metadata,
+            entries,
+        })
     }
 
     pub fn header(&self) -> &Header {
@@ -76,17 +96,29 @@ impl<R: RangeRead> BlobReader<R> {
 
     /// Fetches, decompresses and verifies chunk `index` of the data space.
     pub fn chunk(&self, index: usize) -> Result<Vec<u8>, BlobError> {
-        let entry = self.entries.get(index).ok_or(BlobError::Chunk { index, reason: "no such chunk".into() })?;
-        let stored = self.source.read_range(self.header.data_offset + entry.stored_offset, u64::from(entry.stored_len))?;
-        let expected_len = (self.header.data_space_size - entry.offset).min(u64::from(self.header.chunk_size)) as usize;
+        let entry = self.entries.get(index).ok_or(BlobError::Chunk {
+            index,
+            reason: "no such chunk".into(),
+        })?;
+        let stored = self.source.read_range(
+            self.header.data_offset + entry.stored_offset,
+            u64::from(entry.stored_len),
+        )?;
+        let expected_len = (self.header.data_space_size - entry.offset)
+            .min(u64::from(self.header.chunk_size)) as usize;
         let bytes = if entry.compressed {
-            zstd::bulk::decompress(&stored, expected_len)
-                .map_err(|e| BlobError::Chunk { index, reason: format!("zstd: {e}") })?
+            zstd::bulk::decompress(&stored, expected_len).map_err(|e| BlobError::Chunk {
+                index,
+                reason: format!("zstd: {e}"),
+            })?
         } else {
             stored
         };
         if bytes.len() != expected_len {
-            return Err(BlobError::Chunk { index, reason: format!("{} bytes, expected {expected_len}", bytes.len()) });
+            return Err(BlobError::Chunk {
+                index,
+                reason: format!("{} bytes, expected {expected_len}", bytes.len()),
+            });
         }
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         if digest != entry.sha256 {
@@ -98,7 +130,10 @@ impl<R: RangeRead> BlobReader<R> {
     /// `len` verified bytes of the data space at `offset`.
     pub fn read_data(&self, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
         let size = self.header.data_space_size;
-        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or(BlobError::OutOfRange { offset, len, size })?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= size)
+            .ok_or(BlobError::OutOfRange { offset, len, size })?;
         let chunk = u64::from(self.header.chunk_size);
         let mut out = Vec::with_capacity(len as usize);
         for index in offset / chunk..end.div_ceil(chunk) {

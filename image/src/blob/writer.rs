@@ -32,7 +32,11 @@ pub struct DataSpace {
 }
 
 impl DataSpaceWriter {
-    pub fn new(compression: Compression, chunk_size: u32, temp_dir: &Path) -> Result<Self, BlobError> {
+    pub fn new(
+        compression: Compression,
+        chunk_size: u32,
+        temp_dir: &Path,
+    ) -> Result<Self, BlobError> {
         Ok(Self {
             compression,
             chunk_size: chunk_size as usize,
@@ -99,7 +103,10 @@ impl DataSpaceWriter {
     pub fn finish(mut self) -> Result<DataSpace, BlobError> {
         self.align_block()?;
         self.flush_chunk()?;
-        let stored = self.stored.into_inner().map_err(|e| BlobError::Io(e.into_error()))?;
+        let stored = self
+            .stored
+            .into_inner()
+            .map_err(|e| BlobError::Io(e.into_error()))?;
         Ok(DataSpace {
             compression: self.compression,
             chunk_size: self.chunk_size as u32,
@@ -128,7 +135,11 @@ pub struct BlobWriter;
 
 impl BlobWriter {
     /// Writes the whole blob to `out`.
-    pub fn assemble(metadata: &[u8], mut data: DataSpace, out: impl Write) -> Result<BlobInfo, BlobError> {
+    pub fn assemble(
+        metadata: &[u8],
+        mut data: DataSpace,
+        out: impl Write,
+    ) -> Result<BlobInfo, BlobError> {
         let table: Vec<u8> = data.entries.iter().flat_map(|e| e.encode()).collect();
         debug_assert_eq!(table.len(), data.entries.len() * ENTRY_SIZE);
         let header = Header {
@@ -142,7 +153,11 @@ impl BlobWriter {
             data_len: data.stored_len,
             data_space_size: data.size,
         };
-        let mut out = HashingWriter { inner: out, hash: Sha256::new(), written: 0 };
+        let mut out = HashingWriter {
+            inner: out,
+            hash: Sha256::new(),
+            written: 0,
+        };
         out.write_all(&header.encode())?;
         out.write_all(metadata)?;
         out.write_all(&table)?;
@@ -150,7 +165,9 @@ impl BlobWriter {
         data.stored.seek(SeekFrom::Start(0))?;
         let copied = io::copy(&mut (&mut data.stored).take(data.stored_len), &mut out)?;
         if copied != data.stored_len {
-            return Err(BlobError::Io(io::Error::other("data section shorter than written")));
+            return Err(BlobError::Io(io::Error::other(
+                "data section shorter than written",
+            )));
         }
         out.flush()?;
         Ok(BlobInfo {

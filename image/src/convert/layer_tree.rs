@@ -11,6 +11,9 @@ use crate::erofs::{CHUNK_SIZE, Content, FileData, FsTree, Metadata, NodeId};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// Larger regular files are refused: a header can claim any size, and a sparse entry
+/// could make us walk (and index) petabytes of holes.
+const MAX_FILE_SIZE: u64 = 1 << 40;
 
 pub struct LayerTree {
     tree: FsTree,
@@ -34,12 +37,17 @@ fn components(path: &[u8]) -> Result<Vec<&[u8]>, ConvertError> {
 }
 
 fn implicit_dir_meta() -> Metadata {
-    Metadata { permissions: 0o755, ..Metadata::default() }
+    Metadata {
+        permissions: 0o755,
+        ..Metadata::default()
+    }
 }
 
 impl LayerTree {
     pub fn new() -> Self {
-        Self { tree: FsTree::new(implicit_dir_meta()) }
+        Self {
+            tree: FsTree::new(implicit_dir_meta()),
+        }
     }
 
     pub fn fs_tree(&self) -> &FsTree {
@@ -53,9 +61,17 @@ impl LayerTree {
             dir = match self.tree.lookup(dir, part) {
                 Some(id) if matches!(self.tree.node(id).content, Content::Directory(_)) => id,
                 Some(_) => {
-                    return Err(ConvertError::Entry { entry: shown(path), reason: format!("parent {:?} is not a directory", shown(part)) });
+                    return Err(ConvertError::Entry {
+                        entry: shown(path),
+                        reason: format!("parent {:?} is not a directory", shown(part)),
+                    });
                 }
-                None => self.tree.insert(dir, part, implicit_dir_meta(), Content::Directory(BTreeMap::new()))?,
+                None => self.tree.insert(
+                    dir,
+                    part,
+                    implicit_dir_meta(),
+                    Content::Directory(BTreeMap::new()),
+                )?,
             };
         }
         Ok(dir)
@@ -73,13 +89,20 @@ impl LayerTree {
         Ok(Some(node))
     }
 
-    pub fn add<R: Read>(&mut self, mut entry: tar::Entry<'_, R>, data: &mut DataSpaceWriter) -> Result<(), ConvertError> {
+    pub fn add<R: Read>(
+        &mut self,
+        mut entry: tar::Entry<'_, R>,
+        data: &mut DataSpaceWriter,
+    ) -> Result<(), ConvertError> {
         let path = entry.path_bytes().into_owned();
-        let bad = |reason: String| ConvertError::Entry { entry: shown(&path), reason };
+        let bad = |reason: String| ConvertError::Entry {
+            entry: shown(&path),
+            reason,
+        };
+        let parts = components(&path)?;
         let header = entry.header().clone();
         let kind = header.entry_type();
         let meta = metadata(&mut entry, &header).map_err(|e| bad(e.to_string()))?;
-        let parts = components(&path)?;
         let Some(name) = parts.last().copied() else {
             // The layer root itself ("./"): only its metadata matters.
             if kind.is_dir() {
@@ -92,16 +115,29 @@ impl LayerTree {
 
         if name == OPAQUE_MARKER {
             let node = self.tree.node_mut(dir);
-            node.meta.xattrs.retain(|(n, _)| n != b"trusted.overlay.opaque");
-            node.meta.xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
+            node.meta
+                .xattrs
+                .retain(|(n, _)| n != b"trusted.overlay.opaque");
+            node.meta
+                .xattrs
+                .push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
             return Ok(());
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             if self.tree.lookup(dir, hidden).is_some() {
                 return Err(ConvertError::Duplicate(shown(&path)));
             }
-            let whiteout = Metadata { permissions: 0, xattrs: Vec::new(), ..meta };
-            self.tree.insert(dir, hidden, whiteout, Content::CharDevice { major: 0, minor: 0 })?;
+            let whiteout = Metadata {
+                permissions: 0,
+                xattrs: Vec::new(),
+                ..meta
+            };
+            self.tree.insert(
+                dir,
+                hidden,
+                whiteout,
+                Content::CharDevice { major: 0, minor: 0 },
+            )?;
             return Ok(());
         }
 
@@ -124,12 +160,20 @@ impl LayerTree {
                 })?)
             }
             tar::EntryType::Symlink => {
-                let target = entry.link_name_bytes().ok_or_else(|| bad("symlink without a target".into()))?;
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| bad("symlink without a target".into()))?;
                 Content::Symlink(target.into_owned())
             }
             tar::EntryType::Char | tar::EntryType::Block => {
-                let major = header.device_major().map_err(|e| bad(e.to_string()))?.unwrap_or(0);
-                let minor = header.device_minor().map_err(|e| bad(e.to_string()))?.unwrap_or(0);
+                let major = header
+                    .device_major()
+                    .map_err(|e| bad(e.to_string()))?
+                    .unwrap_or(0);
+                let minor = header
+                    .device_minor()
+                    .map_err(|e| bad(e.to_string()))?
+                    .unwrap_or(0);
                 if kind == tar::EntryType::Char {
                     Content::CharDevice { major, minor }
                 } else {
@@ -138,9 +182,18 @@ impl LayerTree {
             }
             tar::EntryType::Fifo => Content::Fifo,
             tar::EntryType::Link => {
-                let target = entry.link_name_bytes().ok_or_else(|| bad("hard link without a target".into()))?.into_owned();
-                let link_err = |reason: &str| ConvertError::HardLink { path: shown(&path), target: shown(&target), reason: reason.into() };
-                let node = self.resolve(&target)?.ok_or_else(|| link_err("target not found earlier in the layer"))?;
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| bad("hard link without a target".into()))?
+                    .into_owned();
+                let link_err = |reason: &str| ConvertError::HardLink {
+                    path: shown(&path),
+                    target: shown(&target),
+                    reason: reason.into(),
+                };
+                let node = self
+                    .resolve(&target)?
+                    .ok_or_else(|| link_err("target not found earlier in the layer"))?;
                 if matches!(self.tree.node(node).content, Content::Directory(_)) {
                     return Err(link_err("target is a directory"));
                 }
@@ -162,7 +215,10 @@ impl Default for LayerTree {
 
 /// Mode, owner, mtime (with pax sub-second precision and pax uid/gid), xattrs (pax
 /// `SCHILY.xattr.*`).
-fn metadata<R: Read>(entry: &mut tar::Entry<'_, R>, header: &tar::Header) -> std::io::Result<Metadata> {
+fn metadata<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    header: &tar::Header,
+) -> std::io::Result<Metadata> {
     let mut meta = Metadata {
         permissions: (header.mode()? & 0o7777) as u16,
         uid: u32::try_from(header.uid()?).unwrap_or(u32::MAX),
@@ -213,17 +269,30 @@ fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
 
 /// Small files inline; larger ones into the data space, one 1 MiB chunk at a time, with
 /// all-zero chunks left as holes.
-fn file_data<R: Read>(entry: &mut tar::Entry<'_, R>, data: &mut DataSpaceWriter) -> Result<FileData, ConvertError> {
+fn file_data<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    data: &mut DataSpaceWriter,
+) -> Result<FileData, ConvertError> {
     let size = entry.size();
     if size <= INLINE_MAX {
         let mut bytes = Vec::with_capacity(size as usize);
         entry.read_to_end(&mut bytes)?;
         if bytes.len() as u64 != size {
-            return Err(ConvertError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "entry shorter than its header says")));
+            return Err(ConvertError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "entry shorter than its header says",
+            )));
         }
         return Ok(FileData::Inline(bytes));
     }
-    let mut chunks = Vec::with_capacity(size.div_ceil(CHUNK_SIZE) as usize);
+    if size > MAX_FILE_SIZE {
+        return Err(ConvertError::Io(std::io::Error::other(format!(
+            "file size {size} exceeds the {} GiB limit",
+            MAX_FILE_SIZE >> 30
+        ))));
+    }
+    // Capacity from the header is untrusted until the bytes are actually there.
+    let mut chunks = Vec::with_capacity(size.div_ceil(CHUNK_SIZE).min(1024) as usize);
     let mut buf = vec![0u8; CHUNK_SIZE as usize];
     let mut left = size;
     while left > 0 {
@@ -248,15 +317,27 @@ mod tests {
 
     #[test]
     fn paths_are_normalised_and_dotdot_refused() {
-        assert_eq!(components(b"./a//b/./c").ok(), Some(vec![&b"a"[..], b"b", b"c"]));
+        assert_eq!(
+            components(b"./a//b/./c").ok(),
+            Some(vec![&b"a"[..], b"b", b"c"])
+        );
         assert_eq!(components(b"/abs/x").ok(), Some(vec![&b"abs"[..], b"x"]));
-        assert!(matches!(components(b"a/../../etc/passwd"), Err(ConvertError::PathEscapes(_))));
+        assert!(matches!(
+            components(b"a/../../etc/passwd"),
+            Err(ConvertError::PathEscapes(_))
+        ));
     }
 
     #[test]
     fn pax_times() {
-        assert_eq!(parse_pax_time(b"1700000000.5"), Some((1_700_000_000, 500_000_000)));
-        assert_eq!(parse_pax_time(b"1700000000.123456789123"), Some((1_700_000_000, 123_456_789)));
+        assert_eq!(
+            parse_pax_time(b"1700000000.5"),
+            Some((1_700_000_000, 500_000_000))
+        );
+        assert_eq!(
+            parse_pax_time(b"1700000000.123456789123"),
+            Some((1_700_000_000, 123_456_789))
+        );
         assert_eq!(parse_pax_time(b"42"), Some((42, 0)));
         assert_eq!(parse_pax_time(b"x"), None);
     }

@@ -12,7 +12,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::blob::{BlobError, BlobInfo, BlobWriter, Compression, DEFAULT_CHUNK_SIZE, DataSpaceWriter, hex};
+use crate::blob::{
+    BlobError, BlobInfo, BlobWriter, Compression, DEFAULT_CHUNK_SIZE, DataSpaceWriter, hex,
+};
 use crate::erofs::{ErofsError, TreeError, WriteOptions, write_metadata};
 pub use layer_tree::LayerTree;
 
@@ -29,7 +31,11 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        Self { compression: Compression::Zstd { level: 3 }, chunk_size: DEFAULT_CHUNK_SIZE, data_tag: "data".into() }
+        Self {
+            compression: Compression::Zstd { level: 3 },
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            data_tag: "data".into(),
+        }
     }
 }
 
@@ -44,7 +50,11 @@ pub enum ConvertError {
     #[error("tar entry {0:?} appears twice")]
     Duplicate(String),
     #[error("hard link {path:?} → {target:?}: {reason}")]
-    HardLink { path: String, target: String, reason: String },
+    HardLink {
+        path: String,
+        target: String,
+        reason: String,
+    },
     #[error(transparent)]
     Tree(#[from] TreeError),
     #[error(transparent)]
@@ -75,8 +85,16 @@ pub fn convert_layer(
     temp_dir: &Path,
 ) -> Result<ConvertedLayer, ConvertError> {
     let source_size = std::rc::Rc::new(std::cell::Cell::new(0u64));
-    let mut counted = CountingReader { inner: BufReader::with_capacity(1 << 20, input), count: source_size.clone() };
-    let magic = counted.inner.fill_buf()?.get(..4).map(<[u8]>::to_vec).unwrap_or_default();
+    let mut counted = CountingReader {
+        inner: BufReader::with_capacity(1 << 20, input),
+        count: source_size.clone(),
+    };
+    let magic = counted
+        .inner
+        .fill_buf()?
+        .get(..4)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
     let tar_stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(&mut counted))
     } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
@@ -84,14 +102,20 @@ pub fn convert_layer(
     } else {
         Box::new(&mut counted)
     };
-    let mut hashed = HashingReader { inner: tar_stream, hash: Sha256::new() };
+    let mut hashed = HashingReader {
+        inner: tar_stream,
+        hash: Sha256::new(),
+    };
     let mut data = DataSpaceWriter::new(options.compression, options.chunk_size, temp_dir)?;
     let mut tree = LayerTree::new();
     let mut entries = 0u64;
     {
         let mut archive = tar::Archive::new(&mut hashed);
         for entry in archive.entries()? {
-            let entry = entry.map_err(|e| ConvertError::Entry { entry: format!("#{}", entries + 1), reason: e.to_string() })?;
+            let entry = entry.map_err(|e| ConvertError::Entry {
+                entry: format!("#{}", entries + 1),
+                reason: e.to_string(),
+            })?;
             tree.add(entry, &mut data)?;
             entries += 1;
         }
@@ -104,10 +128,18 @@ pub fn convert_layer(
     let data_blocks = u32::try_from(data.size / 4096).map_err(|_| ConvertError::TooLarge)?;
     let metadata = write_metadata(
         tree.fs_tree(),
-        &WriteOptions { data_tag: options.data_tag.clone(), data_blocks },
+        &WriteOptions {
+            data_tag: options.data_tag.clone(),
+            data_blocks,
+        },
     )?;
     let blob = BlobWriter::assemble(&metadata, data, out)?;
-    Ok(ConvertedLayer { blob, diff_id, source_size, entries })
+    Ok(ConvertedLayer {
+        blob,
+        diff_id,
+        source_size,
+        entries,
+    })
 }
 
 struct CountingReader<R> {

@@ -1,0 +1,126 @@
+//! Bad layers get a clear error and nothing is written to the output.
+
+use std::io::Write;
+
+use anyhow::Result;
+use lazy_erofs_image::convert::{ConvertError, ConvertOptions, convert_layer};
+
+fn convert(input: &[u8]) -> (Result<(), ConvertError>, Vec<u8>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut out = Vec::new();
+    let result = convert_layer(input, &mut out, &ConvertOptions::default(), dir.path()).map(drop);
+    (result, out)
+}
+
+/// A raw ustar header with any name and size (the tar crate's builder refuses bad ones).
+fn raw_header(name: &[u8], size: u64, kind: u8) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(size);
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+fn file_tar(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in entries {
+        out.extend(raw_header(name, data.len() as u64, b'0'));
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.extend([0u8; 1024]);
+    out
+}
+
+#[test]
+fn dotdot_paths_are_refused() {
+    let (result, out) = convert(&file_tar(&[(b"../../etc/passwd", b"x")]));
+    assert!(
+        matches!(result, Err(ConvertError::PathEscapes(ref p)) if p == "../../etc/passwd"),
+        "{result:?}"
+    );
+    assert!(out.is_empty(), "something was written");
+}
+
+#[test]
+fn duplicate_entries_are_refused() {
+    let (result, out) = convert(&file_tar(&[(b"a/file", b"1"), (b"./a/file", b"2")]));
+    assert!(
+        matches!(result, Err(ConvertError::Duplicate(ref p)) if p == "./a/file"),
+        "{result:?}"
+    );
+    assert!(out.is_empty());
+}
+
+#[test]
+fn truncated_tar_is_an_error() {
+    let mut tar = file_tar(&[(b"big", &vec![7u8; 100_000])]);
+    tar.truncate(50_000);
+    let (result, out) = convert(&tar);
+    let message = result.expect_err("truncated tar converted").to_string();
+    assert!(message.contains("big"), "{message}");
+    assert!(out.is_empty());
+}
+
+#[test]
+fn absurd_header_size_is_an_error() {
+    let mut tar = raw_header(b"huge", 1 << 60, b'0');
+    tar.extend([0u8; 4096]);
+    let (result, out) = convert(&tar);
+    let message = result.expect_err("absurd size converted").to_string();
+    assert!(message.contains("huge"), "{message}");
+    assert!(out.is_empty());
+}
+
+#[test]
+fn corrupt_gzip_is_an_error() -> Result<()> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&file_tar(&[(b"f", &vec![1u8; 10_000])]))?;
+    let mut bytes = gz.finish()?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    bytes[middle + 1] ^= 0xff;
+    let (result, out) = convert(&bytes);
+    assert!(result.is_err(), "corrupt gzip converted");
+    assert!(out.is_empty());
+    Ok(())
+}
+
+#[test]
+fn hard_link_to_a_missing_target_is_refused() {
+    let mut header = tar::Header::new_gnu();
+    header.set_path("link").expect("path");
+    header.set_link_name("missing/target").expect("link name");
+    header.set_entry_type(tar::EntryType::Link);
+    header.set_size(0);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_cksum();
+    let mut tar = header.as_bytes().to_vec();
+    tar.extend([0u8; 1024]);
+    let (result, _) = convert(&tar);
+    let message = result
+        .expect_err("dangling hard link converted")
+        .to_string();
+    assert!(
+        message.contains("missing/target") && message.contains("not found"),
+        "{message}"
+    );
+}
+
+#[test]
+fn zero_byte_and_empty_layers_convert() -> Result<()> {
+    for input in [Vec::new(), vec![0u8; 1024]] {
+        let (result, out) = convert(&input);
+        result?;
+        assert!(out.len() >= 8192, "header and metadata expected");
+    }
+    Ok(())
+}
