@@ -124,3 +124,30 @@ fn zero_byte_and_empty_layers_convert() -> Result<()> {
     }
     Ok(())
 }
+
+/// A pax record whose value holds a newline cannot be parsed safely with tar 0.4 (its tail
+/// could pose as a `path` record): the layer is refused, naming the entry.
+#[test]
+fn pax_value_with_a_newline_is_refused_not_misread() {
+    // The tail "19 path=etc/forged\n" is itself a well-formed record.
+    let record = b"SCHILY.xattr.user.x=a\n19 path=etc/forged";
+    // Length prefix counts itself, the space, the record and its final newline.
+    let len = record.len() + 1 + 3;
+    let data = format!("{len} {}\n", String::from_utf8_lossy(record));
+    assert_eq!(data.len(), len);
+    let mut tar = raw_header(b"PaxHeader/f", data.len() as u64, b'x');
+    tar.extend_from_slice(data.as_bytes());
+    tar.resize(tar.len().div_ceil(512) * 512, 0);
+    tar.extend(raw_header(b"f", 1, b'0'));
+    tar.extend_from_slice(b"1");
+    tar.resize(tar.len().div_ceil(512) * 512, 0);
+    tar.extend([0u8; 1024]);
+    let (result, out) = convert(&tar);
+    let message = result.expect_err("forged pax record accepted").to_string();
+    assert!(message.contains("newline"), "{message}");
+    assert!(
+        !message.contains("forged"),
+        "the forged path was used: {message}"
+    );
+    assert!(out.is_empty());
+}

@@ -497,3 +497,38 @@ fn privileged_host_sparse_file_over_4gib_converts_with_holes() -> Result<()> {
     );
     Ok(())
 }
+
+/// The real thing: Debian minbase (debootstrap) and a layer installing packages on top,
+/// built once and cached outside the checkout by packaging/testdata/debian-layers.sh.
+#[test]
+fn privileged_host_debian_layers_match_their_tars() -> Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (debootstrap, mount)"
+    );
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/testdata/debian-layers.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .context("run debian-layers.sh")?;
+    ensure!(
+        out.status.success(),
+        "debian-layers.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    for layer in ["base.tar", "packages.tar"] {
+        let work = tempfile::tempdir()?;
+        let tar_path = dir.join(layer);
+        let (paths, converted) = convert_and_compare(work.path(), &tar_path, &tar_path)?;
+        println!(
+            "{layer}: {paths} paths identical; tar {} MiB → blob {} MiB (metadata {} KiB)",
+            fs::metadata(&tar_path)?.len() >> 20,
+            converted.blob.size >> 20,
+            converted.blob.metadata_len >> 10
+        );
+        assert!(paths > 100, "{layer}: only {paths} paths");
+    }
+    Ok(())
+}

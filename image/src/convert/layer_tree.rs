@@ -94,15 +94,20 @@ impl LayerTree {
         mut entry: tar::Entry<'_, R>,
         data: &mut DataSpaceWriter,
     ) -> Result<(), ConvertError> {
+        let header = entry.header().clone();
+        // Pax records first: until they parse cleanly, the path the tar crate derived from
+        // them cannot be trusted, so errors name the header's own field.
+        let meta = metadata(&mut entry, &header).map_err(|e| ConvertError::Entry {
+            entry: shown(&header.path_bytes()),
+            reason: e.to_string(),
+        })?;
         let path = entry.path_bytes().into_owned();
         let bad = |reason: String| ConvertError::Entry {
             entry: shown(&path),
             reason,
         };
         let parts = components(&path)?;
-        let header = entry.header().clone();
         let kind = header.entry_type();
-        let meta = metadata(&mut entry, &header).map_err(|e| bad(e.to_string()))?;
         let Some(name) = parts.last().copied() else {
             // The layer root itself ("./"): only its metadata matters.
             if kind.is_dir() {
@@ -229,7 +234,16 @@ fn metadata<R: Read>(
     };
     if let Some(extensions) = entry.pax_extensions()? {
         for ext in extensions {
-            let ext = ext?;
+            // tar 0.4 splits pax records on newlines instead of walking their lengths, so
+            // a value containing '\n' (a binary xattr) fails here; its tail could even
+            // parse as a forged record. Refusing the layer keeps us from ever reading a
+            // forged path, link target or size.
+            let ext = ext.map_err(|_| {
+                std::io::Error::other(
+                    "pax header record is malformed or has a value containing a newline \
+                     (refused: cannot be parsed safely)",
+                )
+            })?;
             let key = ext.key_bytes();
             let value = ext.value_bytes();
             if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
