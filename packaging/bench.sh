@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Runs the benchmarks in the test VM (release build) and prints their figures.
+# Runs the benchmarks (release build) and prints their figures: layer conversion on the
+# host, lazy reads in the test VM.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash packaging/setup.sh
 cargo build --release --locked --bins
+echo "=== conversion (host)"
+convert_bench=$(cargo bench --locked -p lazy-erofs-image --bench convert --no-run --message-format json 2>/dev/null |
+    jq -r 'select(.profile.test == true and .target.name == "convert") | .executable' | tail -n1)
+"$convert_bench"
+echo "=== lazy reads (test VM)"
 bench=$(cargo bench --locked -p lazy-erofs-cmd --bench ondemand --no-run --message-format json 2>/dev/null |
     jq -r 'select(.profile.test == true and .target.name == "ondemand") | .executable' | tail -n1)
 [ -x "$bench" ] || { echo "bench binary not found" >&2; exit 1; }
