@@ -14,7 +14,14 @@ use lazy_erofs_image::convert::{ConvertOptions, convert_layer};
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -22,7 +29,12 @@ fn gzip(tar: &Path) -> Result<PathBuf> {
     let gz = tar.with_extension("tar.gz");
     if !gz.exists() {
         let out = File::create(&gz)?;
-        let status = Command::new("gzip").arg("-6").arg("-c").arg(tar).stdout(out).status()?;
+        let status = Command::new("gzip")
+            .arg("-6")
+            .arg("-c")
+            .arg(tar)
+            .stdout(out)
+            .status()?;
         ensure!(status.success(), "gzip failed");
     }
     Ok(gz)
@@ -32,8 +44,13 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/testdata/debian-layers.sh");
-    let out = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().context("debian-layers.sh")?;
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/testdata/debian-layers.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("debian-layers.sh")?;
     ensure!(out.status.success(), "debian-layers.sh failed");
     let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
     let work = tempfile::tempdir()?;
@@ -41,20 +58,43 @@ fn main() -> Result<()> {
     for (i, layer) in ["base.tar", "packages.tar"].iter().enumerate() {
         let tar = dir.join(layer);
         let gz = gzip(&tar)?;
-        let (tar_len, gz_len) = (std::fs::metadata(&tar)?.len(), std::fs::metadata(&gz)?.len());
+        let (tar_len, gz_len) = (
+            std::fs::metadata(&tar)?.len(),
+            std::fs::metadata(&gz)?.len(),
+        );
         let rss_before = peak_rss_kib();
         let start = Instant::now();
-        let converted = convert_layer(File::open(&gz)?, File::create(work.path().join("blob"))?, &ConvertOptions::default(), work.path())?;
+        let converted = convert_layer(
+            File::open(&gz)?,
+            File::create(work.path().join("blob"))?,
+            &ConvertOptions::default(),
+            work.path(),
+        )?;
         let convert_secs = start.elapsed().as_secs_f64();
         let rss = peak_rss_kib();
         let start = Instant::now();
-        let status = Command::new("gzip").arg("-dc").arg(&gz).stdout(Stdio::null()).status()?;
+        let status = Command::new("gzip")
+            .arg("-dc")
+            .arg(&gz)
+            .stdout(Stdio::null())
+            .status()?;
         ensure!(status.success(), "gzip -dc failed");
         let gunzip_secs = start.elapsed().as_secs_f64();
         let mb = |secs: f64| tar_len as f64 / 1e6 / secs;
-        println!("{layer} ({} entries, tar {:.1} MiB, gzip -6 {:.1} MiB)", converted.entries, tar_len as f64 / 1048576.0, gz_len as f64 / 1048576.0);
-        println!("  convert (zstd-3, 1 MiB chunks)  {:7.1} MB/s of tar   ({convert_secs:.2} s)", mb(convert_secs));
-        println!("  gzip -dc (the floor)            {:7.1} MB/s of tar   ({gunzip_secs:.2} s)", mb(gunzip_secs));
+        println!(
+            "{layer} ({} entries, tar {:.1} MiB, gzip -6 {:.1} MiB)",
+            converted.entries,
+            tar_len as f64 / 1048576.0,
+            gz_len as f64 / 1048576.0
+        );
+        println!(
+            "  convert (zstd-3, 1 MiB chunks)  {:7.1} MB/s of tar   ({convert_secs:.2} s)",
+            mb(convert_secs)
+        );
+        println!(
+            "  gzip -dc (the floor)            {:7.1} MB/s of tar   ({gunzip_secs:.2} s)",
+            mb(gunzip_secs)
+        );
         println!(
             "  lazy blob {:.1} MiB = {:.2} x the gzip layer; metadata {:.0} KiB = {:.0} KiB per 1000 entries",
             converted.blob.size as f64 / 1048576.0,
@@ -63,7 +103,11 @@ fn main() -> Result<()> {
             converted.blob.metadata_len as f64 / 1024.0 / converted.entries as f64 * 1000.0
         );
         let note = if i == 0 { "" } else { " (process peak so far)" };
-        println!("  peak RSS {} MiB{note} (before: {} MiB)", rss / 1024, rss_before / 1024);
+        println!(
+            "  peak RSS {} MiB{note} (before: {} MiB)",
+            rss / 1024,
+            rss_before / 1024
+        );
     }
     Ok(())
 }
