@@ -2,6 +2,7 @@
 //! Thin by design: the work lives in the library crates.
 
 pub mod check;
+pub mod convert;
 pub mod serve;
 
 /// Logs go to stderr; `RUST_LOG` overrides `default_level`.

@@ -6,8 +6,14 @@
 //!   its writer and its verifying ranged reader.
 //! - [`convert`]: an OCI layer tar (plain, gzip, zstd) to a lazy layer blob, in one pass.
 //!
-//! Still to come (see DESIGN.md): whole-image conversion and the registry client.
+//!   [`convert::convert_layout`] converts a whole image between OCI image layouts.
+//! - [`manifest`]: how converted manifests mark lazy layers (media type, annotations).
+//! - [`oci_layout`]: OCI image layout directories.
+//!
+//! Still to come (see DESIGN.md): the registry client.
 
 pub mod blob;
 pub mod convert;
 pub mod erofs;
+pub mod manifest;
+pub mod oci_layout;

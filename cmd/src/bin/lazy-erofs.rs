@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lazy_erofs_cmd::check::{self, CheckArgs};
+use lazy_erofs_cmd::convert::{self, ConvertArgs};
 use lazy_erofs_cmd::serve::{self, FetcherArgs, ServeArgs};
 
 #[derive(Debug, Parser)]
@@ -24,6 +25,9 @@ enum Command {
     /// overlayfs) and what the snapshotter can do here. Exits 0 only when lazy pulling
     /// with failover is possible.
     Check(CheckArgs),
+    /// Convert an OCI image (layout directory) into a lazily pullable one: every tar
+    /// layer becomes a lazy EROFS layer; config and everything else are kept.
+    Convert(ConvertArgs),
     /// Serve local EROFS images lazily through /dev/cachefiles with fetcher failover,
     /// so `mount -t erofs none -o fsid=NAME MNT` works. Root only; stops on SIGTERM.
     Serve(ServeArgs),
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Check(args) => check::run(&args, &mut std::io::stdout().lock()),
+        Command::Convert(args) => convert::run(&args).map(|()| true),
         Command::Serve(args) => serve::run(&args).map(|()| true),
         Command::Fetcher(args) => serve::fetcher(&args).map(|()| true),
     }

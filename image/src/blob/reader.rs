@@ -19,7 +19,7 @@ impl RangeRead for std::fs::File {
     }
 }
 
-impl RangeRead for [u8] {
+impl RangeRead for &[u8] {
     fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
         let end = offset.checked_add(len).filter(|&e| e <= self.len() as u64);
         match end {

@@ -5,6 +5,7 @@
 //! one 1 MiB chunk and inline files of up to [`INLINE_MAX`] bytes each — whatever the
 //! layer's size. At the end the EROFS metadata is written and the blob assembled.
 
+mod image;
 mod layer_tree;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -16,6 +17,7 @@ use crate::blob::{
     BlobError, BlobInfo, BlobWriter, Compression, DEFAULT_CHUNK_SIZE, DataSpaceWriter, hex,
 };
 use crate::erofs::{ErofsError, TreeError, WriteOptions, write_metadata};
+pub use image::{ImageError, LayerReport, convert_layout};
 pub use layer_tree::LayerTree;
 
 /// Files up to this size live inline in the metadata (they come with the first fetch).

@@ -1,0 +1,112 @@
+//! How a converted image marks its lazy layers: a media type and annotations on each
+//! layer descriptor. The rest of the manifest, and the config, are the source's.
+
+use std::collections::HashMap;
+
+use oci_spec::image::Descriptor;
+
+/// Media type of a lazy layer blob (format v1).
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.lazy-erofs.layer.v1";
+
+/// Annotation keys on a lazy layer's descriptor.
+pub mod annotation {
+    /// `sha256:…` of header + EROFS metadata + chunk table: the trust anchor.
+    pub const VERIFIED_DIGEST: &str = "dev.lazy-erofs.layer.verified-digest";
+    /// Size in bytes of the uncompressed data space.
+    pub const DATA_SPACE_SIZE: &str = "dev.lazy-erofs.layer.data-space-size";
+    pub const CHUNK_SIZE: &str = "dev.lazy-erofs.layer.chunk-size";
+    pub const METADATA_SIZE: &str = "dev.lazy-erofs.layer.metadata-size";
+    /// The source layer's diff id (sha256 of its uncompressed tar), as in the config.
+    pub const SOURCE_DIFF_ID: &str = "dev.lazy-erofs.layer.source-diff-id";
+    /// The source layer blob's digest.
+    pub const SOURCE_DIGEST: &str = "dev.lazy-erofs.layer.source-digest";
+    /// On the manifest: the format version of its lazy layers.
+    pub const FORMAT: &str = "dev.lazy-erofs.format";
+}
+
+/// What the snapshotter and fetcher need to know about a lazy layer, from its descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyLayer {
+    pub digest: String,
+    pub size: u64,
+    pub verified_digest: String,
+    pub data_space_size: u64,
+    pub chunk_size: u32,
+    pub metadata_size: u64,
+    pub source_diff_id: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("lazy layer {digest}: annotation {key} is missing")]
+    Missing { digest: String, key: &'static str },
+    #[error("lazy layer {digest}: annotation {key}={value:?} is malformed")]
+    Malformed {
+        digest: String,
+        key: &'static str,
+        value: String,
+    },
+}
+
+impl LazyLayer {
+    /// `Ok(None)` for a descriptor that is not a lazy layer; an error for a lazy layer
+    /// whose annotations are missing or malformed.
+    pub fn from_descriptor(desc: &Descriptor) -> Result<Option<Self>, ManifestError> {
+        if desc.media_type().to_string() != LAYER_MEDIA_TYPE {
+            return Ok(None);
+        }
+        let digest = desc.digest().to_string();
+        let empty = HashMap::new();
+        let notes = desc.annotations().as_ref().unwrap_or(&empty);
+        let get = |key: &'static str| {
+            notes
+                .get(key)
+                .cloned()
+                .ok_or_else(|| ManifestError::Missing {
+                    digest: digest.clone(),
+                    key,
+                })
+        };
+        let number = |key: &'static str| -> Result<u64, ManifestError> {
+            let value = get(key)?;
+            value.parse().map_err(|_| ManifestError::Malformed {
+                digest: digest.clone(),
+                key,
+                value,
+            })
+        };
+        let sha = |key: &'static str| -> Result<String, ManifestError> {
+            let value = get(key)?;
+            let ok = value
+                .strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            if ok {
+                Ok(value)
+            } else {
+                Err(ManifestError::Malformed {
+                    digest: digest.clone(),
+                    key,
+                    value,
+                })
+            }
+        };
+        let chunk_size = number(annotation::CHUNK_SIZE)?;
+        let chunk_size = u32::try_from(chunk_size)
+            .ok()
+            .filter(|c| *c > 0 && c.is_multiple_of(4096))
+            .ok_or_else(|| ManifestError::Malformed {
+                digest: digest.clone(),
+                key: annotation::CHUNK_SIZE,
+                value: chunk_size.to_string(),
+            })?;
+        Ok(Some(Self {
+            size: desc.size(),
+            verified_digest: sha(annotation::VERIFIED_DIGEST)?,
+            data_space_size: number(annotation::DATA_SPACE_SIZE)?,
+            chunk_size,
+            metadata_size: number(annotation::METADATA_SIZE)?,
+            source_diff_id: sha(annotation::SOURCE_DIFF_ID)?,
+            digest,
+        }))
+    }
+}
