@@ -110,3 +110,80 @@ impl LazyLayer {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::image::MediaType;
+    use std::str::FromStr;
+
+    const SHA: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn descriptor(media_type: &str, notes: &[(&str, &str)]) -> Descriptor {
+        let digest = oci_spec::image::Digest::from_str(SHA).expect("digest");
+        let mut d = Descriptor::new(MediaType::from(media_type), 42, digest);
+        d.set_annotations(Some(
+            notes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        d
+    }
+
+    fn complete() -> Vec<(&'static str, &'static str)> {
+        vec![
+            (annotation::VERIFIED_DIGEST, SHA),
+            (annotation::DATA_SPACE_SIZE, "8192"),
+            (annotation::CHUNK_SIZE, "1048576"),
+            (annotation::METADATA_SIZE, "4096"),
+            (annotation::SOURCE_DIFF_ID, SHA),
+        ]
+    }
+
+    #[test]
+    fn plain_layers_are_not_lazy() {
+        let d = descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &[]);
+        assert_eq!(LazyLayer::from_descriptor(&d), Ok(None));
+    }
+
+    #[test]
+    fn complete_annotations_parse() {
+        let layer = LazyLayer::from_descriptor(&descriptor(LAYER_MEDIA_TYPE, &complete()))
+            .expect("parse")
+            .expect("lazy");
+        assert_eq!(
+            (layer.size, layer.chunk_size, layer.data_space_size),
+            (42, 1 << 20, 8192)
+        );
+    }
+
+    #[test]
+    fn missing_or_malformed_annotations_are_named() {
+        let mut notes = complete();
+        notes.retain(|(k, _)| *k != annotation::VERIFIED_DIGEST);
+        let err =
+            LazyLayer::from_descriptor(&descriptor(LAYER_MEDIA_TYPE, &notes)).expect_err("missing");
+        assert!(
+            err.to_string().contains(annotation::VERIFIED_DIGEST),
+            "{err}"
+        );
+        for (key, bad) in [
+            (annotation::VERIFIED_DIGEST, "sha256:xyz"),
+            (annotation::DATA_SPACE_SIZE, "-1"),
+            (annotation::CHUNK_SIZE, "1000"),
+            (annotation::CHUNK_SIZE, "0"),
+        ] {
+            let notes: Vec<_> = complete()
+                .into_iter()
+                .map(|(k, v)| if k == key { (k, bad) } else { (k, v) })
+                .collect();
+            let err =
+                LazyLayer::from_descriptor(&descriptor(LAYER_MEDIA_TYPE, &notes)).expect_err(bad);
+            assert!(
+                matches!(err, ManifestError::Malformed { .. }),
+                "{key}={bad}: {err}"
+            );
+        }
+    }
+}

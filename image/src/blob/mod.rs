@@ -210,3 +210,84 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(data: &[u8], compression: Compression) -> (Vec<u8>, writer::BlobInfo) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ds = DataSpaceWriter::new(compression, 8192, dir.path()).expect("writer");
+        ds.write(data).expect("write");
+        let ds = ds.finish().expect("finish");
+        let mut out = Vec::new();
+        let info = BlobWriter::assemble(&[7u8; 4096], ds, &mut out).expect("assemble");
+        (out, info)
+    }
+
+    #[test]
+    fn round_trip_both_compressions() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        for compression in [Compression::None, Compression::Zstd { level: 3 }] {
+            let (bytes, info) = blob(&data, compression);
+            assert_eq!(info.size, bytes.len() as u64);
+            let reader = BlobReader::open(&bytes[..], &info.verified_digest).expect("open");
+            assert_eq!(reader.metadata(), &[7u8; 4096][..]);
+            // Data space is padded to 4 KiB: 20 000 → 20 480 bytes, three 8 KiB chunks.
+            assert_eq!(reader.header().data_space_size, 20_480);
+            assert_eq!(
+                reader.read_data(5000, 10_000).expect("read"),
+                &data[5000..15_000]
+            );
+            assert!(reader.read_data(20_000, 1000).is_err(), "read past the end");
+        }
+    }
+
+    #[test]
+    fn wrong_region_digest_and_flipped_bits_are_caught() {
+        let data = vec![42u8; 30_000];
+        let (mut bytes, info) = blob(&data, Compression::Zstd { level: 3 });
+        let other = format!("sha256:{}", "0".repeat(64));
+        assert!(matches!(
+            BlobReader::open(&bytes[..], &other),
+            Err(BlobError::RegionDigest { .. })
+        ));
+        // A flipped bit in the metadata region fails the region check.
+        bytes[5000] ^= 1;
+        assert!(matches!(
+            BlobReader::open(&bytes[..], &info.verified_digest),
+            Err(BlobError::RegionDigest { .. })
+        ));
+        bytes[5000] ^= 1;
+        // A flipped bit in a data chunk is never returned as data.
+        let last = bytes.len() - 3;
+        bytes[last] ^= 1;
+        let reader = BlobReader::open(&bytes[..], &info.verified_digest).expect("region intact");
+        let chunks = reader.header().chunk_count();
+        let err = reader
+            .chunk(chunks - 1)
+            .expect_err("flipped chunk accepted");
+        assert!(
+            matches!(err, BlobError::ChunkDigest { .. } | BlobError::Chunk { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn corrupt_headers_are_refused() {
+        let (bytes, _) = blob(b"x", Compression::None);
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(matches!(Header::decode(&bad), Err(BlobError::Magic)));
+        let mut bad = bytes.clone();
+        bad[8] = 9;
+        assert!(matches!(Header::decode(&bad), Err(BlobError::Version(9))));
+        let mut bad = bytes.clone();
+        bad[48..56].copy_from_slice(&u64::MAX.to_le_bytes()); // table_len
+        assert!(matches!(Header::decode(&bad), Err(BlobError::Header(_))));
+        assert!(matches!(
+            Header::decode(&bytes[..10]),
+            Err(BlobError::Magic)
+        ));
+    }
+}
