@@ -16,20 +16,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 use lazy_erofs_image::blob::BlobReader;
 use lazy_erofs_image::convert::{ConvertOptions, ConvertedLayer, convert_layer};
+use lazy_erofs_test_support::pseudo_random;
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use sha2::{Digest, Sha256};
-
-fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn set_mtime(path: &Path, secs: i64, nsec: i64) -> Result<()> {
     let t = nix::sys::time::TimeSpec::new(secs, nsec);
@@ -347,13 +336,6 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-struct Mount(PathBuf);
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount(&self.0);
-    }
-}
-
 /// Converts, verifies through the reader, mounts, compares; returns paths compared.
 fn convert_and_compare(
     work: &Path,
@@ -388,14 +370,7 @@ fn convert_and_compare(
         String::from_utf8_lossy(&fsck.stderr)
     );
     fs::create_dir_all(&mnt)?;
-    nix::mount::mount(
-        Some(&meta_path),
-        &mnt,
-        Some("erofs"),
-        nix::mount::MsFlags::MS_RDONLY,
-        Some(format!("device={}", data_path.display()).as_str()),
-    )?;
-    let _mounted = Mount(mnt.clone());
+    let _mounted = lazy_erofs_test_support::mount_erofs_file(&meta_path, &data_path, &mnt)?;
 
     let mut expect = expectations(tar_path)?;
     expect.entry(PathBuf::from("/")).or_insert_with(|| Expect {

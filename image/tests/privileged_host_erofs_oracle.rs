@@ -14,18 +14,7 @@ use anyhow::{Context, Result, ensure};
 use lazy_erofs_image::erofs::{
     CHUNK_SIZE, Content, FileData, FsTree, Metadata, NodeId, WriteOptions, write_metadata,
 };
-
-fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use lazy_erofs_test_support::pseudo_random;
 
 /// What a path should look like once mounted.
 #[derive(Debug, Clone)]
@@ -507,13 +496,6 @@ fn compare(mnt: &Path, expect: &BTreeMap<PathBuf, Expect>) -> Result<usize> {
     Ok(checked)
 }
 
-struct Mount(PathBuf);
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount(&self.0);
-    }
-}
-
 #[test]
 fn privileged_host_kernel_reads_back_everything_the_writer_wrote() -> Result<()> {
     ensure!(
@@ -552,17 +534,10 @@ fn privileged_host_kernel_reads_back_everything_the_writer_wrote() -> Result<()>
         String::from_utf8_lossy(&fsck.stderr)
     );
     fs::create_dir_all(&mnt)?;
-    nix::mount::mount(
-        Some(&meta_path),
-        &mnt,
-        Some("erofs"),
-        nix::mount::MsFlags::MS_RDONLY,
-        Some(format!("device={}", data_path.display()).as_str()),
-    )
-    .context(
-        "file-backed mount of the written image (kernel ≥ 6.12 with EROFS_FS_BACKED_BY_FILE)",
-    )?;
-    let _mounted = Mount(mnt.clone());
+    let _mounted = lazy_erofs_test_support::mount_erofs_file(&meta_path, &data_path, &mnt)
+        .context(
+            "file-backed mount of the written image (kernel ≥ 6.12 with EROFS_FS_BACKED_BY_FILE)",
+        )?;
     let checked = compare(&mnt, &b.expect)?;
     println!(
         "metadata {} KiB, data {} KiB, {checked} paths identical",

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use lazy_erofs_ondemand::{AlignedBuf, AnonFd, Device, Request};
+use lazy_erofs_test_support::pseudo_random;
 use nix::errno::Errno;
 
 #[derive(Default)]
@@ -125,19 +126,6 @@ fn scratch_dir() -> Result<tempfile::TempDir> {
     Ok(tempfile::tempdir_in(scratch)?)
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn make_tree(src: &Path) -> Result<()> {
     fs::create_dir_all(src.join("dir/nested/deeper"))?;
     fs::write(
@@ -160,13 +148,7 @@ fn run(cmd: &mut Command) -> Result<std::process::Output> {
 }
 
 fn mkfs_erofs(image: &Path, src: &Path) -> Result<()> {
-    let out = run(Command::new("mkfs.erofs").arg(image).arg(src))?;
-    ensure!(
-        out.status.success(),
-        "mkfs.erofs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    lazy_erofs_test_support::mkfs_erofs(image, src).map_err(anyhow::Error::msg)
 }
 
 fn mount_fsid(fsid: &str, mnt: &Path) -> Result<std::process::Output> {

@@ -21,32 +21,11 @@ pub fn scratch() -> Result<tempfile::TempDir> {
     Ok(tempfile::tempdir_in(scratch)?)
 }
 
-/// Deterministic pseudo-random bytes (xorshift64), so failures reproduce.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+#[allow(unused_imports)] // used by some of the test binaries that include this module
+pub use lazy_erofs_test_support::pseudo_random;
 
 pub fn mkfs_erofs(image: &Path, src: &Path) -> Result<()> {
-    let out = Command::new("mkfs.erofs")
-        .arg(image)
-        .arg(src)
-        .output()
-        .context("run mkfs.erofs")?;
-    ensure!(
-        out.status.success(),
-        "mkfs.erofs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    lazy_erofs_test_support::mkfs_erofs(image, src).map_err(anyhow::Error::msg)
 }
 
 pub fn mount_fsid(fsid: &str, mnt: &Path) -> Result<std::process::Output> {
