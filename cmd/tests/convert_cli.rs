@@ -1,7 +1,6 @@
 //! `lazy-erofs convert` between OCI image layouts, as a user runs it.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
@@ -9,81 +8,8 @@ use anyhow::{Context, Result};
 use lazy_erofs_image::blob::BlobReader;
 use lazy_erofs_image::manifest::{LAYER_MEDIA_TYPE, LazyLayer, annotation};
 use oci_spec::image::{ImageIndex, ImageManifest};
-use serde_json::json;
-use sha2::{Digest, Sha256};
 
-fn sha(bytes: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
-}
-
-fn put_blob(layout: &Path, bytes: &[u8]) -> Result<String> {
-    let digest = sha(bytes);
-    fs::write(layout.join("blobs/sha256").join(&digest[7..]), bytes)?;
-    Ok(digest)
-}
-
-fn layer_tar(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h.set_cksum();
-        builder.append_data(&mut h, name, *data)?;
-    }
-    Ok(builder.into_inner()?)
-}
-
-/// An OCI layout with a gzip layer and a plain one; returns the diff ids.
-fn make_source(root: &Path) -> Result<Vec<String>> {
-    fs::create_dir_all(root.join("blobs/sha256"))?;
-    fs::write(root.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    let tar1 = layer_tar(&[("etc/hostname", b"lazy\n"), ("usr/bin/big", &big)])?;
-    let tar2 = layer_tar(&[("etc/motd", b"hello\n")])?;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&tar1)?;
-    let gz1 = gz.finish()?;
-    let (l1, l2) = (put_blob(root, &gz1)?, put_blob(root, &tar2)?);
-    let diff_ids = vec![sha(&tar1), sha(&tar2)];
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "config": {"Cmd": ["/bin/sh"]}
-    }))?;
-    let config_digest = put_blob(root, &config)?;
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": l1, "size": gz1.len()},
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l2, "size": tar2.len()}
-        ]
-    }))?;
-    let manifest_digest = put_blob(root, &manifest)?;
-    fs::write(
-        root.join("index.json"),
-        serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest.len(),
-                "platform": {"architecture": "amd64", "os": "linux"},
-                "annotations": {"org.opencontainers.image.ref.name": "test:1"}
-            }]
-        }))?,
-    )?;
-    Ok(diff_ids)
-}
+use lazy_erofs_test_support::{make_oci_layout as make_source, sha256_digest as sha};
 
 fn convert(src: &Path, dst: &Path) -> Result<(Option<i32>, String, String)> {
     let out = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))

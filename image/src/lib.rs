@@ -9,11 +9,11 @@
 //!   [`convert::convert_layout`] converts a whole image between OCI image layouts.
 //! - [`manifest`]: how converted manifests mark lazy layers (media type, annotations).
 //! - [`oci_layout`]: OCI image layout directories.
-//!
-//! Still to come (see DESIGN.md): the registry client.
+//! - [`registry`]: push, manifest pull and range reads against an OCI registry.
 
 pub mod blob;
 pub mod convert;
 pub mod erofs;
 pub mod manifest;
 pub mod oci_layout;
+pub mod registry;

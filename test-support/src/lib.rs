@@ -1,7 +1,12 @@
 //! Helpers the workspace's tests share. A dev-dependency only: nothing here ships.
 
+use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use serde_json::json;
+use sha2::Digest;
 
 /// Deterministic pseudo-random bytes (xorshift64), so a failure reproduces exactly.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
@@ -54,4 +59,79 @@ pub fn mount_erofs_file(image: &Path, data: &Path, mnt: &Path) -> nix::Result<Mo
         Some(options.as_str()),
     )?;
     Ok(MountGuard(mnt.to_path_buf()))
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+fn put_blob(layout: &Path, bytes: &[u8]) -> std::io::Result<String> {
+    let digest = sha256_digest(bytes);
+    fs::write(layout.join("blobs/sha256").join(&digest[7..]), bytes)?;
+    Ok(digest)
+}
+
+fn layer_tar(files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        builder.append_data(&mut h, name, *data)?;
+    }
+    builder.into_inner()
+}
+
+/// An OCI image layout with a gzip layer and a plain one (linux/amd64, tagged
+/// `test:1`); returns the layers' diff ids.
+pub fn make_oci_layout(root: &Path) -> anyhow::Result<Vec<String>> {
+    fs::create_dir_all(root.join("blobs/sha256"))?;
+    fs::write(root.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let tar1 = layer_tar(&[("etc/hostname", b"lazy\n"), ("usr/bin/big", &big)])?;
+    let tar2 = layer_tar(&[("etc/motd", b"hello\n")])?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar1)?;
+    let gz1 = gz.finish()?;
+    let (l1, l2) = (put_blob(root, &gz1)?, put_blob(root, &tar2)?);
+    let diff_ids = vec![sha256_digest(&tar1), sha256_digest(&tar2)];
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "config": {"Cmd": ["/bin/sh"]}
+    }))?;
+    let config_digest = put_blob(root, &config)?;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": l1, "size": gz1.len()},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l2, "size": tar2.len()}
+        ]
+    }))?;
+    let manifest_digest = put_blob(root, &manifest)?;
+    fs::write(
+        root.join("index.json"),
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest.len(),
+                "platform": {"architecture": "amd64", "os": "linux"},
+                "annotations": {"org.opencontainers.image.ref.name": "test:1"}
+            }]
+        }))?,
+    )?;
+    Ok(diff_ids)
 }

@@ -1,0 +1,226 @@
+//! Registry client on `oci-client`: push an OCI layout's image, pull manifests, and read
+//! blob ranges (what the fetcher needs). HTTPS by default; plain HTTP only for hosts
+//! marked insecure. Credentials: anonymous or basic.
+//!
+//! Not here yet: bearer-token flows beyond what oci-client does itself, docker config
+//! credentials, mirrors, retries with Retry-After.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use oci_spec::image::{ImageIndex, ImageManifest};
+
+use crate::blob::RangeRead;
+use crate::oci_layout::{LayoutError, OciLayout};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("bad image reference {reference:?}: {reason}")]
+    Reference { reference: String, reason: String },
+    #[error("registry: {0}")]
+    Client(#[from] oci_client::errors::OciDistributionError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("{what}: {reason}")]
+    Protocol { what: String, reason: String },
+    #[error("reading blob {digest} range {offset}+{len}: got {got} bytes")]
+    ShortRange {
+        digest: String,
+        offset: u64,
+        len: u64,
+        got: u64,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+pub enum Credentials {
+    #[default]
+    Anonymous,
+    Basic {
+        username: String,
+        password: String,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// `host[:port]` entries reached over plain HTTP (e.g. a registry on loopback).
+    pub insecure_hosts: Vec<String>,
+    pub credentials: Credentials,
+}
+
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+}
+
+fn reference(text: &str) -> Result<Reference, RegistryError> {
+    text.parse()
+        .map_err(|e: oci_client::ParseError| RegistryError::Reference {
+            reference: text.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+impl Registry {
+    pub fn new(options: &RegistryOptions) -> Self {
+        let protocol = if options.insecure_hosts.is_empty() {
+            ClientProtocol::Https
+        } else {
+            ClientProtocol::HttpsExcept(options.insecure_hosts.clone())
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            ..ClientConfig::default()
+        });
+        let auth = match &options.credentials {
+            Credentials::Anonymous => RegistryAuth::Anonymous,
+            Credentials::Basic { username, password } => {
+                RegistryAuth::Basic(username.clone(), password.clone())
+            }
+        };
+        Self { client, auth }
+    }
+
+    /// Pushes the image of an OCI layout (its first manifest): blobs first, then the
+    /// manifest, so the registry never holds a manifest whose blobs are missing.
+    /// Returns the manifest digest.
+    pub async fn push_layout(
+        &self,
+        layout_dir: &Path,
+        target: &str,
+    ) -> Result<String, RegistryError> {
+        let image = reference(target)?;
+        self.client
+            .auth(&image, &self.auth, RegistryOperation::Push)
+            .await?;
+        let layout = OciLayout::open(layout_dir)?;
+        let index: ImageIndex = layout.index()?;
+        let desc = index
+            .manifests()
+            .first()
+            .ok_or_else(|| RegistryError::Protocol {
+                what: layout_dir.display().to_string(),
+                reason: "index.json lists no manifest".into(),
+            })?;
+        let manifest_bytes = layout.read_blob(desc)?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|e| RegistryError::Protocol {
+                what: desc.digest().to_string(),
+                reason: e.to_string(),
+            })?;
+        for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
+            let digest = blob.digest().to_string();
+            // Blobs are read whole: layer blobs are tens of MiB; oci-client uploads them
+            // in chunks.
+            let bytes =
+                std::fs::read(layout.blob_path(&digest)?).map_err(|source| LayoutError::Io {
+                    path: layout.blob_path(&digest).unwrap_or_default(),
+                    source,
+                })?;
+            self.client.push_blob(&image, &bytes, &digest).await?;
+        }
+        let media_type = desc.media_type().to_string();
+        let header = media_type.parse().map_err(|_| RegistryError::Protocol {
+            what: media_type.clone(),
+            reason: "not a header value".into(),
+        })?;
+        self.client
+            .push_manifest_raw(&image, manifest_bytes, header)
+            .await?;
+        Ok(desc.digest().to_string())
+    }
+
+    /// The manifest of `image` and its digest.
+    pub async fn pull_manifest(
+        &self,
+        image: &str,
+    ) -> Result<(ImageManifest, String), RegistryError> {
+        let image = reference(image)?;
+        let (bytes, digest) = self
+            .client
+            .pull_manifest_raw(
+                &image,
+                &self.auth,
+                &["application/vnd.oci.image.manifest.v1+json"],
+            )
+            .await?;
+        let manifest = serde_json::from_slice(&bytes).map_err(|e| RegistryError::Protocol {
+            what: digest.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok((manifest, digest))
+    }
+
+    /// Exactly `len` bytes of blob `digest` from `offset`. A registry that ignores the
+    /// range and sends the whole blob is handled by skipping to the range.
+    pub async fn read_range(
+        &self,
+        image: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let image = reference(image)?;
+        self.client
+            .store_auth_if_needed(image.resolve_registry(), &self.auth)
+            .await;
+        let response = self
+            .client
+            .pull_blob_stream_partial(&image, digest, offset, Some(len))
+            .await?;
+        let (mut stream, skip) = match response {
+            oci_client::client::BlobResponse::Partial(s) => (s.stream, 0),
+            oci_client::client::BlobResponse::Full(s) => (s.stream, offset),
+        };
+        let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
+        let mut seen = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| RegistryError::Protocol {
+                what: digest.to_owned(),
+                reason: e.to_string(),
+            })?;
+            let start = skip.saturating_sub(seen).min(chunk.len() as u64) as usize;
+            seen += chunk.len() as u64;
+            let want = (len - out.len() as u64) as usize;
+            let take = (chunk.len() - start).min(want);
+            out.extend_from_slice(&chunk[start..start + take]);
+            if out.len() as u64 == len {
+                break;
+            }
+        }
+        if out.len() as u64 != len {
+            return Err(RegistryError::ShortRange {
+                digest: digest.to_owned(),
+                offset,
+                len,
+                got: out.len() as u64,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One registry blob as a [`RangeRead`], for [`crate::blob::BlobReader`] in synchronous
+/// code (tests, CLI): each read blocks on the given runtime.
+pub struct RegistryBlob {
+    pub runtime: Arc<tokio::runtime::Runtime>,
+    pub registry: Arc<Registry>,
+    pub image: String,
+    pub digest: String,
+}
+
+impl RangeRead for RegistryBlob {
+    fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        self.runtime
+            .block_on(
+                self.registry
+                    .read_range(&self.image, &self.digest, offset, len),
+            )
+            .map_err(std::io::Error::other)
+    }
+}
