@@ -50,7 +50,7 @@ default_packages=(
     # kernel build (linux-source-6.12 comes from bookworm-security)
     linux-source-6.12 flex bison bc libelf-dev libssl-dev xz-utils
     # containers and a real registry
-    runc docker-registry debootstrap skopeo
+    runc docker-registry debootstrap skopeo apache2-utils
     # containerd's snapshotter conformance suite (GOPATH mode, offline)
     golang-go golang-github-containerd-containerd-dev
     # tools the tests use

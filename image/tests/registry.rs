@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use lazy_erofs_image::blob::{BlobError, BlobReader};
 use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
-use lazy_erofs_image::registry::{Registry, RegistryBlob, RegistryOptions};
+use lazy_erofs_image::registry::{Credentials, Registry, RegistryBlob, RegistryOptions};
 
 struct DockerRegistry {
     child: Child,
@@ -27,14 +27,21 @@ impl Drop for DockerRegistry {
     }
 }
 
-fn start_registry(dir: &Path) -> Result<DockerRegistry> {
+/// Starts docker-registry on a free loopback port; with `htpasswd`, basic auth is on.
+fn start_registry_with(dir: &Path, htpasswd: Option<&Path>) -> Result<DockerRegistry> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let host = format!("127.0.0.1:{port}");
     let config = dir.join("config.yml");
+    let auth = htpasswd.map_or(String::new(), |file| {
+        format!(
+            "auth:\n  htpasswd:\n    realm: lazy-erofs-test\n    path: {}\n",
+            file.display()
+        )
+    });
     fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n{auth}",
             dir.join("storage").display()
         ),
     )?;
@@ -56,6 +63,10 @@ fn start_registry(dir: &Path) -> Result<DockerRegistry> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(registry)
+}
+
+fn start_registry(dir: &Path) -> Result<DockerRegistry> {
+    start_registry_with(dir, None)
 }
 
 #[test]
@@ -146,5 +157,58 @@ fn unknown_image_is_a_clear_error() -> Result<()> {
         message.contains("manifest unknown") && message.contains("no/such"),
         "{message}"
     );
+    Ok(())
+}
+
+#[test]
+fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let htpasswd = dir.path().join("htpasswd");
+    let status = Command::new("htpasswd")
+        .args(["-Bbc"])
+        .arg(&htpasswd)
+        .args(["tester", "s3cret"])
+        .status()
+        .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
+    ensure!(status.success(), "htpasswd failed");
+    let registry_proc = start_registry_with(dir.path(), Some(&htpasswd))?;
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    lazy_erofs_test_support::make_oci_layout(&src)?;
+    convert_layout(
+        &src,
+        &dst,
+        "linux/amd64",
+        &ConvertOptions::default(),
+        &mut |_, _, r| r,
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let image = format!("{}/lazy/auth:1", registry_proc.host);
+    let insecure = vec![registry_proc.host.clone()];
+
+    let anonymous = Registry::new(&RegistryOptions {
+        insecure_hosts: insecure.clone(),
+        ..RegistryOptions::default()
+    });
+    let err = runtime
+        .block_on(anonymous.push_layout(&dst, &image))
+        .expect_err("anonymous push accepted");
+    assert!(
+        err.to_string().to_lowercase().contains("unauthorized"),
+        "{err}"
+    );
+
+    let credentials = Credentials::Basic {
+        username: "tester".into(),
+        password: "s3cret".into(),
+    };
+    let registry = Registry::new(&RegistryOptions {
+        insecure_hosts: insecure,
+        credentials,
+    });
+    let pushed = runtime.block_on(registry.push_layout(&dst, &image))?;
+    let (_, digest) = runtime.block_on(registry.pull_manifest(&image))?;
+    assert_eq!(digest, pushed);
     Ok(())
 }

@@ -224,3 +224,33 @@ impl RangeRead for RegistryBlob {
             .map_err(std::io::Error::other)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let credentials = Credentials::Basic {
+            username: "me".into(),
+            password: "hunter2".into(),
+        };
+        let shown = format!(
+            "{:?}",
+            RegistryOptions {
+                insecure_hosts: vec![],
+                credentials
+            }
+        );
+        assert!(
+            shown.contains("me") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn bad_references_are_named() {
+        let err = reference("UPPER/Case:tag").expect_err("accepted");
+        assert!(err.to_string().contains("UPPER/Case:tag"), "{err}");
+    }
+}
