@@ -36,7 +36,7 @@ pub enum RegistryError {
     },
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub enum Credentials {
     #[default]
     Anonymous,
@@ -44,6 +44,21 @@ pub enum Credentials {
         username: String,
         password: String,
     },
+}
+
+/// Never prints the password, so credentials cannot leak through a `{:?}` in a log.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Anonymous => f.write_str("Anonymous"),
+            Credentials::Basic { username, .. } => {
+                write!(
+                    f,
+                    "Basic {{ username: {username:?}, password: <redacted> }}"
+                )
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
