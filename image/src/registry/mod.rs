@@ -5,10 +5,12 @@
 //! Not here yet: bearer-token flows beyond what oci-client does itself, docker config
 //! credentials, mirrors, retries with Retry-After.
 
+mod range;
+
 use std::path::Path;
 use std::sync::Arc;
 
-use futures::StreamExt;
+pub use range::RetryPolicy;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
@@ -66,11 +68,14 @@ pub struct RegistryOptions {
     /// `host[:port]` entries reached over plain HTTP (e.g. a registry on loopback).
     pub insecure_hosts: Vec<String>,
     pub credentials: Credentials,
+    /// Retries of range reads.
+    pub retry: RetryPolicy,
 }
 
 pub struct Registry {
     client: Client,
     auth: RegistryAuth,
+    ranges: range::RangeClient,
 }
 
 fn reference(text: &str) -> Result<Reference, RegistryError> {
@@ -98,7 +103,17 @@ impl Registry {
                 RegistryAuth::Basic(username.clone(), password.clone())
             }
         };
-        Self { client, auth }
+        let ranges = range::RangeClient {
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .unwrap_or_default(),
+            insecure_hosts: options.insecure_hosts.clone(),
+            credentials: options.credentials.clone(),
+            policy: options.retry,
+        };
+        Self { client, auth, ranges }
     }
 
     /// Pushes the image of an OCI layout (its first manifest): blobs first, then the
@@ -171,52 +186,13 @@ impl Registry {
         Ok((manifest, digest))
     }
 
-    /// Exactly `len` bytes of blob `digest` from `offset`. A registry that ignores the
-    /// range and sends the whole blob is handled by skipping to the range.
-    pub async fn read_range(
-        &self,
-        image: &str,
-        digest: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, RegistryError> {
+    /// Exactly `len` bytes of blob `digest` from `offset`, with retries (see
+    /// [`RetryPolicy`]); a registry that ignores the range is handled too.
+    pub async fn read_range(&self, image: &str, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
         let image = reference(image)?;
-        self.client
-            .store_auth_if_needed(image.resolve_registry(), &self.auth)
-            .await;
-        let response = self
-            .client
-            .pull_blob_stream_partial(&image, digest, offset, Some(len))
-            .await?;
-        let (mut stream, skip) = match response {
-            oci_client::client::BlobResponse::Partial(s) => (s.stream, 0),
-            oci_client::client::BlobResponse::Full(s) => (s.stream, offset),
-        };
-        let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
-        let mut seen = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| RegistryError::Protocol {
-                what: digest.to_owned(),
-                reason: e.to_string(),
-            })?;
-            let start = skip.saturating_sub(seen).min(chunk.len() as u64) as usize;
-            seen += chunk.len() as u64;
-            let want = (len - out.len() as u64) as usize;
-            let take = (chunk.len() - start).min(want);
-            out.extend_from_slice(&chunk[start..start + take]);
-            if out.len() as u64 == len {
-                break;
-            }
-        }
-        if out.len() as u64 != len {
-            return Err(RegistryError::ShortRange {
-                digest: digest.to_owned(),
-                offset,
-                len,
-                got: out.len() as u64,
-            });
-        }
-        Ok(out)
+        // A bearer token when the registry uses them (oci-client caches it).
+        let token = self.client.auth(&image, &self.auth, RegistryOperation::Pull).await?;
+        self.ranges.read(&image, token.as_deref(), digest, offset, len).await
     }
 }
 
@@ -253,8 +229,8 @@ mod tests {
         let shown = format!(
             "{:?}",
             RegistryOptions {
-                insecure_hosts: vec![],
-                credentials
+                credentials,
+                ..RegistryOptions::default()
             }
         );
         assert!(
