@@ -203,7 +203,11 @@ fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
         username: "tester".into(),
         password: "s3cret".into(),
     };
-    let registry = Registry::new(&RegistryOptions { insecure_hosts: insecure, credentials, ..RegistryOptions::default() });
+    let registry = Registry::new(&RegistryOptions {
+        insecure_hosts: insecure,
+        credentials,
+        ..RegistryOptions::default()
+    });
     let pushed = runtime.block_on(registry.push_layout(&dst, &image))?;
     let (_, digest) = runtime.block_on(registry.pull_manifest(&image))?;
     assert_eq!(digest, pushed);

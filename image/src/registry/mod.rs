@@ -10,11 +10,11 @@ mod range;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use range::RetryPolicy;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use oci_spec::image::{ImageIndex, ImageManifest};
+pub use range::RetryPolicy;
 
 use crate::blob::RangeRead;
 use crate::oci_layout::{LayoutError, OciLayout};
@@ -113,7 +113,11 @@ impl Registry {
             credentials: options.credentials.clone(),
             policy: options.retry,
         };
-        Self { client, auth, ranges }
+        Self {
+            client,
+            auth,
+            ranges,
+        }
     }
 
     /// Pushes the image of an OCI layout (its first manifest): blobs first, then the
@@ -188,11 +192,22 @@ impl Registry {
 
     /// Exactly `len` bytes of blob `digest` from `offset`, with retries (see
     /// [`RetryPolicy`]); a registry that ignores the range is handled too.
-    pub async fn read_range(&self, image: &str, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
+    pub async fn read_range(
+        &self,
+        image: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
         let image = reference(image)?;
         // A bearer token when the registry uses them (oci-client caches it).
-        let token = self.client.auth(&image, &self.auth, RegistryOperation::Pull).await?;
-        self.ranges.read(&image, token.as_deref(), digest, offset, len).await
+        let token = self
+            .client
+            .auth(&image, &self.auth, RegistryOperation::Pull)
+            .await?;
+        self.ranges
+            .read(&image, token.as_deref(), digest, offset, len)
+            .await
     }
 }
 

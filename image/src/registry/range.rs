@@ -48,19 +48,33 @@ pub(super) struct RangeClient {
 }
 
 fn protocol_error(what: &str, reason: impl ToString) -> RegistryError {
-    RegistryError::Protocol { what: what.to_owned(), reason: reason.to_string() }
+    RegistryError::Protocol {
+        what: what.to_owned(),
+        reason: reason.to_string(),
+    }
 }
 
 impl RangeClient {
     fn url(&self, image: &Reference, digest: &str) -> String {
         let host = image.resolve_registry();
-        let scheme = if self.insecure_hosts.iter().any(|h| h == host) { "http" } else { "https" };
+        let scheme = if self.insecure_hosts.iter().any(|h| h == host) {
+            "http"
+        } else {
+            "https"
+        };
         format!("{scheme}://{host}/v2/{}/blobs/{digest}", image.repository())
     }
 
     /// `len` bytes at `offset`, retrying connect errors, resets, short bodies, 5xx and
     /// 429 (waiting as long as Retry-After says) with jittered exponential backoff.
-    pub async fn read(&self, image: &Reference, bearer: Option<&str>, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
+    pub async fn read(
+        &self,
+        image: &Reference,
+        bearer: Option<&str>,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
@@ -69,7 +83,11 @@ impl RangeClient {
                 Ok(bytes) => return Ok(bytes),
                 Err(failure) => failure,
             };
-            let mut delay = self.policy.base_delay.saturating_mul(1 << (attempt - 1).min(16)).min(self.policy.max_delay);
+            let mut delay = self
+                .policy
+                .base_delay
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(self.policy.max_delay);
             delay += delay.mul_f64(jitter());
             if let Some(asked) = failure.retry_after {
                 delay = delay.max(asked);
@@ -83,14 +101,23 @@ impl RangeClient {
         }
     }
 
-    async fn attempt(&self, image: &Reference, bearer: Option<&str>, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>, Failure> {
+    async fn attempt(
+        &self,
+        image: &Reference,
+        bearer: Option<&str>,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, Failure> {
         let mut request = self
             .http
             .get(self.url(image, digest))
             .header(RANGE, format!("bytes={offset}-{}", offset + len.max(1) - 1));
         request = match (bearer, &self.credentials) {
             (Some(token), _) => request.header(AUTHORIZATION, format!("Bearer {token}")),
-            (None, Credentials::Basic { username, password }) => request.basic_auth(username, Some(password)),
+            (None, Credentials::Basic { username, password }) => {
+                request.basic_auth(username, Some(password))
+            }
             (None, Credentials::Anonymous) => request,
         };
         let response = request.send().await.map_err(|e| Failure {
@@ -107,7 +134,10 @@ impl RangeClient {
                 return Err(Failure {
                     retryable,
                     retry_after: retry_after(response.headers()),
-                    error: protocol_error(digest, format!("HTTP {status} for range {offset}+{len}")),
+                    error: protocol_error(
+                        digest,
+                        format!("HTTP {status} for range {offset}+{len}"),
+                    ),
                 });
             }
         };
@@ -131,7 +161,12 @@ impl RangeClient {
         Err(Failure {
             retryable: true,
             retry_after: None,
-            error: RegistryError::ShortRange { digest: digest.to_owned(), offset, len, got: out.len() as u64 },
+            error: RegistryError::ShortRange {
+                digest: digest.to_owned(),
+                offset,
+                len,
+                got: out.len() as u64,
+            },
         })
     }
 }
@@ -139,11 +174,18 @@ impl RangeClient {
 /// `Retry-After` in seconds (the HTTP-date form is treated as "soon").
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs).or(Some(Duration::from_secs(1)))
+    value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+        .or(Some(Duration::from_secs(1)))
 }
 
 /// 0.0..0.5, cheap and good enough to spread retries.
 fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     f64::from(nanos % 1000) / 2000.0
 }
