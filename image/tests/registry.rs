@@ -3,11 +3,9 @@
 //! reader — the same bytes as the local blob, and a wrong trust anchor is refused.
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use lazy_erofs_image::blob::{BlobError, BlobReader};
@@ -15,58 +13,10 @@ use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Credentials, Registry, RegistryBlob, RegistryOptions};
 
-struct DockerRegistry {
-    child: Child,
-    host: String,
-}
+use lazy_erofs_test_support::start_docker_registry;
 
-impl Drop for DockerRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts docker-registry on a free loopback port; with `htpasswd`, basic auth is on.
-fn start_registry_with(dir: &Path, htpasswd: Option<&Path>) -> Result<DockerRegistry> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let host = format!("127.0.0.1:{port}");
-    let config = dir.join("config.yml");
-    let auth = htpasswd.map_or(String::new(), |file| {
-        format!(
-            "auth:\n  htpasswd:\n    realm: lazy-erofs-test\n    path: {}\n",
-            file.display()
-        )
-    });
-    fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n{auth}",
-            dir.join("storage").display()
-        ),
-    )?;
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("registry.log"))?)
-        .spawn()
-        .context("start docker-registry (packaging/setup.sh installs it)")?;
-    let registry = DockerRegistry { child, host };
-    let start = Instant::now();
-    while TcpStream::connect(&registry.host).is_err() {
-        ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "docker-registry did not listen on {}",
-            registry.host
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(registry)
-}
-
-fn start_registry(dir: &Path) -> Result<DockerRegistry> {
-    start_registry_with(dir, None)
+fn start_registry(dir: &Path) -> Result<lazy_erofs_test_support::DockerRegistry> {
+    start_docker_registry(dir, None)
 }
 
 #[test]
@@ -171,7 +121,7 @@ fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
         .status()
         .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
     ensure!(status.success(), "htpasswd failed");
-    let registry_proc = start_registry_with(dir.path(), Some(&htpasswd))?;
+    let registry_proc = start_docker_registry(dir.path(), Some(&htpasswd))?;
     let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
     lazy_erofs_test_support::make_oci_layout(&src)?;
     convert_layout(

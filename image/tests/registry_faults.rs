@@ -7,8 +7,6 @@ use std::collections::VecDeque;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,45 +15,6 @@ use lazy_erofs_image::blob::{BlobError, BlobReader};
 use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Registry, RegistryBlob, RegistryOptions, RetryPolicy};
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> Result<String> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
-}
-
-fn start_registry(dir: &Path) -> Result<(Proc, String)> {
-    let addr = free_addr()?;
-    let config = dir.join("config.yml");
-    fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("storage").display()
-        ),
-    )?;
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let start = Instant::now();
-    while TcpStream::connect(&addr).is_err() {
-        ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "registry did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((Proc(child), addr))
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -167,7 +126,7 @@ fn serve(
 }
 
 struct Setup {
-    _registry: Proc,
+    _registry: lazy_erofs_test_support::DockerRegistry,
     proxy: FaultProxy,
     layer: LazyLayer,
     local: Vec<u8>,
@@ -176,7 +135,8 @@ struct Setup {
 
 fn setup() -> Result<Setup> {
     let dir = tempfile::tempdir()?;
-    let (registry, addr) = start_registry(dir.path())?;
+    let registry = lazy_erofs_test_support::start_docker_registry(dir.path(), None)?;
+    let addr = registry.host.clone();
     let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
     lazy_erofs_test_support::make_oci_layout(&src)?;
     convert_layout(

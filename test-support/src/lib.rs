@@ -135,3 +135,61 @@ pub fn make_oci_layout(root: &Path) -> anyhow::Result<Vec<String>> {
     )?;
     Ok(diff_ids)
 }
+
+/// A `docker-registry` (distribution) process on a free loopback port; killed on drop.
+pub struct DockerRegistry {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`
+    pub host: String,
+}
+
+impl Drop for DockerRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts docker-registry with its storage under `dir`; with `htpasswd`, basic auth is on.
+pub fn start_docker_registry(
+    dir: &Path,
+    htpasswd: Option<&Path>,
+) -> anyhow::Result<DockerRegistry> {
+    use anyhow::Context;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let host = format!("127.0.0.1:{port}");
+    let auth = htpasswd.map_or(String::new(), |file| {
+        format!(
+            "auth:\n  htpasswd:\n    realm: lazy-erofs-test\n    path: {}\n",
+            file.display()
+        )
+    });
+    let config = dir.join("registry-config.yml");
+    fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n{auth}",
+            dir.join("registry-storage").display()
+        ),
+    )?;
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(dir.join("registry.log"))?)
+        .spawn()
+        .context("start docker-registry (packaging/setup.sh installs it)")?;
+    let registry = DockerRegistry { child, host };
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(&registry.host).is_err() {
+        anyhow::ensure!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "docker-registry did not listen on {}",
+            registry.host
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(registry)
+}
