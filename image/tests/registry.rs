@@ -2,6 +2,8 @@
 //! image, pull its manifest back, and read lazy layers by range through the verifying
 //! reader — the same bytes as the local blob, and a wrong trust anchor is refused.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::process::Command;
@@ -9,7 +11,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use lazy_erofs_image::blob::{BlobError, BlobReader};
-use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Credentials, Registry, RegistryBlob, RegistryOptions};
 
@@ -23,15 +24,7 @@ fn start_registry(dir: &Path) -> Result<lazy_erofs_test_support::DockerRegistry>
 fn push_pull_and_range_read_verified_chunks() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let registry_proc = start_registry(dir.path())?;
-    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
-    lazy_erofs_test_support::make_oci_layout(&src)?;
-    convert_layout(
-        &src,
-        &dst,
-        "linux/amd64",
-        &ConvertOptions::default(),
-        &mut |_, _, r| r,
-    )?;
+    let dst = common::converted_layout(dir.path())?;
 
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -122,15 +115,7 @@ fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
         .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
     ensure!(status.success(), "htpasswd failed");
     let registry_proc = start_docker_registry(dir.path(), Some(&htpasswd))?;
-    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
-    lazy_erofs_test_support::make_oci_layout(&src)?;
-    convert_layout(
-        &src,
-        &dst,
-        "linux/amd64",
-        &ConvertOptions::default(),
-        &mut |_, _, r| r,
-    )?;
+    let dst = common::converted_layout(dir.path())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

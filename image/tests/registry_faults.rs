@@ -3,6 +3,8 @@
 //! a flipped bit is never returned as data; a registry that stays down fails in bounded
 //! time with a clear error.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::fs;
 use std::io::{Read, Write};
@@ -12,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use lazy_erofs_image::blob::{BlobError, BlobReader};
-use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Registry, RegistryBlob, RegistryOptions, RetryPolicy};
 
@@ -137,15 +138,7 @@ fn setup() -> Result<Setup> {
     let dir = tempfile::tempdir()?;
     let registry = lazy_erofs_test_support::start_docker_registry(dir.path(), None)?;
     let addr = registry.host.clone();
-    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
-    lazy_erofs_test_support::make_oci_layout(&src)?;
-    convert_layout(
-        &src,
-        &dst,
-        "linux/amd64",
-        &ConvertOptions::default(),
-        &mut |_, _, r| r,
-    )?;
+    let dst = common::converted_layout(dir.path())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
