@@ -98,6 +98,19 @@ fn select_manifest(
     Err(ImageError::NoPlatform(platform.to_owned()))
 }
 
+/// Reads the rest of a source blob and checks it against its descriptor; returns its size.
+fn check_source<R: Read>(reader: DigestReader<R>, layer: &Descriptor) -> Result<u64, ImageError> {
+    let digest = layer.digest().to_string();
+    let (actual, size) = reader.finish().map_err(|e| ImageError::Layer {
+        digest: digest.clone(),
+        source: e.into(),
+    })?;
+    if actual != digest || size != layer.size() {
+        return Err(ImageError::LayerDigest { digest, actual });
+    }
+    Ok(size)
+}
+
 /// Converts the image in layout `src` into layout `dst`. `wrap` may wrap each source
 /// layer reader (for progress display); `(layer index, size, reader)`.
 pub fn convert_layout(
@@ -134,13 +147,7 @@ pub fn convert_layout(
                 digest: digest.clone(),
                 source: e.into(),
             })?;
-            let (actual, size) = reader.finish().map_err(|e| ImageError::Layer {
-                digest: digest.clone(),
-                source: e.into(),
-            })?;
-            if actual != digest || size != layer.size() {
-                return Err(ImageError::LayerDigest { digest, actual });
-            }
+            let size = check_source(reader, layer)?;
             target.adopt_blob(tmp.path(), &digest)?;
             reports.push(LayerReport {
                 source_digest: digest.clone(),
@@ -165,13 +172,7 @@ pub fn convert_layout(
                 digest: digest.clone(),
                 source,
             })?;
-        let (actual, size) = checked.finish().map_err(|e| ImageError::Layer {
-            digest: digest.clone(),
-            source: e.into(),
-        })?;
-        if actual != digest || size != layer.size() {
-            return Err(ImageError::LayerDigest { digest, actual });
-        }
+        let size = check_source(checked, layer)?;
         let blob = &converted.blob;
         target.adopt_blob(tmp.path(), &blob.digest)?;
         let new_digest = Digest::from_str(&blob.digest).map_err(|e| ImageError::Json {

@@ -151,11 +151,8 @@ impl Registry {
             let digest = blob.digest().to_string();
             // Blobs are read whole: layer blobs are tens of MiB; oci-client uploads them
             // in chunks.
-            let bytes =
-                std::fs::read(layout.blob_path(&digest)?).map_err(|source| LayoutError::Io {
-                    path: layout.blob_path(&digest).unwrap_or_default(),
-                    source,
-                })?;
+            let path = layout.blob_path(&digest)?;
+            let bytes = std::fs::read(&path).map_err(|source| LayoutError::Io { path, source })?;
             self.client.push_blob(&image, &bytes, &digest).await?;
         }
         let media_type = desc.media_type().to_string();
@@ -206,7 +203,13 @@ impl Registry {
             .auth(&image, &self.auth, RegistryOperation::Pull)
             .await?;
         self.ranges
-            .read(&image, token.as_deref(), digest, offset, len)
+            .read(&range::RangeRequest {
+                image: &image,
+                bearer: token.as_deref(),
+                digest,
+                offset,
+                len,
+            })
             .await
     }
 }

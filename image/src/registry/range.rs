@@ -40,6 +40,16 @@ struct Failure {
     error: RegistryError,
 }
 
+/// One range of one blob, and the bearer token to send (if the registry uses them).
+#[derive(Clone, Copy)]
+pub(super) struct RangeRequest<'a> {
+    pub image: &'a Reference,
+    pub bearer: Option<&'a str>,
+    pub digest: &'a str,
+    pub offset: u64,
+    pub len: u64,
+}
+
 pub(super) struct RangeClient {
     pub http: reqwest::Client,
     pub insecure_hosts: Vec<String>,
@@ -67,19 +77,18 @@ impl RangeClient {
 
     /// `len` bytes at `offset`, retrying connect errors, resets, short bodies, 5xx and
     /// 429 (waiting as long as Retry-After says) with jittered exponential backoff.
-    pub async fn read(
-        &self,
-        image: &Reference,
-        bearer: Option<&str>,
-        digest: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, RegistryError> {
+    pub async fn read(&self, request: &RangeRequest<'_>) -> Result<Vec<u8>, RegistryError> {
+        let RangeRequest {
+            digest,
+            offset,
+            len,
+            ..
+        } = *request;
         let started = Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let failure = match self.attempt(image, bearer, digest, offset, len).await {
+            let failure = match self.attempt(request).await {
                 Ok(bytes) => return Ok(bytes),
                 Err(failure) => failure,
             };
@@ -101,14 +110,14 @@ impl RangeClient {
         }
     }
 
-    async fn attempt(
-        &self,
-        image: &Reference,
-        bearer: Option<&str>,
-        digest: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, Failure> {
+    async fn attempt(&self, range: &RangeRequest<'_>) -> Result<Vec<u8>, Failure> {
+        let RangeRequest {
+            image,
+            bearer,
+            digest,
+            offset,
+            len,
+        } = *range;
         let mut request = self
             .http
             .get(self.url(image, digest))
