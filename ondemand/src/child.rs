@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 
 use crate::device::Device;
 use crate::fault::{Fault, FaultTrigger};
-use crate::fetcher::{self, FetcherConfig, Resolver};
+use crate::fetcher::{self, FetcherConfig, FetcherParts, Resolver};
 use crate::handover::{self, HandoverError, ToChild, ToParent};
 use crate::source::SourceFactory;
 use crate::stats::{Counter, Stats};
@@ -119,13 +119,13 @@ pub fn run(socket: &Path, factory: Arc<dyn SourceFactory>) -> Result<(), ChildEr
         .enable_all()
         .build()
         .map_err(ChildError::Runtime)?;
-    runtime.block_on(fetcher::serve(
+    runtime.block_on(fetcher::serve(FetcherParts {
         device,
         resolver,
         factory,
         stats,
         faults,
-        FetcherConfig::default(),
-    ))?;
+        config: FetcherConfig::default(),
+    }))?;
     Ok(())
 }

@@ -63,34 +63,28 @@ struct Object {
 
 type ChunkFetch = Shared<BoxFuture<'static, Result<(), Arc<String>>>>;
 
+/// What a fetcher works with; the child process assembles it from the hand-over.
+pub struct FetcherParts {
+    pub device: Arc<Device>,
+    pub resolver: Arc<dyn Resolver>,
+    pub factory: Arc<dyn SourceFactory>,
+    pub stats: Arc<Stats>,
+    pub faults: Arc<FaultTrigger>,
+    pub config: FetcherConfig,
+}
+
 struct Fetcher {
-    device: Arc<Device>,
-    resolver: Arc<dyn Resolver>,
-    factory: Arc<dyn SourceFactory>,
-    stats: Arc<Stats>,
-    faults: Arc<FaultTrigger>,
-    config: FetcherConfig,
+    parts: FetcherParts,
     objects: Mutex<HashMap<u32, Arc<Object>>>,
     inflight: Arc<Mutex<HashMap<(u32, u64), ChunkFetch>>>,
 }
 
 /// Serves requests until the device fails (or is closed under us). Runs on the current
 /// tokio runtime.
-pub async fn serve(
-    device: Arc<Device>,
-    resolver: Arc<dyn Resolver>,
-    factory: Arc<dyn SourceFactory>,
-    stats: Arc<Stats>,
-    faults: Arc<FaultTrigger>,
-    config: FetcherConfig,
-) -> Result<(), FetcherError> {
+pub async fn serve(parts: FetcherParts) -> Result<(), FetcherError> {
+    let device = parts.device.clone();
     let fetcher = Arc::new(Fetcher {
-        device: device.clone(),
-        resolver,
-        factory,
-        stats,
-        faults,
-        config,
+        parts,
         objects: Mutex::new(HashMap::new()),
         inflight: Arc::new(Mutex::new(HashMap::new())),
     });
@@ -109,7 +103,7 @@ pub async fn serve(
             }
             Request::Close(close) => {
                 fetcher.lock_objects().remove(&close.object_id);
-                fetcher.stats.add(Counter::Closes, 1);
+                fetcher.parts.stats.add(Counter::Closes, 1);
             }
         }
     }
@@ -150,21 +144,23 @@ impl Fetcher {
     }
 
     async fn open(&self, open: Open, anon: AnonFd) {
-        self.faults.hit(FaultPoint::CrashInOpen, &self.stats);
+        self.parts
+            .faults
+            .hit(FaultPoint::CrashInOpen, &self.parts.stats);
         let cookie = String::from_utf8_lossy(&open.cookie_key).into_owned();
         let refuse = |errno: Errno, why: String| {
             tracing::error!(%cookie, object = open.object_id, "OPEN refused ({errno}): {why}");
-            self.stats.add(Counter::OpensRefused, 1);
-            if let Err(err) = self.device.copen(open.msg_id, Err(errno)) {
+            self.parts.stats.add(Counter::OpensRefused, 1);
+            if let Err(err) = self.parts.device.copen(open.msg_id, Err(errno)) {
                 tracing::error!(%err, "copen refusal failed");
             }
         };
-        let spec = match self.resolver.resolve(&cookie).await {
+        let spec = match self.parts.resolver.resolve(&cookie).await {
             Ok(Some(spec)) => spec,
             Ok(None) => return refuse(Errno::ENOENT, "no such blob registered".into()),
             Err(err) => return refuse(Errno::EIO, format!("cannot ask the supervisor: {err}")),
         };
-        let source = match self.factory.open(&cookie, &spec) {
+        let source = match self.parts.factory.open(&cookie, &spec) {
             Ok(source) => source,
             Err(err) => return refuse(Errno::ENOENT, err.to_string()),
         };
@@ -177,9 +173,9 @@ impl Fetcher {
                 source,
             }),
         );
-        match self.device.copen(open.msg_id, Ok(size)) {
+        match self.parts.device.copen(open.msg_id, Ok(size)) {
             Ok(()) => {
-                self.stats.add(Counter::Opens, 1);
+                self.parts.stats.add(Counter::Opens, 1);
                 tracing::debug!(%cookie, object = open.object_id, size, "OPEN");
             }
             Err(err) => {
@@ -201,7 +197,7 @@ impl Fetcher {
         };
         let size = object.source.size();
         let end = read.offset.saturating_add(read.len).min(size);
-        let chunk = self.config.chunk_size;
+        let chunk = self.parts.config.chunk_size;
         let fetches: Vec<ChunkFetch> = (read.offset / chunk..end.div_ceil(chunk))
             .map(|index| self.chunk(read.object_id, &object, index))
             .collect();
@@ -211,22 +207,25 @@ impl Fetcher {
             .filter_map(Result::err)
             .collect();
         if failures.is_empty() {
-            self.faults.hit(FaultPoint::CrashAfterWrite, &self.stats);
+            self.parts
+                .faults
+                .hit(FaultPoint::CrashAfterWrite, &self.parts.stats);
         }
         // Complete even on failure: the unwritten range reads as EIO instead of hanging.
         if let Err(err) = object.anon.complete(read.msg_id) {
             tracing::error!(cookie = %object.cookie, msg = read.msg_id, %err, "READ_COMPLETE failed");
         }
         if let Some(first) = failures.first() {
-            self.stats.add(Counter::ReadsFailed, 1);
+            self.parts.stats.add(Counter::ReadsFailed, 1);
             tracing::error!(
                 cookie = %object.cookie, offset = read.offset, len = read.len,
                 "READ failed after retries, the reader sees EIO: {first}"
             );
         } else {
-            self.stats.add(Counter::ReadsServed, 1);
-            self.stats.record_read_latency(received.elapsed());
-            self.stats
+            self.parts.stats.add(Counter::ReadsServed, 1);
+            self.parts.stats.record_read_latency(received.elapsed());
+            self.parts
+                .stats
                 .set_if_zero(Counter::FirstReadDoneNs, monotonic_ns());
         }
     }
@@ -243,8 +242,8 @@ impl Fetcher {
         }
         let (object, stats, config, map) = (
             object.clone(),
-            self.stats.clone(),
-            self.config,
+            self.parts.stats.clone(),
+            self.parts.config,
             self.inflight.clone(),
         );
         let fetch = async move {
