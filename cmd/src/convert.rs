@@ -1,13 +1,16 @@
 //! `lazy-erofs convert SRC DST`: an OCI image to a lazily pullable one.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lazy_erofs_image::blob::Compression;
 use lazy_erofs_image::convert::{ConvertOptions, LayerReport, convert_layout};
+use lazy_erofs_image::registry::Registry;
+
+use crate::config::Config;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum CompressionArg {
@@ -17,10 +20,21 @@ pub enum CompressionArg {
 
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
-    /// Source image: an OCI image layout directory.
-    pub src: PathBuf,
-    /// Destination: an OCI image layout directory (created).
-    pub dst: PathBuf,
+    /// Source image: an OCI image layout directory (`oci:DIR`, or any existing path or
+    /// one starting with `/` or `.`) or a registry reference (`docker://REF` or just
+    /// `host/repo:tag`).
+    pub src: String,
+    /// Destination, written the same way: a layout directory is created; a registry
+    /// gets the blobs, then the manifest.
+    pub dst: String,
+    /// Configuration file (registry hosts, mirrors, credentials); default
+    /// /etc/lazy-erofs/config.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A registry host (`host[:port]`) to reach over plain HTTP; repeatable. Added to
+    /// the configuration file's `insecure_hosts`.
+    #[arg(long = "insecure", value_name = "HOST")]
+    pub insecure: Vec<String>,
     /// Platform to take from a multi-platform index (os/arch[/variant]).
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
@@ -35,19 +49,40 @@ pub struct ConvertArgs {
     pub chunk_kib: u32,
 }
 
-pub fn run(args: &ConvertArgs) -> Result<()> {
-    for (what, path) in [("source", &args.src), ("destination parent", &args.dst)] {
-        let dir = if what == "source" {
-            path.clone()
+/// Where an image is read from or written to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Location {
+    Layout(PathBuf),
+    Registry(String),
+}
+
+impl Location {
+    pub fn parse(text: &str) -> Self {
+        if let Some(dir) = text.strip_prefix("oci:") {
+            return Self::Layout(PathBuf::from(dir));
+        }
+        if let Some(reference) = text.strip_prefix("docker://") {
+            return Self::Registry(reference.to_owned());
+        }
+        if text.starts_with('/') || text.starts_with('.') || Path::new(text).exists() {
+            Self::Layout(PathBuf::from(text))
         } else {
-            path.parent().map(PathBuf::from).unwrap_or_default()
-        };
-        if !dir.as_os_str().is_empty() && !dir.is_dir() {
-            bail!(
-                "{what} {}: not a directory (registry references are not supported yet: \
-                 use OCI image layout directories, e.g. from `skopeo copy docker://… oci:DIR`)",
-                path.display()
-            );
+            Self::Registry(text.to_owned())
+        }
+    }
+}
+
+pub fn run(args: &ConvertArgs) -> Result<()> {
+    let (src, dst) = (Location::parse(&args.src), Location::parse(&args.dst));
+    if let Location::Layout(dir) = &src
+        && !dir.is_dir()
+    {
+        bail!("source {}: not a directory", dir.display());
+    }
+    if let Location::Layout(dir) = &dst {
+        let parent = dir.parent().unwrap_or(Path::new(""));
+        if !parent.as_os_str().is_empty() && !parent.is_dir() {
+            bail!("destination parent {}: not a directory", parent.display());
         }
     }
     if args.chunk_kib == 0 || !args.chunk_kib.is_multiple_of(4) || args.chunk_kib > 64 * 1024 {
@@ -75,8 +110,50 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         );
         Box::new(bar.wrap_read(reader))
     };
-    let reports = convert_layout(&args.src, &args.dst, &args.platform, &options, &mut wrap)?;
+
+    let mut config = Config::load(args.config.as_deref())?;
+    config
+        .registry
+        .insecure_hosts
+        .extend(args.insecure.iter().cloned());
+    let registry = Registry::new(&config.registry);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let work = tempfile::tempdir().context("scratch directory for registry images")?;
+
+    let src_dir = match &src {
+        Location::Layout(dir) => dir.clone(),
+        Location::Registry(reference) => {
+            let dir = work.path().join("source");
+            let started = std::time::Instant::now();
+            let bytes = runtime
+                .block_on(registry.pull_to_layout(reference, &args.platform, &dir))
+                .with_context(|| format!("pulling {reference}"))?;
+            eprintln!(
+                "pulled {reference}: {} in {:.1} s",
+                mib(bytes),
+                started.elapsed().as_secs_f64()
+            );
+            dir
+        }
+    };
+    let dst_dir = match &dst {
+        Location::Layout(dir) => dir.clone(),
+        Location::Registry(_) => work.path().join("converted"),
+    };
+    let reports = convert_layout(&src_dir, &dst_dir, &args.platform, &options, &mut wrap)?;
     print_summary(&reports);
+    if let Location::Registry(reference) = &dst {
+        let started = std::time::Instant::now();
+        let digest = runtime
+            .block_on(registry.push_layout(&dst_dir, reference))
+            .with_context(|| format!("pushing {reference}"))?;
+        println!(
+            "pushed {reference}@{digest} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 
@@ -105,4 +182,24 @@ fn print_summary(reports: &[LayerReport]) {
         .iter()
         .fold((0, 0), |(a, b), r| (a + r.source_size, b + r.blob_size));
     println!("{:<5} {:<21} {:>11} {:>11}", "all", "", mib(src), mib(dst));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_are_told_apart() {
+        assert_eq!(Location::parse("oci:img"), Location::Layout("img".into()));
+        assert_eq!(Location::parse("./img"), Location::Layout("./img".into()));
+        assert_eq!(Location::parse("/tmp"), Location::Layout("/tmp".into()));
+        assert_eq!(
+            Location::parse("docker://127.0.0.1:5000/a:1"),
+            Location::Registry("127.0.0.1:5000/a:1".into())
+        );
+        assert_eq!(
+            Location::parse("127.0.0.1:5000/a:1"),
+            Location::Registry("127.0.0.1:5000/a:1".into())
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! Thin by design: the work lives in the library crates.
 
 pub mod check;
+pub mod config;
 pub mod convert;
 pub mod serve;
 
@@ -9,6 +10,11 @@ pub mod serve;
 pub fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // oci-client logs registry token responses at debug level: never let them through.
+    let filter = match "oci_client=info".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

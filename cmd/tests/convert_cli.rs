@@ -115,17 +115,3 @@ fn a_corrupt_layer_blob_fails_with_its_digest_named() -> Result<()> {
     );
     Ok(())
 }
-
-#[test]
-fn registry_references_get_a_clear_error() -> Result<()> {
-    let (code, _, stderr) = convert(
-        Path::new("docker.io/library/debian:12"),
-        Path::new("/tmp/out"),
-    )?;
-    assert_eq!(code, Some(2));
-    assert!(
-        stderr.contains("registry references are not supported yet"),
-        "{stderr}"
-    );
-    Ok(())
-}

@@ -98,9 +98,7 @@ impl OciLayout {
         let digest = desc.digest().to_string();
         let path = self.blob_path(&digest)?;
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        if bytes.len() as u64 != desc.size()
-            || format!("sha256:{}", hex(&Sha256::digest(&bytes))) != digest
-        {
+        if bytes.len() as u64 != desc.size() || sha256_digest(&bytes) != digest {
             return Err(LayoutError::Corrupt { digest });
         }
         Ok(bytes)
@@ -113,7 +111,7 @@ impl OciLayout {
 
     /// Stores bytes as a blob; returns its digest.
     pub fn write_blob(&self, bytes: &[u8]) -> Result<String, LayoutError> {
-        let digest = format!("sha256:{}", hex(&Sha256::digest(bytes)));
+        let digest = sha256_digest(bytes);
         let path = self.blob_path(&digest)?;
         write_atomic(&path, bytes)?;
         Ok(digest)
@@ -130,6 +128,11 @@ impl OciLayout {
         let dir = self.root.join("blobs");
         tempfile::NamedTempFile::new_in(&dir).map_err(io_err(&dir))
     }
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(bytes)))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, ensure};
 use lazy_erofs_image::blob::{BlobError, BlobReader};
 use lazy_erofs_image::manifest::LazyLayer;
-use lazy_erofs_image::registry::{Credentials, Registry, RegistryBlob, RegistryOptions};
+use lazy_erofs_image::registry::{HostOptions, Registry, RegistryBlob, RegistryOptions};
 
 use lazy_erofs_test_support::start_docker_registry;
 
@@ -134,15 +134,15 @@ fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
         "{err}"
     );
 
-    let credentials = Credentials::Basic {
-        username: "tester".into(),
-        password: "s3cret".into(),
-    };
-    let registry = Registry::new(&RegistryOptions {
+    let mut options = RegistryOptions {
         insecure_hosts: insecure,
-        credentials,
         ..RegistryOptions::default()
-    });
+    };
+    options.hosts.insert(
+        registry_proc.host.clone(),
+        HostOptions::basic("tester", "s3cret"),
+    );
+    let registry = Registry::new(&options);
     let pushed = runtime.block_on(registry.push_layout(&dst, &image))?;
     let (_, digest) = runtime.block_on(registry.pull_manifest(&image))?;
     assert_eq!(digest, pushed);

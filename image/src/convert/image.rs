@@ -56,32 +56,41 @@ fn is_tar_layer(media_type: &str) -> bool {
     )
 }
 
-/// Finds the manifest for `platform` (`os/arch[/variant]`), following nested indexes.
-fn select_manifest(
-    layout: &OciLayout,
-    index: &ImageIndex,
-    platform: &str,
-) -> Result<Descriptor, ImageError> {
+/// OCI image index or docker manifest list.
+pub(crate) fn is_index(media_type: &str) -> bool {
+    media_type.ends_with("image.index.v1+json") || media_type.ends_with("manifest.list.v2+json")
+}
+
+/// Whether an index entry is for `platform` (`os/arch[/variant]`); entries without a
+/// platform match any.
+pub(crate) fn platform_matches(desc: &Descriptor, platform: &str) -> bool {
     let mut parts = platform.split('/');
     let (os, arch, variant) = (
         parts.next().unwrap_or(""),
         parts.next().unwrap_or(""),
         parts.next(),
     );
-    let matches = |d: &Descriptor| match d.platform() {
+    match desc.platform() {
         None => true,
         Some(p) => {
             p.os().to_string() == os
                 && p.architecture().to_string() == arch
                 && variant.is_none_or(|v| p.variant().as_deref() == Some(v))
         }
-    };
+    }
+}
+
+/// Finds the manifest for `platform` (`os/arch[/variant]`), following nested indexes.
+fn select_manifest(
+    layout: &OciLayout,
+    index: &ImageIndex,
+    platform: &str,
+) -> Result<Descriptor, ImageError> {
     for desc in index.manifests() {
-        if !matches(desc) {
+        if !platform_matches(desc, platform) {
             continue;
         }
-        let media = desc.media_type().to_string();
-        if media.ends_with("image.index.v1+json") || media.ends_with("manifest.list.v2+json") {
+        if is_index(desc.media_type().as_ref()) {
             let bytes = layout.read_blob(desc)?;
             let nested: ImageIndex =
                 serde_json::from_slice(&bytes).map_err(|e| ImageError::Json {

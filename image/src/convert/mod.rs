@@ -18,6 +18,7 @@ use crate::blob::{
 };
 use crate::erofs::{ErofsError, TreeError, WriteOptions, write_metadata};
 pub use image::{ImageError, LayerReport, convert_layout};
+pub(crate) use image::{is_index, platform_matches};
 pub use layer_tree::LayerTree;
 
 /// Files up to this size live inline in the metadata (they come with the first fetch).

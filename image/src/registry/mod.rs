@@ -1,29 +1,36 @@
-//! Registry client on `oci-client`: push an OCI layout's image, pull manifests, and read
-//! blob ranges (what the fetcher needs). HTTPS by default; plain HTTP only for hosts
-//! marked insecure. Credentials: anonymous or basic.
-//!
-//! Not here yet: bearer-token flows beyond what oci-client does itself, docker config
-//! credentials, mirrors, retries with Retry-After.
+//! Registry client on `oci-client`: push an OCI layout's image (blobs streamed from
+//! disk), pull manifests and whole images, and read blob ranges (what the fetcher
+//! needs). HTTPS by default; plain HTTP only for hosts marked insecure. Credentials from
+//! the configuration file, else docker's `config.json`, else anonymous; bearer tokens
+//! negotiated by oci-client. Pulls try each mirror once, then the origin with retries.
 
+mod auth;
+mod options;
+mod pull;
 mod range;
+mod retry;
+mod upload;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use oci_spec::image::{ImageIndex, ImageManifest};
-pub use range::RetryPolicy;
+pub use options::{Credentials, HostOptions, RegistryOptions, RetryPolicy};
 
 use crate::blob::RangeRead;
 use crate::oci_layout::{LayoutError, OciLayout};
+use auth::{Auth, Authorization};
+use retry::{Failure, with_retries};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("bad image reference {reference:?}: {reason}")]
     Reference { reference: String, reason: String },
-    #[error("registry: {0}")]
+    #[error("registry configuration for {host}: {reason}")]
+    Config { host: String, reason: String },
+    #[error(transparent)]
     Client(#[from] oci_client::errors::OciDistributionError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
@@ -38,52 +45,32 @@ pub enum RegistryError {
     },
 }
 
-#[derive(Clone, Default)]
-pub enum Credentials {
-    #[default]
-    Anonymous,
-    Basic {
-        username: String,
-        password: String,
-    },
-}
-
-/// Never prints the password, so credentials cannot leak through a `{:?}` in a log.
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Credentials::Anonymous => f.write_str("Anonymous"),
-            Credentials::Basic { username, .. } => {
-                write!(
-                    f,
-                    "Basic {{ username: {username:?}, password: <redacted> }}"
-                )
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct RegistryOptions {
-    /// `host[:port]` entries reached over plain HTTP (e.g. a registry on loopback).
-    pub insecure_hosts: Vec<String>,
-    pub credentials: Credentials,
-    /// Retries of range reads.
-    pub retry: RetryPolicy,
+/// Where a request goes: a mirror of the image's registry, or the registry itself.
+struct Endpoint {
+    reference: Reference,
+    mirror: bool,
 }
 
 pub struct Registry {
     client: Client,
-    auth: RegistryAuth,
-    ranges: range::RangeClient,
+    http: reqwest::Client,
+    auth: Auth,
+    options: RegistryOptions,
 }
 
-fn reference(text: &str) -> Result<Reference, RegistryError> {
+pub fn parse_reference(text: &str) -> Result<Reference, RegistryError> {
     text.parse()
         .map_err(|e: oci_client::ParseError| RegistryError::Reference {
             reference: text.to_owned(),
             reason: e.to_string(),
         })
+}
+
+fn protocol_error(what: &str, reason: impl ToString) -> RegistryError {
+    RegistryError::Protocol {
+        what: what.to_owned(),
+        reason: reason.to_string(),
+    }
 }
 
 impl Registry {
@@ -97,73 +84,218 @@ impl Registry {
             protocol,
             ..ClientConfig::default()
         });
-        let auth = match &options.credentials {
-            Credentials::Anonymous => RegistryAuth::Anonymous,
-            Credentials::Basic { username, password } => {
-                RegistryAuth::Basic(username.clone(), password.clone())
-            }
-        };
-        let ranges = range::RangeClient {
-            http: reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(10))
-                .timeout(std::time::Duration::from_secs(60))
-                .build()
-                .unwrap_or_default(),
-            insecure_hosts: options.insecure_hosts.clone(),
-            credentials: options.credentials.clone(),
-            policy: options.retry,
-        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
         Self {
             client,
-            auth,
-            ranges,
+            http,
+            auth: Auth::new(options),
+            options: options.clone(),
         }
     }
 
-    /// Pushes the image of an OCI layout (its first manifest): blobs first, then the
-    /// manifest, so the registry never holds a manifest whose blobs are missing.
-    /// Returns the manifest digest.
+    fn scheme(&self, host: &str) -> &'static str {
+        if self.options.insecure_hosts.iter().any(|h| h == host) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    /// `scheme://host/v2/<repository>/` for an endpoint.
+    fn repository_url(&self, endpoint: &Reference) -> Result<reqwest::Url, RegistryError> {
+        let host = endpoint.resolve_registry();
+        let url = format!(
+            "{}://{host}/v2/{}/",
+            self.scheme(host),
+            endpoint.repository()
+        );
+        reqwest::Url::parse(&url).map_err(|e| protocol_error(&url, e))
+    }
+
+    /// Mirrors in their configured order, then the origin.
+    fn endpoints(&self, image: &Reference) -> Vec<Endpoint> {
+        let mirrors = self
+            .options
+            .host(image.registry())
+            .map(|h| h.mirrors.clone())
+            .unwrap_or_default();
+        let mut out: Vec<Endpoint> = mirrors
+            .into_iter()
+            .map(|mirror| {
+                let mut reference = image.clone();
+                reference.set_mirror_registry(mirror);
+                Endpoint {
+                    reference,
+                    mirror: true,
+                }
+            })
+            .collect();
+        out.push(Endpoint {
+            reference: image.clone(),
+            mirror: false,
+        });
+        out
+    }
+
+    /// A mirror gets one attempt so a dead one costs little; the origin gets the policy.
+    fn policy(&self, endpoint: &Endpoint) -> RetryPolicy {
+        if endpoint.mirror {
+            RetryPolicy {
+                max_attempts: 1,
+                ..self.options.retry
+            }
+        } else {
+            self.options.retry
+        }
+    }
+
+    /// Runs one raw-HTTP attempt with the endpoint's authorization; a 401 with a cached
+    /// token forgets it so the next attempt negotiates a new one.
+    async fn authorized<T, F, Fut>(
+        &self,
+        endpoint: &Reference,
+        operation: RegistryOperation,
+        attempt: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnOnce(Authorization) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let (authorization, fresh) = self
+            .auth
+            .authorization(&self.client, endpoint, operation)
+            .await
+            .map_err(|e| match e {
+                RegistryError::Client(e) => Failure::from_client(e),
+                other => Failure::fatal(other),
+            })?;
+        match attempt(authorization).await {
+            Err(mut failure) if failure.unauthorized && !fresh => {
+                self.auth.forget(endpoint, operation);
+                failure.retryable = true;
+                Err(failure)
+            }
+            other => other,
+        }
+    }
+
+    /// Pushes the image of an OCI layout (its first manifest): blobs first, streamed
+    /// from disk and skipped when the registry has them, then the manifest, so the
+    /// registry never holds a manifest whose blobs are missing. Returns the manifest
+    /// digest.
     pub async fn push_layout(
         &self,
         layout_dir: &Path,
         target: &str,
     ) -> Result<String, RegistryError> {
-        let image = reference(target)?;
-        self.client
-            .auth(&image, &self.auth, RegistryOperation::Push)
-            .await?;
+        let image = parse_reference(target)?;
         let layout = OciLayout::open(layout_dir)?;
         let index: ImageIndex = layout.index()?;
-        let desc = index
-            .manifests()
-            .first()
-            .ok_or_else(|| RegistryError::Protocol {
-                what: layout_dir.display().to_string(),
-                reason: "index.json lists no manifest".into(),
-            })?;
+        let desc = index.manifests().first().ok_or_else(|| {
+            protocol_error(
+                &layout_dir.display().to_string(),
+                "index.json lists no manifest",
+            )
+        })?;
         let manifest_bytes = layout.read_blob(desc)?;
-        let manifest: ImageManifest =
-            serde_json::from_slice(&manifest_bytes).map_err(|e| RegistryError::Protocol {
-                what: desc.digest().to_string(),
-                reason: e.to_string(),
-            })?;
+        let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| protocol_error(desc.digest().as_ref(), e))?;
         for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
             let digest = blob.digest().to_string();
-            // Blobs are read whole: layer blobs are tens of MiB; oci-client uploads them
-            // in chunks.
             let path = layout.blob_path(&digest)?;
-            let bytes = std::fs::read(&path).map_err(|source| LayoutError::Io { path, source })?;
-            self.client.push_blob(&image, &bytes, &digest).await?;
+            self.push_blob_file(&image, &path, &digest).await?;
         }
         let media_type = desc.media_type().to_string();
-        let header = media_type.parse().map_err(|_| RegistryError::Protocol {
-            what: media_type.clone(),
-            reason: "not a header value".into(),
-        })?;
-        self.client
-            .push_manifest_raw(&image, manifest_bytes, header)
-            .await?;
+        let header: reqwest::header::HeaderValue = media_type
+            .parse()
+            .map_err(|_| protocol_error(&media_type, "not a header value"))?;
+        let push_auth = self.auth.registry_auth(image.resolve_registry())?;
+        with_retries(&self.options.retry, target, || async {
+            self.client
+                .auth(&image, &push_auth, RegistryOperation::Push)
+                .await
+                .map_err(Failure::from_client)?;
+            self.client
+                .push_manifest_raw(&image, manifest_bytes.clone(), header.clone())
+                .await
+                .map_err(Failure::from_client)
+        })
+        .await?;
         Ok(desc.digest().to_string())
+    }
+
+    /// Uploads one blob from a file, in chunks, unless the registry already has it.
+    pub async fn push_blob_file(
+        &self,
+        image: &Reference,
+        path: &Path,
+        digest: &str,
+    ) -> Result<(), RegistryError> {
+        let repository_url = self.repository_url(image)?;
+        with_retries(&self.options.retry, digest, || {
+            self.authorized(image, RegistryOperation::Push, |authorization| {
+                let repository_url = repository_url.clone();
+                async move {
+                    upload::attempt(
+                        &self.http,
+                        &upload::Upload {
+                            repository_url,
+                            authorization: &authorization,
+                            path,
+                            digest,
+                        },
+                    )
+                    .await
+                }
+            })
+        })
+        .await
+    }
+
+    /// A manifest or index by reference: its bytes and digest, from the first endpoint
+    /// that has it. By-digest pulls are checked against the digest.
+    pub async fn pull_manifest_raw(
+        &self,
+        image: &Reference,
+        accepted: &[&str],
+    ) -> Result<(Vec<u8>, String), RegistryError> {
+        let mut last = None;
+        for endpoint in self.endpoints(image) {
+            let host = endpoint.reference.resolve_registry().to_owned();
+            let auth = self.auth.registry_auth(&host)?;
+            let result = with_retries(&self.policy(&endpoint), &image.whole(), || async {
+                self.client
+                    .pull_manifest_raw(&endpoint.reference, &auth, accepted)
+                    .await
+                    .map_err(Failure::from_client)
+            })
+            .await;
+            match result {
+                Ok((bytes, digest)) => {
+                    let bytes = bytes.to_vec();
+                    if let Some(expected) = image.digest() {
+                        let actual = crate::oci_layout::sha256_digest(&bytes);
+                        if actual != expected {
+                            return Err(protocol_error(
+                                &image.whole(),
+                                format!("{host} sent a manifest with digest {actual}"),
+                            ));
+                        }
+                    }
+                    return Ok((bytes, digest));
+                }
+                Err(e) if endpoint.mirror => {
+                    tracing::warn!(mirror = host, image = %image.whole(), error = %e, "mirror failed; trying the next endpoint");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| protocol_error(&image.whole(), "no endpoint")))
     }
 
     /// The manifest of `image` and its digest.
@@ -171,24 +303,23 @@ impl Registry {
         &self,
         image: &str,
     ) -> Result<(ImageManifest, String), RegistryError> {
-        let image = reference(image)?;
+        let image = parse_reference(image)?;
         let (bytes, digest) = self
-            .client
             .pull_manifest_raw(
                 &image,
-                &self.auth,
-                &["application/vnd.oci.image.manifest.v1+json"],
+                &[
+                    "application/vnd.oci.image.manifest.v1+json",
+                    "application/vnd.docker.distribution.manifest.v2+json",
+                ],
             )
             .await?;
-        let manifest = serde_json::from_slice(&bytes).map_err(|e| RegistryError::Protocol {
-            what: digest.clone(),
-            reason: e.to_string(),
-        })?;
+        let manifest = serde_json::from_slice(&bytes).map_err(|e| protocol_error(&digest, e))?;
         Ok((manifest, digest))
     }
 
-    /// Exactly `len` bytes of blob `digest` from `offset`, with retries (see
-    /// [`RetryPolicy`]); a registry that ignores the range is handled too.
+    /// Exactly `len` bytes of blob `digest` from `offset`: mirrors first (one attempt
+    /// each), then the origin with retries (see [`RetryPolicy`]); a registry that ignores
+    /// the range is handled too.
     pub async fn read_range(
         &self,
         image: &str,
@@ -196,21 +327,47 @@ impl Registry {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, RegistryError> {
-        let image = reference(image)?;
-        // A bearer token when the registry uses them (oci-client caches it).
-        let token = self
-            .client
-            .auth(&image, &self.auth, RegistryOperation::Pull)
-            .await?;
-        self.ranges
-            .read(&range::RangeRequest {
-                image: &image,
-                bearer: token.as_deref(),
-                digest,
-                offset,
-                len,
+        let image = parse_reference(image)?;
+        let mut last = None;
+        for endpoint in self.endpoints(&image) {
+            let reference = &endpoint.reference;
+            let mut url = self
+                .repository_url(reference)?
+                .join(&format!("blobs/{digest}"))
+                .map_err(|e| protocol_error(digest, e))?;
+            if endpoint.mirror {
+                // Tells a mirror serving several registries which one is meant.
+                url.query_pairs_mut().append_pair("ns", image.registry());
+            }
+            let result = with_retries(&self.policy(&endpoint), digest, || {
+                self.authorized(reference, RegistryOperation::Pull, |authorization| {
+                    let url = url.to_string();
+                    async move {
+                        range::attempt(
+                            &self.http,
+                            &range::RangeRequest {
+                                url,
+                                authorization: &authorization,
+                                digest,
+                                offset,
+                                len,
+                            },
+                        )
+                        .await
+                    }
+                })
             })
-            .await
+            .await;
+            match result {
+                Ok(bytes) => return Ok(bytes),
+                Err(e) if endpoint.mirror => {
+                    tracing::warn!(mirror = reference.resolve_registry(), digest, error = %e, "mirror failed; trying the next endpoint");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| protocol_error(digest, "no endpoint")))
     }
 }
 
@@ -239,27 +396,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn debug_output_never_shows_the_password() {
-        let credentials = Credentials::Basic {
-            username: "me".into(),
-            password: "hunter2".into(),
-        };
-        let shown = format!(
-            "{:?}",
-            RegistryOptions {
-                credentials,
-                ..RegistryOptions::default()
-            }
-        );
-        assert!(
-            shown.contains("me") && !shown.contains("hunter2"),
-            "{shown}"
-        );
+    fn bad_references_are_named() {
+        let err = parse_reference("UPPER/Case:tag").expect_err("accepted");
+        assert!(err.to_string().contains("UPPER/Case:tag"), "{err}");
     }
 
     #[test]
-    fn bad_references_are_named() {
-        let err = reference("UPPER/Case:tag").expect_err("accepted");
-        assert!(err.to_string().contains("UPPER/Case:tag"), "{err}");
+    fn mirrors_come_first_then_the_origin() {
+        let mut options = RegistryOptions::default();
+        options.hosts.insert(
+            "r.example".into(),
+            HostOptions {
+                mirrors: vec!["m1:5000".into(), "m2".into()],
+                ..HostOptions::default()
+            },
+        );
+        let registry = Registry::new(&options);
+        let image = parse_reference("r.example/app:1").expect("valid");
+        let order: Vec<(String, bool)> = registry
+            .endpoints(&image)
+            .iter()
+            .map(|e| (e.reference.resolve_registry().to_owned(), e.mirror))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("m1:5000".to_owned(), true),
+                ("m2".to_owned(), true),
+                ("r.example".to_owned(), false)
+            ]
+        );
+        assert_eq!(
+            registry
+                .endpoints(&parse_reference("other.example/a:1").expect("valid"))
+                .len(),
+            1
+        );
     }
 }

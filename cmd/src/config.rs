@@ -1,0 +1,90 @@
+//! The configuration file: TOML, every key with a default embedded from
+//! `packaging/config.toml`, so a file only holds what it changes.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use lazy_erofs_image::registry::RegistryOptions;
+use serde::Deserialize;
+
+/// The defaults, as shipped.
+pub const DEFAULT_CONFIG: &str = include_str!("../../packaging/config.toml");
+/// Read when `--config` is not given and the file exists.
+pub const DEFAULT_PATH: &str = "/etc/lazy-erofs/config.toml";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub registry: RegistryOptions,
+}
+
+impl Config {
+    /// `path`, else [`DEFAULT_PATH`] if it exists, else the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let path = match path {
+            Some(path) => path.to_path_buf(),
+            None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+            None => return Ok(Self::default()),
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let config: Config =
+            toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+        let holds_password = config.registry.hosts.values().any(|h| h.password.is_some());
+        let mode = std::fs::metadata(&path)?.permissions().mode();
+        if holds_password && mode & 0o004 != 0 {
+            bail!(
+                "config {} holds a registry password but is readable by everyone \
+                 (mode {:o}); chmod 600 it or use password_file",
+                path.display(),
+                mode & 0o777
+            );
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_file_is_exactly_the_defaults() {
+        let shipped: Config = toml::from_str(DEFAULT_CONFIG).expect("shipped config parses");
+        assert_eq!(shipped, Config::default());
+    }
+
+    #[test]
+    fn a_world_readable_password_is_refused_and_a_private_one_accepted() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("config.toml");
+        std::fs::write(
+            &file,
+            "[registry.hosts.\"r.example\"]\nusername = \"u\"\npassword = \"hunter2\"\n",
+        )?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+        let err = Config::load(Some(&file)).expect_err("accepted").to_string();
+        assert!(
+            err.contains("readable by everyone") && !err.contains("hunter2"),
+            "{err}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+        let config = Config::load(Some(&file))?;
+        assert!(config.registry.hosts.contains_key("r.example"));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "[registry]\ninsecure = []\n")?;
+        let err = format!("{:#}", Config::load(Some(&file)).expect_err("accepted"));
+        assert!(
+            err.contains("config.toml") && err.contains("unknown field `insecure`"),
+            "{err}"
+        );
+        Ok(())
+    }
+}

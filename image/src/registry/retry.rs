@@ -1,0 +1,220 @@
+//! One retry loop for every registry request: jittered exponential backoff, at least
+//! as long as the server's `Retry-After`, bounded in attempts and total time.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+
+use super::{RegistryError, RetryPolicy};
+
+/// One attempt's failure: whether it is worth another try, and how long the server
+/// asked us to wait.
+pub(super) struct Failure {
+    pub retryable: bool,
+    pub retry_after: Option<Duration>,
+    /// The registry answered 401: a cached token may have expired.
+    pub unauthorized: bool,
+    pub error: RegistryError,
+}
+
+impl Failure {
+    pub fn fatal(error: RegistryError) -> Self {
+        Self {
+            retryable: false,
+            retry_after: None,
+            unauthorized: false,
+            error,
+        }
+    }
+
+    pub fn transient(error: RegistryError) -> Self {
+        Self {
+            retryable: true,
+            retry_after: None,
+            unauthorized: false,
+            error,
+        }
+    }
+
+    /// Classifies an oci-client error: network trouble, 5xx and 429 are transient.
+    pub fn from_client(error: oci_client::errors::OciDistributionError) -> Self {
+        use oci_client::errors::OciDistributionError as E;
+        let retryable = match &error {
+            E::RequestError(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
+            E::ServerError { code, .. } => *code >= 500 || *code == 429,
+            E::IoError(_) => true,
+            _ => false,
+        };
+        Self {
+            retryable,
+            retry_after: None,
+            unauthorized: false,
+            error: error.into(),
+        }
+    }
+
+    pub fn from_reqwest(what: &str, error: reqwest::Error) -> Self {
+        Self {
+            retryable: error.is_connect()
+                || error.is_timeout()
+                || error.is_request()
+                || error.is_body(),
+            retry_after: None,
+            unauthorized: false,
+            error: RegistryError::Protocol {
+                what: what.to_owned(),
+                reason: format!("request: {error}"),
+            },
+        }
+    }
+
+    /// A non-success HTTP status: 5xx and 429 are worth another try.
+    pub fn from_status(what: &str, status: reqwest::StatusCode, headers: &HeaderMap) -> Self {
+        Self {
+            retryable: status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
+            retry_after: retry_after(headers),
+            unauthorized: status == reqwest::StatusCode::UNAUTHORIZED,
+            error: RegistryError::Protocol {
+                what: what.to_owned(),
+                reason: format!("HTTP {status}"),
+            },
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or the policy is spent.
+pub(super) async fn with_retries<T, F, Fut>(
+    policy: &RetryPolicy,
+    what: &str,
+    mut attempt: F,
+) -> Result<T, RegistryError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let started = Instant::now();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let failure = match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(failure) => failure,
+        };
+        let mut delay = policy
+            .base_delay
+            .saturating_mul(1 << (tries - 1).min(16))
+            .min(policy.max_delay);
+        delay += delay.mul_f64(jitter());
+        if let Some(asked) = failure.retry_after {
+            delay = delay.max(asked);
+        }
+        let out_of_budget = started.elapsed() + delay > policy.budget;
+        if !failure.retryable || tries >= policy.max_attempts || out_of_budget {
+            return Err(failure.error);
+        }
+        tracing::warn!(what, attempt = tries, ?delay, error = %failure.error, "registry request failed, retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is treated as "soon").
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+        .or(Some(Duration::from_secs(1)))
+}
+
+/// 0.0..0.5, cheap and good enough to spread retries.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1000) / 2000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quick(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            budget: Duration::from_secs(5),
+        }
+    }
+
+    fn transient() -> Failure {
+        Failure::transient(RegistryError::Protocol {
+            what: "x".into(),
+            reason: "flaky".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_up_to_the_limit() {
+        let mut calls = 0;
+        let result: Result<(), _> = with_retries(&quick(4), "x", || {
+            calls += 1;
+            async { Err(transient()) }
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls, 4);
+
+        let mut calls = 0;
+        let result = with_retries(&quick(4), "x", || {
+            calls += 1;
+            let ok = calls == 3;
+            async move { if ok { Ok(7) } else { Err(transient()) } }
+        })
+        .await;
+        assert_eq!(result.expect("third try succeeds"), 7);
+    }
+
+    #[tokio::test]
+    async fn fatal_failures_are_not_retried() {
+        let mut calls = 0;
+        let result: Result<(), _> = with_retries(&quick(4), "x", || {
+            calls += 1;
+            async {
+                Err(Failure::fatal(RegistryError::Protocol {
+                    what: "x".into(),
+                    reason: "404".into(),
+                }))
+            }
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_beyond_the_budget_gives_up_at_once() {
+        let policy = RetryPolicy {
+            budget: Duration::from_millis(500),
+            ..quick(10)
+        };
+        let started = Instant::now();
+        let mut calls = 0;
+        let result: Result<(), _> = with_retries(&policy, "x", || {
+            calls += 1;
+            async {
+                Err(Failure {
+                    retry_after: Some(Duration::from_secs(60)),
+                    ..transient()
+                })
+            }
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
+        assert!(started.elapsed() < Duration::from_millis(400));
+    }
+}
