@@ -12,7 +12,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, ensure};
 use lazy_erofs_image::blob::{BlobError, BlobReader};
 use lazy_erofs_image::manifest::LazyLayer;
-use lazy_erofs_image::registry::{HostOptions, Registry, RegistryBlob, RegistryOptions};
+use lazy_erofs_image::registry::{
+    HostOptions, Registry, RegistryBlob, RegistryOptions, parse_reference,
+};
 
 use lazy_erofs_test_support::start_docker_registry;
 
@@ -146,5 +148,99 @@ fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
     let pushed = runtime.block_on(registry.push_layout(&dst, &image))?;
     let (_, digest) = runtime.block_on(registry.pull_manifest(&image))?;
     assert_eq!(digest, pushed);
+    Ok(())
+}
+
+#[test]
+fn large_blobs_are_pushed_in_chunks_and_read_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let registry_proc = start_registry(dir.path())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let registry = Registry::new(&RegistryOptions::insecure(&registry_proc.host));
+    // Larger than two upload chunks (8 MiB), not a multiple of anything.
+    let bytes = lazy_erofs_test_support::pseudo_random((20 << 20) + 12_345, 7);
+    let digest = lazy_erofs_test_support::sha256_digest(&bytes);
+    let path = dir.path().join("big");
+    fs::write(&path, &bytes)?;
+    let image = format!("{}/lazy/big:1", registry_proc.host);
+    let reference = parse_reference(&image)?;
+    runtime.block_on(registry.push_blob_file(&reference, &path, &digest))?;
+    // Pushing again finds the blob there and sends nothing.
+    runtime.block_on(registry.push_blob_file(&reference, &path, &digest))?;
+    let len = bytes.len() as u64;
+    for (offset, size) in [(0, 4096), ((8 << 20) - 100, 200), (len - 10, 10)] {
+        let got = runtime.block_on(registry.read_range(&image, &digest, offset, size))?;
+        assert_eq!(
+            got,
+            bytes[offset as usize..(offset + size) as usize],
+            "range {offset}+{size}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn mirrors_are_tried_in_order_then_the_origin() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (origin_dir, mirror_dir) = (dir.path().join("origin"), dir.path().join("mirror"));
+    fs::create_dir(&origin_dir)?;
+    fs::create_dir(&mirror_dir)?;
+    let origin = start_registry(&origin_dir)?;
+    let mirror = start_registry(&mirror_dir)?;
+    let dst = common::converted_layout(dir.path())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let origin_host = origin.host.clone();
+    let dead = {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        format!("127.0.0.1:{port}")
+    };
+    // The same image on the origin and on the mirror.
+    let path = "lazy/mirrored:1";
+    for host in [&origin.host, &mirror.host] {
+        let registry = Registry::new(&RegistryOptions::insecure(host));
+        runtime.block_on(registry.push_layout(&dst, &format!("{host}/{path}")))?;
+    }
+    let with_mirrors = |mirrors: &[&String]| {
+        let mut options = RegistryOptions {
+            insecure_hosts: vec![origin_host.clone(), mirror.host.clone(), dead.clone()],
+            retry: lazy_erofs_image::registry::RetryPolicy {
+                budget: std::time::Duration::from_secs(2),
+                ..Default::default()
+            },
+            ..RegistryOptions::default()
+        };
+        options.hosts.insert(
+            origin_host.clone(),
+            HostOptions {
+                mirrors: mirrors.iter().map(|m| (*m).clone()).collect(),
+                ..HostOptions::default()
+            },
+        );
+        Registry::new(&options)
+    };
+    let image = format!("{origin_host}/{path}");
+    let read_first_layer = |registry: &Registry| -> Result<Vec<u8>> {
+        let (manifest, _) = runtime.block_on(registry.pull_manifest(&image))?;
+        let layer = LazyLayer::from_descriptor(&manifest.layers()[0])?.context("not lazy")?;
+        Ok(runtime.block_on(registry.read_range(&image, &layer.digest, 0, 4096))?)
+    };
+
+    // A dead mirror falls back to the origin.
+    let expected = read_first_layer(&with_mirrors(&[&dead]))?;
+    // With the origin gone, the second mirror serves everything.
+    drop(origin);
+    assert_eq!(
+        read_first_layer(&with_mirrors(&[&dead, &mirror.host]))?,
+        expected
+    );
+    // Nothing left: the error names the origin, the last endpoint tried.
+    let err = read_first_layer(&with_mirrors(&[&dead])).expect_err("nothing is up");
+    assert!(format!("{err:#}").contains(&origin_host), "{err:#}");
     Ok(())
 }
