@@ -244,3 +244,70 @@ fn mirrors_are_tried_in_order_then_the_origin() -> Result<()> {
     assert!(format!("{err:#}").contains(&origin_host), "{err:#}");
     Ok(())
 }
+
+#[test]
+fn bearer_token_registry_push_pull_and_range_reads_reuse_one_token() -> Result<()> {
+    use lazy_erofs_test_support::token::TokenAuthority;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir()?;
+    let cert = dir.path().join("token-cert.pem");
+    let authority = TokenAuthority::start(&cert, "tester", "t0ken-pass")?;
+    let registry_proc = lazy_erofs_test_support::start_docker_registry_with_auth(
+        dir.path(),
+        &authority.registry_auth_config(&cert),
+    )?;
+    let host = registry_proc.host.clone();
+    let dst = common::converted_layout(dir.path())?;
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+    );
+    let image = format!("{host}/lazy/token:1");
+
+    let anonymous = Registry::new(&RegistryOptions {
+        docker_config: false,
+        ..RegistryOptions::insecure(&host)
+    });
+    let err = runtime
+        .block_on(anonymous.push_layout(&dst, &image))
+        .expect_err("anonymous push accepted");
+    assert!(format!("{err:#}").contains("bad credentials"), "{err:#}");
+
+    let mut options = RegistryOptions::insecure(&host);
+    options
+        .hosts
+        .insert(host.clone(), HostOptions::basic("tester", "t0ken-pass"));
+    let registry = Arc::new(Registry::new(&options));
+    let pushed = runtime.block_on(registry.push_layout(&dst, &image))?;
+    let (manifest, digest) = runtime.block_on(registry.pull_manifest(&image))?;
+    assert_eq!(digest, pushed);
+    let before_reads = authority.issued.load(Ordering::SeqCst);
+    assert!(before_reads >= 1, "the registry never asked for a token");
+    for layer in manifest.layers() {
+        let lazy = LazyLayer::from_descriptor(layer)?.context("layer not lazy")?;
+        let local = fs::read(dst.join("blobs/sha256").join(&lazy.digest[7..]))?;
+        let local_reader = BlobReader::open(&local[..], &lazy.verified_digest)?;
+        let reader = BlobReader::open(
+            RegistryBlob {
+                runtime: runtime.clone(),
+                registry: registry.clone(),
+                image: image.clone(),
+                digest: lazy.digest.clone(),
+            },
+            &lazy.verified_digest,
+        )?;
+        let size = reader.header().data_space_size;
+        for offset in (0..size).step_by(64 << 10).take(10) {
+            let len = (size - offset).min(4096);
+            assert_eq!(
+                reader.read_data(offset, len)?,
+                local_reader.read_data(offset, len)?
+            );
+        }
+    }
+    // Many range reads, one pull token: tokens are cached, not fetched per read.
+    let for_reads = authority.issued.load(Ordering::SeqCst) - before_reads;
+    assert!(for_reads <= 1, "{for_reads} tokens fetched for range reads");
+    Ok(())
+}

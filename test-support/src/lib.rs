@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod token;
+
 use serde_json::json;
 use sha2::Digest;
 
@@ -155,17 +157,23 @@ pub fn start_docker_registry(
     dir: &Path,
     htpasswd: Option<&Path>,
 ) -> anyhow::Result<DockerRegistry> {
-    use anyhow::Context;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let host = format!("127.0.0.1:{port}");
     let auth = htpasswd.map_or(String::new(), |file| {
         format!(
             "auth:\n  htpasswd:\n    realm: lazy-erofs-test\n    path: {}\n",
             file.display()
         )
     });
+    start_docker_registry_with_auth(dir, &auth)
+}
+
+/// Starts docker-registry with its storage under `dir` and `auth` as its config's
+/// `auth:` section (YAML; empty for none).
+pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result<DockerRegistry> {
+    use anyhow::Context;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let host = format!("127.0.0.1:{port}");
     let config = dir.join("registry-config.yml");
     fs::write(
         &config,
