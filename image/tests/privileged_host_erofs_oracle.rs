@@ -342,13 +342,60 @@ fn build() -> Result<Builder> {
         .push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
     let (_, _) = b.dir(root, &top, b"opaque-dir", opaque)?;
 
+    // POSIX ACLs (as the kernel's xattr form: version 2, then tag/perm/id entries).
+    let acl = |entries: &[(u16, u16, u32)]| {
+        let mut out = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&perm.to_le_bytes());
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out
+    };
+    let access = acl(&[
+        (0x01, 6, u32::MAX),
+        (0x02, 4, 1000),
+        (0x04, 4, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 0, u32::MAX),
+    ]);
+    let mut acl_file = meta(0o640, 0, 0, t);
+    acl_file
+        .xattrs
+        .push((b"system.posix_acl_access".to_vec(), access.clone()));
+    b.file(root, &top, b"acl-file", acl_file, b"acl\n".to_vec(), true)?;
+    let mut acl_dir = meta(0o750, 0, 0, t);
+    acl_dir
+        .xattrs
+        .push((b"system.posix_acl_access".to_vec(), access.clone()));
+    acl_dir
+        .xattrs
+        .push((b"system.posix_acl_default".to_vec(), access));
+    b.dir(root, &top, b"acl-dir", acl_dir)?;
+
     let (many, many_path) = b.dir(root, &top, b"many", meta(0o755, 0, 0, t))?;
     for i in 0..20_000 {
+        // Every 100th entry carries xattrs others carry too: stored once, shared.
+        let mut entry_meta = meta(0o644, 0, 0, t);
+        if i % 100 == 0 {
+            entry_meta
+                .xattrs
+                .push((b"user.shared".to_vec(), b"common value".to_vec()));
+            entry_meta.xattrs.push((
+                b"security.label".to_vec(),
+                format!("l{}", i % 3).into_bytes(),
+            ));
+            if i % 200 == 0 {
+                entry_meta
+                    .xattrs
+                    .push((format!("user.own-{i}").into_bytes(), vec![7; 40]));
+            }
+        }
         b.file(
             many,
             &many_path,
             format!("entry-{i:05}-with-a-longer-name").as_bytes(),
-            meta(0o644, 0, 0, t),
+            entry_meta,
             Vec::new(),
             true,
         )?;

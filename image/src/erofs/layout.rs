@@ -114,7 +114,16 @@ pub fn write_metadata(tree: &FsTree, options: &WriteOptions) -> Result<Vec<u8>, 
         .map(|(k, n)| (*k, *n))
         .unwrap_or(((0, 0), 0));
 
-    // 3. Plan every inode (sizes known; nids not yet).
+    // 3. xattrs that several inodes carry are stored once, in the shared area.
+    let mut xattr_counts: HashMap<&(Vec<u8>, Vec<u8>), usize> = HashMap::new();
+    for id in &order {
+        for pair in &tree.node(*id).meta.xattrs {
+            *xattr_counts.entry(pair).or_default() += 1;
+        }
+    }
+    let shared = xattr::SharedXattrs::build(xattr_counts, BLOCK);
+
+    // 4. Plan every inode (sizes known; nids not yet).
     let mut planned: Vec<Planned> = Vec::with_capacity(order.len());
     for (index, &id) in order.iter().enumerate() {
         let node = tree.node(id);
@@ -137,10 +146,11 @@ pub fn write_metadata(tree: &FsTree, options: &WriteOptions) -> Result<Vec<u8>, 
             nlink,
             (build_time, build_nsec),
             &path_of(&paths, id),
+            &shared,
         )?);
     }
 
-    // 4. Place inodes (nids), then whole data blocks.
+    // 5. Place inodes (nids), then the shared xattr area, then whole data blocks.
     let mut cursor = META_BLKADDR as usize * BLOCK;
     for p in &mut planned {
         let unsplittable = p.unsplittable();
@@ -165,6 +175,13 @@ pub fn write_metadata(tree: &FsTree, options: &WriteOptions) -> Result<Vec<u8>, 
         return Err(ErofsError::TooLarge);
     }
     cursor = cursor.div_ceil(BLOCK) * BLOCK;
+    let xattr_blkaddr = if shared.area().is_empty() {
+        0
+    } else {
+        let at = u32::try_from(cursor / BLOCK).map_err(|_| ErofsError::TooLarge)?;
+        cursor += shared.area().len().div_ceil(BLOCK) * BLOCK;
+        at
+    };
     for p in &mut planned {
         if !p.plain.is_empty() {
             p.inode.i_u = u32::try_from(cursor / BLOCK).map_err(|_| ErofsError::TooLarge)?;
@@ -173,7 +190,7 @@ pub fn write_metadata(tree: &FsTree, options: &WriteOptions) -> Result<Vec<u8>, 
     }
     let total_blocks = u32::try_from(cursor / BLOCK).map_err(|_| ErofsError::TooLarge)?;
 
-    // 5. Directory contents now that nids are known.
+    // 6. Directory contents now that nids are known.
     let nid_of: HashMap<NodeId, (u64, u8)> = planned
         .iter()
         .map(|p| (p.id, (p.nid, p.file_type)))
@@ -208,7 +225,7 @@ pub fn write_metadata(tree: &FsTree, options: &WriteOptions) -> Result<Vec<u8>, 
         split_data(p, &bytes);
     }
 
-    // 6. Serialise.
+    // 7. Serialise.
     let mut image = vec![0u8; total_blocks as usize * BLOCK];
     let mut feature_incompat = 0;
     let has_data_device = options.data_blocks > 0
@@ -226,6 +243,7 @@ pub fn write_metadata(tree: &FsTree, options: &WriteOptions) -> Result<Vec<u8>, 
         build_time_nsec: build_nsec,
         blocks: total_blocks,
         meta_blkaddr: META_BLKADDR,
+        xattr_blkaddr,
         feature_incompat,
         extra_devices: u16::from(has_data_device),
     }
@@ -238,6 +256,8 @@ pub fn write_metadata(tree: &FsTree, options: &WriteOptions) -> Result<Vec<u8>, 
             options.data_blocks,
         );
     }
+    let area_at = xattr_blkaddr as usize * BLOCK;
+    image[area_at..area_at + shared.area().len()].copy_from_slice(shared.area());
     for p in &planned {
         let mut at = META_BLKADDR as usize * BLOCK + p.nid as usize * 32;
         p.inode.write(&mut image[at..at + p.inode.size_on_disk()]);
@@ -281,9 +301,11 @@ fn plan_inode(
     nlink: u32,
     build: (i64, u32),
     path: &str,
+    shared: &xattr::SharedXattrs,
 ) -> Result<Planned, ErofsError> {
     let meta = &node.meta;
     let mut entries = Vec::with_capacity(meta.xattrs.len());
+    let mut shared_ids = Vec::new();
     let mut sorted: Vec<&(Vec<u8>, Vec<u8>)> = meta.xattrs.iter().collect();
     sorted.sort();
     for (name, value) in sorted {
@@ -299,9 +321,12 @@ fn plan_inode(
                 len: value.len(),
             });
         }
-        entries.push((index, suffix, value.as_slice()));
+        match shared.id(name, value) {
+            Some(id) if shared_ids.len() < xattr::MAX_SHARED_PER_INODE => shared_ids.push(id),
+            _ => entries.push((index, suffix, value.as_slice())),
+        }
     }
-    let (xattrs, xattr_icount) = xattr::encode_inline(&entries);
+    let (xattrs, xattr_icount) = xattr::encode_ibody(&shared_ids, &entries);
 
     let (type_bits, file_type, size, rdev) = match &node.content {
         Content::Directory(entries) => {

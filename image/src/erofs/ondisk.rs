@@ -36,6 +36,8 @@ pub struct SuperBlock {
     pub build_time_nsec: u32,
     pub blocks: u32,
     pub meta_blkaddr: u32,
+    /// Block of the shared xattr area (0 when there is none).
+    pub xattr_blkaddr: u32,
     pub feature_incompat: u32,
     pub extra_devices: u16,
 }
@@ -53,7 +55,8 @@ impl SuperBlock {
         sb[32..36].copy_from_slice(&self.build_time_nsec.to_le_bytes());
         sb[36..40].copy_from_slice(&self.blocks.to_le_bytes());
         sb[40..44].copy_from_slice(&self.meta_blkaddr.to_le_bytes());
-        // 44..48 xattr_blkaddr 0 (no shared xattrs), 48..80 uuid and volume name zero
+        sb[44..48].copy_from_slice(&self.xattr_blkaddr.to_le_bytes());
+        // 48..80 uuid and volume name zero
         sb[80..84].copy_from_slice(&self.feature_incompat.to_le_bytes());
         sb[86..88].copy_from_slice(&self.extra_devices.to_le_bytes());
         let slotoff = (DEVICE_SLOT_OFFSET / DEVICE_SLOT_SIZE) as u16;
