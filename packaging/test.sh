@@ -28,6 +28,10 @@ cargo nextest run --workspace --locked
 stage "host tests as root (privileged_host_*)"
 cargo nextest run --workspace --locked --profile host-root
 
+stage "containerd's snapshotter conformance suite (host, root)"
+cargo build --workspace --locked --bin lazy-erofs-snapshotter
+bash packaging/conformance.sh "$CARGO_TARGET_DIR/debug/lazy-erofs-snapshotter" -v
+
 stage "test VM: kernel and initramfs"
 kernel=$(packaging/testvm/kernel.sh)
 echo "kernel: $kernel"

@@ -16,7 +16,30 @@ pub const DEFAULT_PATH: &str = "/etc/lazy-erofs/config.toml";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub snapshotter: SnapshotterConfig,
     pub registry: RegistryOptions,
+}
+
+/// The `[snapshotter]` table: where the daemon keeps its state and listens.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotterConfig {
+    /// Snapshots, metadata store and cache live here (a real filesystem, not tmpfs).
+    pub root: PathBuf,
+    /// The gRPC socket containerd's `[proxy_plugins]` entry points at.
+    pub address: PathBuf,
+    /// Log filter (`RUST_LOG` syntax) when `RUST_LOG` is not set.
+    pub log_level: String,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/lazy-erofs"),
+            address: PathBuf::from("/run/lazy-erofs/snapshotter.sock"),
+            log_level: "info".into(),
+        }
+    }
 }
 
 impl Config {

@@ -5,6 +5,7 @@ pub mod check;
 pub mod config;
 pub mod convert;
 pub mod serve;
+pub mod snapshotter;
 
 /// Logs go to stderr; `RUST_LOG` overrides `default_level`.
 pub fn init_logging(default_level: &str) {

@@ -1,2 +1,11 @@
-//! The containerd Snapshots service: metadata store, overlay and EROFS mounts, restart
-//! recovery, garbage collection. Not written yet; see DESIGN.md.
+//! The containerd Snapshots service: the snapshotter interface (`api`), the redb
+//! metadata store (`store`), ordinary overlay layers (`overlay`), containerd's list
+//! filters and label rules, and the gRPC server on a Unix socket (`grpc`, `server`).
+
+pub mod api;
+pub mod filter;
+pub mod grpc;
+pub mod labels;
+pub mod overlay;
+pub mod server;
+pub mod store;

@@ -1,30 +1,38 @@
-//! `lazy-erofs-snapshotter`: the containerd snapshotter daemon.
-//!
-//! The gRPC Snapshots service is not built yet; until it is, the daemon reports what
-//! this kernel allows and refuses to start rather than pretend to serve.
+//! `lazy-erofs-snapshotter`: the containerd snapshotter daemon (a proxy plugin).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use lazy_erofs_cmd::check::{self, CheckArgs};
+use lazy_erofs_cmd::snapshotter::{self, DaemonArgs};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "lazy-erofs-snapshotter",
     version,
-    about = "containerd snapshotter for lazily pulled EROFS layers"
+    about = "containerd snapshotter for lazily pulled EROFS layers: serves containerd's \
+             Snapshots gRPC service on a Unix socket ([proxy_plugins]); stops on SIGTERM"
 )]
 struct Cli {
     #[command(flatten)]
-    check: CheckArgs,
+    daemon: DaemonArgs,
 }
 
 fn main() -> ExitCode {
-    lazy_erofs_cmd::init_logging("info");
     let cli = Cli::parse();
-    if let Err(err) = check::run(&cli.check, &mut std::io::stderr().lock()) {
-        eprintln!("lazy-erofs-snapshotter: error: {err:#}");
+    let config = match snapshotter::config(&cli.daemon) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("lazy-erofs-snapshotter: error: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    lazy_erofs_cmd::init_logging(&config.snapshotter.log_level);
+    match snapshotter::run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("lazy-erofs-snapshotter: error: {err:#}");
+            ExitCode::from(2)
+        }
     }
-    eprintln!("lazy-erofs-snapshotter: the snapshot service is not available in this build");
-    ExitCode::from(2)
 }

@@ -1,0 +1,364 @@
+//! Ordinary layers, with the semantics of containerd's overlayfs snapshotter: each
+//! snapshot owns `<root>/snapshots/<id>/{fs,work}`; the first layer is a bind mount,
+//! the others overlay with the parent chain as lowerdirs; views are read-only; commit
+//! freezes an active snapshot; remove refuses parents; cleanup drops orphans.
+//!
+//! Crash safety: a directory is built under a `new-*` name and renamed to its id inside
+//! the store transaction that records it; removal forgets the record first, then deletes
+//! the directory. Whatever a kill -9 interrupts leaves a directory no record names, which
+//! `recover` (at start) and `clear` (Cleanup) delete.
+
+mod usage;
+
+use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_client::types::Mount;
+
+use crate::api::{Info, Kind, SnapshotError, Snapshotter, Usage};
+use crate::filter::Filters;
+use crate::labels;
+use crate::store::{Record, Store};
+pub use usage::disk_usage;
+
+pub struct OverlaySnapshotter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    store: Store,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    SnapshotError::io(context)
+}
+
+fn bind(source: &Path, writable: bool) -> Mount {
+    Mount {
+        r#type: "bind".into(),
+        source: source.display().to_string(),
+        target: String::new(),
+        options: vec![if writable { "rw" } else { "ro" }.into(), "rbind".into()],
+    }
+}
+
+impl OverlaySnapshotter {
+    /// Opens the snapshotter rooted at `root` (created 0700 if missing) and removes what
+    /// an interrupted operation left behind.
+    pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        let snapshots = root.join("snapshots");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&snapshots)
+            .map_err(io(format!("creating {}", snapshots.display())))?;
+        let store = Store::open(&root.join("metadata.redb"))?;
+        let inner = Inner {
+            root: root.to_path_buf(),
+            store,
+        };
+        let removed = inner.remove_orphans()?;
+        if !removed.is_empty() {
+            tracing::info!(
+                count = removed.len(),
+                "removed directories left by interrupted operations"
+            );
+        }
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Runs `f` on a blocking thread: store commits fsync, directory walks take time.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, SnapshotError> + Send + 'static,
+    ) -> Result<T, SnapshotError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| SnapshotError::Unavailable(format!("worker failed: {e}")))?
+    }
+}
+
+impl Inner {
+    fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string())
+    }
+
+    fn fs(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    /// Ids of the parent chain, nearest first.
+    fn parent_ids(&self, record: &Record) -> Result<Vec<u64>, SnapshotError> {
+        let mut ids = Vec::new();
+        let mut parent = record.parent.clone();
+        while !parent.is_empty() {
+            let p = self.store.get(&parent)?.ok_or_else(|| {
+                SnapshotError::Store(format!("parent {parent:?} of a snapshot is missing"))
+            })?;
+            ids.push(p.id);
+            parent = p.parent;
+        }
+        Ok(ids)
+    }
+
+    fn mounts(&self, record: &Record) -> Result<Vec<Mount>, SnapshotError> {
+        let parents = self.parent_ids(record)?;
+        let writable = record.kind == Kind::Active;
+        if parents.is_empty() {
+            return Ok(vec![bind(&self.fs(record.id), writable)]);
+        }
+        if !writable && parents.len() == 1 {
+            return Ok(vec![bind(&self.fs(parents[0]), false)]);
+        }
+        let lower: Vec<String> = parents
+            .iter()
+            .map(|id| self.fs(*id).display().to_string())
+            .collect();
+        let mut options = Vec::new();
+        if writable {
+            options.push(format!(
+                "workdir={}",
+                self.dir(record.id).join("work").display()
+            ));
+            options.push(format!("upperdir={}", self.fs(record.id).display()));
+        }
+        options.push(format!("lowerdir={}", lower.join(":")));
+        Ok(vec![Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        }])
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        if key.is_empty() {
+            return Err(SnapshotError::InvalidArgument(
+                "snapshot key is empty".into(),
+            ));
+        }
+        labels::validate(&labels)?;
+        let staging = tempfile::Builder::new()
+            .prefix("new-")
+            .tempdir_in(self.snapshots_dir())
+            .map_err(io("creating a snapshot directory"))?;
+        let fs = staging.path().join("fs");
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&fs)
+            .and_then(|()| std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o755)))
+            .map_err(io(format!("creating {}", fs.display())))?;
+        if kind == Kind::Active {
+            let work = staging.path().join("work");
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&work)
+                .map_err(io(format!("creating {}", work.display())))?;
+        }
+        let record = self.store.create(key, kind, parent, labels, |id| {
+            let target = self.dir(id);
+            std::fs::rename(staging.path(), &target).map_err(io(format!(
+                "moving snapshot directory to {}",
+                target.display()
+            )))
+        })?;
+        // The directory was moved; nothing left for the guard to delete.
+        let _ = staging.keep();
+        self.mounts(&record)
+    }
+
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), SnapshotError> {
+        if name.is_empty() {
+            return Err(SnapshotError::InvalidArgument(
+                "snapshot name is empty".into(),
+            ));
+        }
+        labels::validate(&labels)?;
+        let record = self.store.require(key)?;
+        if record.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key:?} is {}, only active snapshots can be committed",
+                record.kind.name()
+            )));
+        }
+        let usage = disk_usage(&self.fs(record.id))?;
+        self.store.commit(name, key, labels, usage)?;
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<(), SnapshotError> {
+        let record = self.store.remove(key)?;
+        // Forgotten first: if this deletion is interrupted, the directory is an orphan.
+        let dir = self.dir(record.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "snapshot removed, its directory not yet; Cleanup will retry");
+        }
+        Ok(())
+    }
+
+    /// Deletes directories under `snapshots/` that no record names (interrupted
+    /// creations and removals). Returns what it deleted.
+    fn remove_orphans(&self) -> Result<Vec<PathBuf>, SnapshotError> {
+        let ids = self.store.ids()?;
+        let mut removed = Vec::new();
+        let dir = self.snapshots_dir();
+        for entry in std::fs::read_dir(&dir).map_err(io(format!("listing {}", dir.display())))? {
+            let entry = entry.map_err(io(format!("listing {}", dir.display())))?;
+            let name = entry.file_name();
+            let known = name
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|id| ids.contains(&id));
+            if known {
+                continue;
+            }
+            let path = entry.path();
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) => tracing::warn!(dir = %path.display(), error = %e, "cannot remove orphan"),
+            }
+        }
+        Ok(removed)
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage, SnapshotError> {
+        let record = self.store.require(key)?;
+        match record.usage {
+            Some(frozen) => Ok(frozen),
+            None => disk_usage(&self.fs(record.id)),
+        }
+    }
+
+    fn update(&self, info: Info, fieldpaths: Vec<String>) -> Result<Info, SnapshotError> {
+        labels::validate(&info.labels)?;
+        let record = self.store.update_labels(&info.name, |current| {
+            labels::apply_update(current, &info.labels, &fieldpaths)
+        })?;
+        let updated = record.info(&info.name);
+        labels::validate(&updated.labels)?;
+        Ok(updated)
+    }
+}
+
+type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<Info, SnapshotError>>>;
+
+#[async_trait::async_trait]
+impl Snapshotter for OverlaySnapshotter {
+    type Error = SnapshotError;
+
+    async fn stat(&self, key: String) -> Result<Info, SnapshotError> {
+        self.blocking(move |inner| Ok(inner.store.require(&key)?.info(&key)))
+            .await
+    }
+
+    async fn update(
+        &self,
+        info: Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<Info, SnapshotError> {
+        self.blocking(move |inner| inner.update(info, fieldpaths.unwrap_or_default()))
+            .await
+    }
+
+    async fn usage(&self, key: String) -> Result<Usage, SnapshotError> {
+        self.blocking(move |inner| inner.usage(&key)).await
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<Mount>, SnapshotError> {
+        self.blocking(move |inner| {
+            let record = inner.store.require(&key)?;
+            if record.kind == Kind::Committed {
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "snapshot {key:?} is committed: only active snapshots and views have mounts"
+                )));
+            }
+            inner.mounts(&record)
+        })
+        .await
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.blocking(move |inner| inner.create(Kind::Active, &key, &parent, labels))
+            .await
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.blocking(move |inner| inner.create(Kind::View, &key, &parent, labels))
+            .await
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<(), SnapshotError> {
+        self.blocking(move |inner| inner.commit(&name, &key, labels))
+            .await
+    }
+
+    async fn remove(&self, key: String) -> Result<(), SnapshotError> {
+        self.blocking(move |inner| inner.remove(&key)).await
+    }
+
+    async fn clear(&self) -> Result<(), SnapshotError> {
+        self.blocking(|inner| inner.remove_orphans().map(|_| ()))
+            .await
+    }
+
+    type InfoStream = InfoStream;
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<InfoStream, SnapshotError> {
+        let filters = Filters::parse(&filters)?;
+        let infos = self
+            .blocking(move |inner| {
+                Ok(inner
+                    .store
+                    .list()?
+                    .into_iter()
+                    .map(|(key, record)| record.info(&key))
+                    .filter(|info| filters.matches(info))
+                    .map(Ok)
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        Ok(futures::stream::iter(infos))
+    }
+}

@@ -1,0 +1,329 @@
+//! The metadata store (redb): every snapshot's key, internal id, kind, parent, labels,
+//! times and frozen usage; which snapshots are children of which. Each change is one
+//! redb transaction, so a kill -9 leaves either the old or the new state.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::SystemTime;
+
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{Info, Kind, SnapshotError, Usage};
+
+/// key → record (JSON).
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// parent key → child keys.
+const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("children");
+/// "next_id" → the next internal id.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// What the store knows of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Names its directory: `<root>/snapshots/<id>`.
+    pub id: u64,
+    pub kind: Kind,
+    pub parent: String,
+    pub labels: HashMap<String, String>,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+    /// Frozen at commit; computed on demand for active snapshots.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+impl Record {
+    pub fn info(&self, name: &str) -> Info {
+        Info {
+            kind: self.kind,
+            name: name.to_owned(),
+            parent: self.parent.clone(),
+            labels: self.labels.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn store_err(e: impl std::fmt::Display) -> SnapshotError {
+    SnapshotError::Store(e.to_string())
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<Record, SnapshotError> {
+    serde_json::from_slice(bytes).map_err(|e| store_err(format!("record {key:?}: {e}")))
+}
+
+fn encode(record: &Record) -> Result<Vec<u8>, SnapshotError> {
+    serde_json::to_vec(record).map_err(store_err)
+}
+
+fn get_in(txn: &WriteTransaction, key: &str) -> Result<Option<Record>, SnapshotError> {
+    let table = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+    let value = table.get(key).map_err(store_err)?;
+    value.map(|v| decode(key, v.value())).transpose()
+}
+
+fn put_in(txn: &WriteTransaction, key: &str, record: &Record) -> Result<(), SnapshotError> {
+    let mut table = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+    table
+        .insert(key, encode(record)?.as_slice())
+        .map_err(store_err)?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, SnapshotError> {
+        let db =
+            Database::create(path).map_err(|e| store_err(format!("{}: {e}", path.display())))?;
+        // Create the tables so read transactions find them.
+        let txn = db.begin_write().map_err(store_err)?;
+        txn.open_table(SNAPSHOTS).map_err(store_err)?;
+        txn.open_multimap_table(CHILDREN).map_err(store_err)?;
+        txn.open_table(COUNTERS).map_err(store_err)?;
+        txn.commit().map_err(store_err)?;
+        Ok(Self { db })
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Record>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let table = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+        let value = table.get(key).map_err(store_err)?;
+        value.map(|v| decode(key, v.value())).transpose()
+    }
+
+    pub fn require(&self, key: &str) -> Result<Record, SnapshotError> {
+        self.get(key)?
+            .ok_or_else(|| SnapshotError::NotFound(key.to_owned()))
+    }
+
+    /// Every snapshot, by key.
+    pub fn list(&self) -> Result<Vec<(String, Record)>, SnapshotError> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let table = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+        let mut out = Vec::with_capacity(table.len().map_err(store_err)? as usize);
+        for entry in table.iter().map_err(store_err)? {
+            let (key, value) = entry.map_err(store_err)?;
+            out.push((key.value().to_owned(), decode(key.value(), value.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The ids every record names (what directories may exist).
+    pub fn ids(&self) -> Result<HashSet<u64>, SnapshotError> {
+        Ok(self.list()?.into_iter().map(|(_, r)| r.id).collect())
+    }
+
+    /// Records a new active snapshot or view under a fresh id. `materialize` runs inside
+    /// the transaction with the id (to put the directory in place); if it fails nothing
+    /// is recorded.
+    pub fn create(
+        &self,
+        key: &str,
+        kind: Kind,
+        parent: &str,
+        labels: HashMap<String, String>,
+        materialize: impl FnOnce(u64) -> Result<(), SnapshotError>,
+    ) -> Result<Record, SnapshotError> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        if get_in(&txn, key)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(key.to_owned()));
+        }
+        if !parent.is_empty() {
+            let parent_record = get_in(&txn, parent)?
+                .ok_or_else(|| SnapshotError::NotFound(format!("parent {parent}")))?;
+            if parent_record.kind != Kind::Committed {
+                return Err(SnapshotError::InvalidArgument(format!(
+                    "parent {parent:?} is {}, not committed",
+                    parent_record.kind.name()
+                )));
+            }
+            let mut children = txn.open_multimap_table(CHILDREN).map_err(store_err)?;
+            children.insert(parent, key).map_err(store_err)?;
+        }
+        let id = {
+            let mut counters = txn.open_table(COUNTERS).map_err(store_err)?;
+            let next = counters
+                .get("next_id")
+                .map_err(store_err)?
+                .map_or(1, |v| v.value());
+            counters.insert("next_id", next + 1).map_err(store_err)?;
+            next
+        };
+        let now = SystemTime::now();
+        let record = Record {
+            id,
+            kind,
+            parent: parent.to_owned(),
+            labels,
+            created_at: now,
+            updated_at: now,
+            usage: None,
+        };
+        put_in(&txn, key, &record)?;
+        materialize(id)?;
+        txn.commit().map_err(store_err)?;
+        Ok(record)
+    }
+
+    /// Turns active snapshot `key` into committed snapshot `name` (same id, same
+    /// directory), with `usage` frozen.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+        usage: Usage,
+    ) -> Result<Record, SnapshotError> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        let mut record =
+            get_in(&txn, key)?.ok_or_else(|| SnapshotError::NotFound(key.to_owned()))?;
+        if record.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key:?} is {}, only active snapshots can be committed",
+                record.kind.name()
+            )));
+        }
+        if get_in(&txn, name)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(name.to_owned()));
+        }
+        {
+            let mut table = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+            table.remove(key).map_err(store_err)?;
+        }
+        if !record.parent.is_empty() {
+            let mut children = txn.open_multimap_table(CHILDREN).map_err(store_err)?;
+            children
+                .remove(record.parent.as_str(), key)
+                .map_err(store_err)?;
+            children
+                .insert(record.parent.as_str(), name)
+                .map_err(store_err)?;
+        }
+        let now = SystemTime::now();
+        record.kind = Kind::Committed;
+        record.labels = labels;
+        record.created_at = now;
+        record.updated_at = now;
+        record.usage = Some(usage);
+        put_in(&txn, name, &record)?;
+        txn.commit().map_err(store_err)?;
+        Ok(record)
+    }
+
+    /// Forgets `key`; refused while it has children. Returns what it was.
+    pub fn remove(&self, key: &str) -> Result<Record, SnapshotError> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        let record = get_in(&txn, key)?.ok_or_else(|| SnapshotError::NotFound(key.to_owned()))?;
+        {
+            let mut children = txn.open_multimap_table(CHILDREN).map_err(store_err)?;
+            let mut kids = children.get(key).map_err(store_err)?;
+            if let Some(child) = kids.next() {
+                let child = child.map_err(store_err)?.value().to_owned();
+                return Err(SnapshotError::FailedPrecondition(format!(
+                    "cannot remove snapshot {key:?}: it has children (e.g. {child:?})"
+                )));
+            }
+            drop(kids);
+            if !record.parent.is_empty() {
+                children
+                    .remove(record.parent.as_str(), key)
+                    .map_err(store_err)?;
+            }
+        }
+        {
+            let mut table = txn.open_table(SNAPSHOTS).map_err(store_err)?;
+            table.remove(key).map_err(store_err)?;
+        }
+        txn.commit().map_err(store_err)?;
+        Ok(record)
+    }
+
+    /// Replaces a snapshot's labels with what `change` makes of them.
+    pub fn update_labels(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut HashMap<String, String>) -> Result<(), SnapshotError>,
+    ) -> Result<Record, SnapshotError> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        let mut record =
+            get_in(&txn, key)?.ok_or_else(|| SnapshotError::NotFound(key.to_owned()))?;
+        change(&mut record.labels)?;
+        record.updated_at = SystemTime::now();
+        put_in(&txn, key, &record)?;
+        txn.commit().map_err(store_err)?;
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(_: u64) -> Result<(), SnapshotError> {
+        Ok(())
+    }
+
+    #[test]
+    fn create_commit_remove_keep_children_and_ids_consistent() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(&dir.path().join("meta.redb"))?;
+        let a = store.create("a", Kind::Active, "", HashMap::new(), ok)?;
+        store.commit("A", "a", HashMap::new(), Usage::default())?;
+        assert!(store.get("a")?.is_none());
+        assert_eq!(store.require("A")?.id, a.id);
+        let b = store.create("b", Kind::Active, "A", HashMap::new(), ok)?;
+        assert_ne!(a.id, b.id);
+        assert!(matches!(
+            store.create("b", Kind::View, "", HashMap::new(), ok),
+            Err(SnapshotError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            store.create("c", Kind::Active, "b", HashMap::new(), ok),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            store.create("c", Kind::Active, "nope", HashMap::new(), ok),
+            Err(SnapshotError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.remove("A"),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        store.commit("B", "b", HashMap::new(), Usage::default())?;
+        assert!(matches!(
+            store.remove("A"),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        store.remove("B")?;
+        store.remove("A")?;
+        assert!(store.list()?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_materialize_records_nothing_and_the_store_reopens() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("meta.redb");
+        {
+            let store = Store::open(&path)?;
+            let failed = store.create("x", Kind::Active, "", HashMap::new(), |_| {
+                Err(SnapshotError::Store("disk full".into()))
+            });
+            assert!(failed.is_err());
+            store.create("y", Kind::Active, "", HashMap::new(), ok)?;
+        }
+        let store = Store::open(&path)?;
+        assert!(store.get("x")?.is_none());
+        assert!(store.get("y")?.is_some());
+        Ok(())
+    }
+}
