@@ -12,6 +12,9 @@ use lazy_erofs_snapshotter::server;
 
 use crate::config::Config;
 
+/// How long in-flight calls get to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// Configuration file; default /etc/lazy-erofs/config.toml when it exists.
@@ -47,11 +50,15 @@ pub fn run(config: &Config) -> Result<()> {
 async fn serve(config: &Config) -> Result<()> {
     let settings = &config.snapshotter;
     let root = &settings.root;
-    let snapshotter = Arc::new(
-        OverlaySnapshotter::open(root)
-            .with_context(|| format!("opening snapshotter root {}", root.display()))?,
-    );
+    // The socket first: a second daemon on the same socket is told so plainly.
     let listener = server::bind(&settings.address)?;
+    let snapshotter = match OverlaySnapshotter::open(root) {
+        Ok(snapshotter) => Arc::new(snapshotter),
+        Err(e) => {
+            let _ = std::fs::remove_file(&settings.address);
+            return Err(e).with_context(|| format!("opening snapshotter root {}", root.display()));
+        }
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         root = %root.display(),
@@ -59,13 +66,25 @@ async fn serve(config: &Config) -> Result<()> {
         "serving"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        }
-    };
-    server::serve(listener, snapshotter, shutdown).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = server::serve(listener, snapshotter, async {
+        let _ = stop_rx.await;
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+    }
+    // Stop accepting, let in-flight calls finish; containerd keeps its connection open
+    // for good, so do not wait for connections to close beyond the grace period.
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::info!(grace = ?SHUTDOWN_GRACE, "clients still connected; exiting");
+    }
     // A socket left behind would only look like a dead daemon; remove it.
     let _ = std::fs::remove_file(&settings.address);
     tracing::info!("stopped");

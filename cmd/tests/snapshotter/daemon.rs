@@ -1,0 +1,87 @@
+//! Starting `lazy-erofs-snapshotter` on a scratch root and talking to it as containerd
+//! does (containerd-client's Snapshots client over the Unix socket).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use tonic::transport::Channel;
+
+pub struct Daemon {
+    pub child: Child,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `root`, waits until it serves.
+    pub fn start(root: &Path) -> Result<Self> {
+        let socket = root.join("run/snapshotter.sock");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.with_extension("log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_lazy-erofs-snapshotter"))
+            .arg("--root")
+            .arg(root)
+            .arg("--address")
+            .arg(&socket)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting lazy-erofs-snapshotter")?;
+        let mut daemon = Daemon {
+            child,
+            root: root.to_path_buf(),
+            socket,
+        };
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!(
+                    "snapshotter exited with {status} before serving: {}",
+                    daemon.log()
+                );
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("snapshotter did not serve within 20 s: {}", daemon.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(daemon)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.with_extension("log")).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> Result<SnapshotsClient<Channel>> {
+        let channel = containerd_client::connect(&self.socket).await?;
+        Ok(SnapshotsClient::new(channel))
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(self.child.wait()?)
+    }
+
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
