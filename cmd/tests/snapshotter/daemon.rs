@@ -1,6 +1,9 @@
 //! Starting `lazy-erofs-snapshotter` on a scratch root and talking to it as containerd
 //! does (containerd-client's Snapshots client over the Unix socket).
 
+// Shared by several test binaries; each uses a part.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
