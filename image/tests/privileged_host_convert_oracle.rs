@@ -481,18 +481,7 @@ fn privileged_host_debian_layers_match_their_tars() -> Result<()> {
         nix::unistd::geteuid().is_root(),
         "needs root (debootstrap, mount)"
     );
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/testdata/debian-layers.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .context("run debian-layers.sh")?;
-    ensure!(
-        out.status.success(),
-        "debian-layers.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let dir = lazy_erofs_test_support::debian_layers()?;
     for layer in ["base.tar", "packages.tar"] {
         let work = tempfile::tempdir()?;
         let tar_path = dir.join(layer);

@@ -201,3 +201,101 @@ pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result
     }
     Ok(registry)
 }
+
+/// The directory holding real Debian layer tars (`base.tar`: debootstrap minbase;
+/// `packages.tar`: python3, sqlite3, curl on top), built once and cached outside the
+/// checkout by packaging/testdata/debian-layers.sh (root and deb.debian.org the first
+/// time; a cache hit afterwards, also in the test VM).
+pub fn debian_layers() -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/testdata/debian-layers.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .context("run debian-layers.sh")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "debian-layers.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn add_tar_bytes<W: Write>(
+    archive: &mut tar::Builder<W>,
+    name: &str,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_cksum();
+    archive.append_data(&mut h, name, bytes)
+}
+
+fn file_digest(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut hash = sha2::Sha256::new();
+    let size = std::io::copy(&mut fs::File::open(path)?, &mut hash)?;
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((format!("sha256:{hex}"), size))
+}
+
+/// Writes an OCI image archive (what `ctr image import` reads) whose layers are the
+/// given uncompressed tar files, in order, tagged `ref_name`, running `cmd`.
+pub fn write_oci_archive(
+    out: &Path,
+    layers: &[PathBuf],
+    cmd: &[&str],
+    ref_name: &str,
+) -> anyhow::Result<()> {
+    let mut archive = tar::Builder::new(std::io::BufWriter::new(fs::File::create(out)?));
+    let mut add_bytes = |name: &str, bytes: &[u8]| add_tar_bytes(&mut archive, name, bytes);
+    add_bytes("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let mut descriptors = Vec::new();
+    let mut diff_ids = Vec::new();
+    for layer in layers {
+        let (digest, size) = file_digest(layer)?;
+        descriptors.push(json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": digest, "size": size
+        }));
+        diff_ids.push(digest);
+    }
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "config": {"Cmd": cmd, "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
+    }))?;
+    let config_digest = sha256_digest(&config);
+    add_bytes(&format!("blobs/sha256/{}", &config_digest[7..]), &config)?;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": descriptors,
+    }))?;
+    let manifest_digest = sha256_digest(&manifest);
+    add_bytes(
+        &format!("blobs/sha256/{}", &manifest_digest[7..]),
+        &manifest,
+    )?;
+    add_bytes(
+        "index.json",
+        &serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest, "size": manifest.len(),
+                "platform": {"architecture": "amd64", "os": "linux"},
+                "annotations": {"org.opencontainers.image.ref.name": ref_name}
+            }]
+        }))?,
+    )?;
+    for (layer, digest) in layers.iter().zip(&diff_ids) {
+        archive.append_path_with_name(layer, format!("blobs/sha256/{}", &digest[7..]))?;
+    }
+    archive.into_inner()?.flush()?;
+    Ok(())
+}

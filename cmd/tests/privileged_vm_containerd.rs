@@ -1,0 +1,125 @@
+//! Real containerd 1.7 in the test VM with lazy-erofs as its proxy snapshotter: a Debian
+//! image (debootstrap minbase + a python3 layer) imported and run with `ctr`, and
+//! containerd's view of the snapshots equal to ours.
+
+mod common;
+#[path = "snapshotter/containerd.rs"]
+mod containerd;
+#[path = "snapshotter/daemon.rs"]
+mod daemon;
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, Result, ensure};
+use containerd::Containerd;
+use containerd_client::services::v1::snapshots as pb;
+use daemon::Daemon;
+
+const IMAGE: &str = "lazy-erofs.test/debian:python";
+
+/// Our store, as (name without containerd's `namespace/id/` prefix, kind) pairs.
+async fn our_snapshots(daemon: &Daemon) -> Result<BTreeSet<(String, String)>> {
+    let mut c = daemon.client().await?;
+    let mut stream = c
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "lazy-erofs".into(),
+            filters: vec![],
+        })
+        .await?
+        .into_inner();
+    let mut out = BTreeSet::new();
+    while let Some(batch) = stream.message().await? {
+        for info in batch.info {
+            let name = info
+                .name
+                .splitn(3, '/')
+                .nth(2)
+                .unwrap_or(&info.name)
+                .to_owned();
+            let kind = pb::Kind::try_from(info.kind)
+                .map(|k| k.as_str_name().to_lowercase())
+                .unwrap_or_default();
+            out.insert((name, kind));
+        }
+    }
+    Ok(out)
+}
+
+/// `ctr snapshots ls`: KEY PARENT KIND.
+fn containerd_snapshots(containerd: &Containerd) -> Result<BTreeSet<(String, String)>> {
+    let listing = containerd.ctr(&["snapshots", "--snapshotter", "lazy-erofs", "ls"])?;
+    Ok(listing
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some((fields.first()?.to_string(), fields.last()?.to_lowercase()))
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn privileged_vm_ctr_runs_a_debian_image_on_lazy_erofs() -> Result<()> {
+    let scratch = common::scratch()?;
+    let layers = lazy_erofs_test_support::debian_layers()?;
+    let archive = scratch.path().join("debian.tar");
+    lazy_erofs_test_support::write_oci_archive(
+        &archive,
+        &[layers.join("base.tar"), layers.join("packages.tar")],
+        &["/bin/sh"],
+        IMAGE,
+    )?;
+    let daemon = Daemon::start(&scratch.path().join("snapshotter"))?;
+    let containerd = Containerd::start(&scratch.path().join("containerd"), &daemon.socket)?;
+
+    let started = std::time::Instant::now();
+    containerd
+        .ctr(&[
+            "image",
+            "import",
+            "--snapshotter",
+            "lazy-erofs",
+            archive.to_str().context("path")?,
+        ])
+        .with_context(|| containerd.log())?;
+    println!("import + unpack: {:.1} s", started.elapsed().as_secs_f64());
+
+    let debian_version = std::process::Command::new("tar")
+        .arg("-xOf")
+        .arg(layers.join("base.tar"))
+        .arg("./etc/debian_version")
+        .output()?;
+    let want = String::from_utf8(debian_version.stdout)?;
+    ensure!(want.starts_with("12."), "base layer says {want:?}");
+    let run = |id: &str, args: &[&str]| -> Result<String> {
+        let mut all = vec!["run", "--rm", "--snapshotter", "lazy-erofs", IMAGE, id];
+        all.extend_from_slice(args);
+        containerd.ctr(&all).with_context(|| containerd.log())
+    };
+    let got = run("cat-version", &["cat", "/etc/debian_version"])?;
+    assert_eq!(got, want);
+    // python3 and sqlite3 come from the second layer: both layers are stacked.
+    let got = run(
+        "python",
+        &[
+            "python3",
+            "-c",
+            "import re, os; print(re.sub('[aeiou]', '', 'lazy erofs'), os.path.exists('/usr/bin/sqlite3'))",
+        ],
+    )?;
+    assert_eq!(got.trim(), "lzy rfs True", "{got}");
+
+    // containerd's view and ours agree once its garbage collector has removed the
+    // containers' snapshots from us (it does so shortly after `ctr run --rm`).
+    let theirs = containerd_snapshots(&containerd)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut ours = our_snapshots(&daemon).await?;
+    while ours != theirs && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        ours = our_snapshots(&daemon).await?;
+    }
+    assert_eq!(theirs, ours);
+    assert_eq!(ours.len(), 2, "{ours:?}");
+    assert!(ours.iter().all(|(_, kind)| kind == "committed"), "{ours:?}");
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! A real containerd (Debian's 1.7.24) for tests in the VM, with lazy-erofs as a
+//! `[proxy_plugins]` snapshotter, and `ctr` against it.
+
+// Shared by several test binaries; each uses a part.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub const NAMESPACE: &str = "lazytest";
+
+pub struct Containerd {
+    child: Child,
+    pub address: PathBuf,
+    log: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd with its state under `dir` and lazy-erofs at `snapshotter_socket`.
+    pub fn start(dir: &Path, snapshotter_socket: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let address = dir.join("containerd.sock");
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{address}"
+[proxy_plugins]
+  [proxy_plugins.lazy-erofs]
+    type = "snapshot"
+    address = "{socket}"
+"#,
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                address = address.display(),
+                socket = snapshotter_socket.display(),
+            ),
+        )?;
+        let log = dir.join("containerd.log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting containerd (packaging/setup.sh installs containerd/trixie)")?;
+        let mut this = Self {
+            child,
+            address,
+            log,
+        };
+        let started = Instant::now();
+        loop {
+            if this.ctr(&["version"]).is_ok() {
+                return Ok(this);
+            }
+            if let Some(status) = this.child.try_wait()? {
+                bail!("containerd exited with {status}: {}", this.log());
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("containerd did not serve within 60 s: {}", this.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `ctr` in the test namespace; its stdout, or an error with its stderr.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .args(["--namespace", NAMESPACE])
+            .args(args)
+            .output()
+            .context("running ctr")?;
+        if !out.status.success() {
+            bail!(
+                "ctr {}: {}\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
