@@ -79,6 +79,27 @@ mod tests {
     }
 
     #[test]
+    fn the_containerd_snippet_points_at_the_default_socket() {
+        let snippet: toml::Value =
+            toml::from_str(include_str!("../../packaging/containerd/proxy-plugin.toml"))
+                .expect("snippet parses");
+        let plugin = &snippet["proxy_plugins"]["lazy-erofs"];
+        assert_eq!(plugin["type"].as_str(), Some("snapshot"));
+        assert_eq!(
+            plugin["address"].as_str().map(std::path::PathBuf::from),
+            Some(SnapshotterConfig::default().address)
+        );
+        let unit = include_str!("../../packaging/systemd/lazy-erofs-snapshotter.service");
+        for line in [
+            "KillMode=process",
+            "Restart=always",
+            "--config /etc/lazy-erofs/config.toml",
+        ] {
+            assert!(unit.contains(line), "unit lacks {line}");
+        }
+    }
+
+    #[test]
     fn a_world_readable_password_is_refused_and_a_private_one_accepted() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("config.toml");
