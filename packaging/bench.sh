@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the benchmarks (release build) and prints their figures: layer conversion on the
-# host, lazy reads in the test VM.
+# Runs the benchmarks (release build) and prints their figures: layer conversion and
+# snapshotter call latency on the host, lazy reads in the test VM.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash packaging/setup.sh
@@ -9,6 +9,9 @@ echo "=== conversion (host)"
 convert_bench=$(cargo bench --locked -p lazy-erofs-image --bench convert --no-run --message-format json 2>/dev/null |
     jq -r 'select(.profile.test == true and .target.name == "convert") | .executable' | tail -n1)
 "$convert_bench"
+echo "=== snapshotter Prepare/Commit/Remove latency vs overlayfs (host, containerd's Go harness)"
+LAZY_EROFS_BENCH=1 bash packaging/conformance.sh "$CARGO_TARGET_DIR/release/lazy-erofs-snapshotter" \
+    -run TestProxyLatency -v | grep -v -e '^=== RUN' -e '^--- PASS' -e '^PASS' -e '^ok '
 echo "=== lazy reads (test VM)"
 bench=$(cargo bench --locked -p lazy-erofs-cmd --bench ondemand --no-run --message-format json 2>/dev/null |
     jq -r 'select(.profile.test == true and .target.name == "ondemand") | .executable' | tail -n1)

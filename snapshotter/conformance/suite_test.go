@@ -27,22 +27,28 @@ import (
 
 // startDaemon runs the snapshotter on root and returns a proxy client for it.
 func startDaemon(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+	sn, cleanup, _, err := startDaemonProcess(root)
+	return sn, cleanup, err
+}
+
+// startDaemonProcess is startDaemon that also returns the daemon's pid.
+func startDaemonProcess(root string) (snapshots.Snapshotter, func() error, int, error) {
 	bin := os.Getenv("LAZY_EROFS_SNAPSHOTTER")
 	if bin == "" {
-		return nil, nil, fmt.Errorf("LAZY_EROFS_SNAPSHOTTER is not set")
+		return nil, nil, 0, fmt.Errorf("LAZY_EROFS_SNAPSHOTTER is not set")
 	}
 	sock := filepath.Join(root, "snapshotter.sock")
 	logPath := filepath.Join(filepath.Dir(root), "snapshotter.log")
 	logFile, err := os.Create(logPath)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	cmd := exec.Command(bin, "--root", root, "--address", sock)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	cmd.Env = append(os.Environ(), "RUST_LOG=warn")
 	if err := cmd.Start(); err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
@@ -57,12 +63,12 @@ func startDaemon(ctx context.Context, root string) (snapshots.Snapshotter, func(
 		select {
 		case err := <-exited:
 			log, _ := os.ReadFile(logPath)
-			return nil, nil, fmt.Errorf("snapshotter exited before serving: %v\n%s", err, log)
+			return nil, nil, 0, fmt.Errorf("snapshotter exited before serving: %v\n%s", err, log)
 		default:
 		}
 		if time.Now().After(deadline) {
 			cmd.Process.Kill()
-			return nil, nil, fmt.Errorf("snapshotter did not serve %s within 20 s", sock)
+			return nil, nil, 0, fmt.Errorf("snapshotter did not serve %s within 20 s", sock)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -73,7 +79,7 @@ func startDaemon(ctx context.Context, root string) (snapshots.Snapshotter, func(
 		grpc.WithAuthority("localhost"), grpc.WithContextDialer(dialer.ContextDialer))
 	if err != nil {
 		cmd.Process.Kill()
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "lazy-erofs")
 	cleanup := func() error {
@@ -93,7 +99,7 @@ func startDaemon(ctx context.Context, root string) (snapshots.Snapshotter, func(
 			return fmt.Errorf("snapshotter ignored SIGTERM for 10 s")
 		}
 	}
-	return sn, cleanup, nil
+	return sn, cleanup, cmd.Process.Pid, nil
 }
 
 func TestLazyErofsConformance(t *testing.T) {
