@@ -123,3 +123,107 @@ async fn privileged_vm_ctr_runs_a_debian_image_on_lazy_erofs() -> Result<()> {
     assert!(ours.iter().all(|(_, kind)| kind == "committed"), "{ours:?}");
     Ok(())
 }
+
+/// A stream of `ctr snapshots` prepare/commit/rm calls until `stop`; returns the
+/// snapshot names of the calls that failed (those in flight when the daemon died).
+fn churn(
+    containerd: &Containerd,
+    round: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    let sn = ["snapshots", "--snapshotter", "lazy-erofs"];
+    let ctr = |args: &[&str]| containerd.ctr(&[&sn[..], args].concat());
+    for i in 0.. {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        let (key, name) = (format!("a-{round}-{i}"), format!("l-{round}-{i}"));
+        if ctr(&["prepare", &key, "base"]).is_err() {
+            failed.push(key);
+            continue;
+        }
+        if ctr(&["commit", &name, &key]).is_err() {
+            failed.extend([key, name]);
+            continue;
+        }
+        if i % 3 == 2 && ctr(&["rm", &name]).is_err() {
+            failed.push(name);
+        }
+    }
+    failed
+}
+
+#[tokio::test]
+async fn privileged_vm_kill_9_under_containerd_keeps_its_view_and_ours_equal() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let scratch = common::scratch()?;
+    let root = scratch.path().join("snapshotter");
+    let mut daemon = Daemon::start(&root)?;
+    let containerd = Containerd::start(&scratch.path().join("containerd"), &daemon.socket)?;
+    let sn = ["snapshots", "--snapshotter", "lazy-erofs"];
+    containerd.ctr(&[&sn[..], &["prepare", "base-active", ""]].concat())?;
+    containerd.ctr(&[&sn[..], &["commit", "base", "base-active"]].concat())?;
+
+    let mut in_flight = Vec::new();
+    for round in 0..4 {
+        let stop = AtomicBool::new(false);
+        let failed = std::thread::scope(|scope| -> Result<Vec<String>> {
+            let worker = scope.spawn(|| churn(&containerd, round, &stop));
+            std::thread::sleep(std::time::Duration::from_millis(1500 + 700 * round as u64));
+            daemon.kill()?;
+            // Down for a moment: calls in that window fail and containerd must reconnect.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            daemon = Daemon::start(&root)?;
+            // containerd reconnects by itself (its proxy backoff is at most 3 s).
+            std::thread::sleep(std::time::Duration::from_secs(4));
+            stop.store(true, Ordering::SeqCst);
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("churn thread panicked"))
+        })?;
+        in_flight.extend(failed);
+    }
+    ensure!(
+        !in_flight.is_empty(),
+        "no call ever failed: the kills missed"
+    );
+    // A removal makes containerd collect garbage: backend snapshots it has no record of.
+    containerd.ctr(&[&sn[..], &["prepare", "gc-trigger", "base"]].concat())?;
+    containerd.ctr(&[&sn[..], &["rm", "gc-trigger"]].concat())?;
+
+    let theirs = containerd_snapshots(&containerd)?;
+    let names = |set: &BTreeSet<(String, String)>| -> BTreeSet<String> {
+        set.iter().map(|(name, _)| name.clone()).collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut ours = our_snapshots(&daemon).await?;
+    let differs = |ours: &BTreeSet<(String, String)>| -> Vec<(String, String)> {
+        ours.symmetric_difference(&theirs).cloned().collect()
+    };
+    while differs(&ours)
+        .iter()
+        .any(|(name, _)| !in_flight.contains(name))
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        ours = our_snapshots(&daemon).await?;
+    }
+    let unexplained: Vec<(String, String)> = differs(&ours)
+        .into_iter()
+        .filter(|(name, _)| !in_flight.contains(name))
+        .collect();
+    println!(
+        "{} snapshots in containerd, {} in ours, calls in flight at the kills: {in_flight:?}",
+        theirs.len(),
+        ours.len()
+    );
+    ensure!(
+        unexplained.is_empty(),
+        "views differ beyond the calls in flight: {unexplained:?}\ncontainerd: {:?}\nours: {:?}",
+        names(&theirs),
+        names(&ours)
+    );
+    ensure!(theirs.len() > 10, "too little happened: {theirs:?}");
+    Ok(())
+}
