@@ -20,27 +20,18 @@ const IMAGE: &str = "lazy-erofs.test/debian:python";
 /// Our store, as (name without containerd's `namespace/id/` prefix, kind) pairs.
 async fn our_snapshots(daemon: &Daemon) -> Result<BTreeSet<(String, String)>> {
     let mut c = daemon.client().await?;
-    let mut stream = c
-        .list(pb::ListSnapshotsRequest {
-            snapshotter: "lazy-erofs".into(),
-            filters: vec![],
-        })
-        .await?
-        .into_inner();
     let mut out = BTreeSet::new();
-    while let Some(batch) = stream.message().await? {
-        for info in batch.info {
-            let name = info
-                .name
-                .splitn(3, '/')
-                .nth(2)
-                .unwrap_or(&info.name)
-                .to_owned();
-            let kind = pb::Kind::try_from(info.kind)
-                .map(|k| k.as_str_name().to_lowercase())
-                .unwrap_or_default();
-            out.insert((name, kind));
-        }
+    for info in daemon::list_all(&mut c).await? {
+        let name = info
+            .name
+            .splitn(3, '/')
+            .nth(2)
+            .unwrap_or(&info.name)
+            .to_owned();
+        let kind = pb::Kind::try_from(info.kind)
+            .map(|k| k.as_str_name().to_lowercase())
+            .unwrap_or_default();
+        out.insert((name, kind));
     }
     Ok(out)
 }

@@ -24,20 +24,11 @@ struct Model {
 }
 
 async fn list(c: &mut daemon_client::Client) -> Result<BTreeMap<String, (i32, String)>> {
-    let mut stream = c
-        .list(pb::ListSnapshotsRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            filters: vec![],
-        })
+    Ok(daemon::list_all(c)
         .await?
-        .into_inner();
-    let mut out = BTreeMap::new();
-    while let Some(batch) = stream.message().await? {
-        for info in batch.info {
-            out.insert(info.name, (info.kind, info.parent));
-        }
-    }
-    Ok(out)
+        .into_iter()
+        .map(|info| (info.name, (info.kind, info.parent)))
+        .collect())
 }
 
 mod daemon_client {

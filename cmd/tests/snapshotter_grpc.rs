@@ -24,6 +24,16 @@ fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
     }
 }
 
+/// `snapshotter` plus `key`: the shape of every key-only request.
+macro_rules! keyed {
+    ($request:ident, $key:expr) => {
+        pb::$request {
+            snapshotter: SNAPSHOTTER.into(),
+            key: $key.into(),
+        }
+    };
+}
+
 fn commit(name: &str, key: &str) -> pb::CommitSnapshotRequest {
     pb::CommitSnapshotRequest {
         snapshotter: SNAPSHOTTER.into(),
@@ -80,11 +90,7 @@ async fn bad_requests_get_the_right_codes_and_the_daemon_keeps_serving() -> Resu
         "empty",
     );
     refused(
-        c.remove(pb::RemoveSnapshotRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: "base".into(),
-        })
-        .await,
+        c.remove(keyed!(RemoveSnapshotRequest, "base")).await,
         Code::FailedPrecondition,
         "has children",
     );
@@ -117,20 +123,12 @@ async fn bad_requests_get_the_right_codes_and_the_daemon_keeps_serving() -> Resu
     // An unknown key in every call that takes one.
     let unknown = "no-such-key";
     refused(
-        c.stat(pb::StatSnapshotRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: unknown.into(),
-        })
-        .await,
+        c.stat(keyed!(StatSnapshotRequest, unknown)).await,
         Code::NotFound,
         unknown,
     );
     refused(
-        c.mounts(pb::MountsRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: unknown.into(),
-        })
-        .await,
+        c.mounts(keyed!(MountsRequest, unknown)).await,
         Code::NotFound,
         unknown,
     );
@@ -140,20 +138,12 @@ async fn bad_requests_get_the_right_codes_and_the_daemon_keeps_serving() -> Resu
         unknown,
     );
     refused(
-        c.remove(pb::RemoveSnapshotRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: unknown.into(),
-        })
-        .await,
+        c.remove(keyed!(RemoveSnapshotRequest, unknown)).await,
         Code::NotFound,
         unknown,
     );
     refused(
-        c.usage(pb::UsageRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: unknown.into(),
-        })
-        .await,
+        c.usage(keyed!(UsageRequest, unknown)).await,
         Code::NotFound,
         unknown,
     );
@@ -211,17 +201,11 @@ async fn bad_requests_get_the_right_codes_and_the_daemon_keeps_serving() -> Resu
     refused(list, Code::InvalidArgument, "unknown field");
 
     // Still serving, and the store is as the successful calls left it.
-    let mut stream = c
-        .list(pb::ListSnapshotsRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            filters: vec![],
-        })
+    let mut names: Vec<String> = daemon::list_all(&mut c)
         .await?
-        .into_inner();
-    let mut names = Vec::new();
-    while let Some(batch) = stream.message().await? {
-        names.extend(batch.info.into_iter().map(|i| i.name));
-    }
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
     names.sort();
     assert_eq!(names, ["base", "child"]);
     c.prepare(prepare("after", "base")).await?;

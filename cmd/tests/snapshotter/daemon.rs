@@ -88,3 +88,23 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// Every snapshot the daemon lists (all List reply batches).
+pub async fn list_all(
+    client: &mut SnapshotsClient<Channel>,
+) -> Result<Vec<containerd_client::services::v1::snapshots::Info>> {
+    let mut stream = client
+        .list(
+            containerd_client::services::v1::snapshots::ListSnapshotsRequest {
+                snapshotter: "lazy-erofs".into(),
+                filters: vec![],
+            },
+        )
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = stream.message().await? {
+        out.extend(batch.info);
+    }
+    Ok(out)
+}

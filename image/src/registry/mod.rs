@@ -153,6 +153,47 @@ impl Registry {
         }
     }
 
+    /// Runs `attempt` on each endpoint in turn (mirrors, then the origin) until one
+    /// succeeds; a failing mirror is logged and skipped, the origin's error returned.
+    async fn on_first_endpoint<T>(
+        &self,
+        image: &Reference,
+        what: &str,
+        attempt: impl AsyncFn(&Endpoint) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let mut last = None;
+        for endpoint in self.endpoints(image) {
+            match attempt(&endpoint).await {
+                Ok(value) => return Ok(value),
+                Err(e) if endpoint.mirror => {
+                    let mirror = endpoint.reference.resolve_registry();
+                    tracing::warn!(mirror, what, error = %e, "mirror failed; trying the next endpoint");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| protocol_error(what, "no endpoint")))
+    }
+
+    /// Where blob `digest` of `image` is at `endpoint`.
+    fn blob_url(
+        &self,
+        endpoint: &Endpoint,
+        image: &Reference,
+        digest: &str,
+    ) -> Result<reqwest::Url, RegistryError> {
+        let mut url = self
+            .repository_url(&endpoint.reference)?
+            .join(&format!("blobs/{digest}"))
+            .map_err(|e| protocol_error(digest, e))?;
+        if endpoint.mirror {
+            // Tells a mirror serving several registries which one is meant.
+            url.query_pairs_mut().append_pair("ns", image.registry());
+        }
+        Ok(url)
+    }
+
     /// Runs one raw-HTTP attempt with the endpoint's authorization; a 401 with a cached
     /// token forgets it so the next attempt negotiates a new one.
     async fn authorized<T, F, Fut>(
@@ -263,39 +304,30 @@ impl Registry {
         image: &Reference,
         accepted: &[&str],
     ) -> Result<(Vec<u8>, String), RegistryError> {
-        let mut last = None;
-        for endpoint in self.endpoints(image) {
-            let host = endpoint.reference.resolve_registry().to_owned();
-            let auth = self.auth.registry_auth(&host)?;
-            let result = with_retries(&self.policy(&endpoint), &image.whole(), || async {
+        let whole = image.whole();
+        self.on_first_endpoint(image, &whole, async |endpoint: &Endpoint| {
+            let host = endpoint.reference.resolve_registry();
+            let auth = self.auth.registry_auth(host)?;
+            let (bytes, digest) = with_retries(&self.policy(endpoint), &whole, || async {
                 self.client
                     .pull_manifest_raw(&endpoint.reference, &auth, accepted)
                     .await
                     .map_err(Failure::from_client)
             })
-            .await;
-            match result {
-                Ok((bytes, digest)) => {
-                    let bytes = bytes.to_vec();
-                    if let Some(expected) = image.digest() {
-                        let actual = crate::oci_layout::sha256_digest(&bytes);
-                        if actual != expected {
-                            return Err(protocol_error(
-                                &image.whole(),
-                                format!("{host} sent a manifest with digest {actual}"),
-                            ));
-                        }
-                    }
-                    return Ok((bytes, digest));
+            .await?;
+            let bytes = bytes.to_vec();
+            if let Some(expected) = image.digest() {
+                let actual = crate::oci_layout::sha256_digest(&bytes);
+                if actual != expected {
+                    return Err(protocol_error(
+                        &whole,
+                        format!("{host} sent a manifest with digest {actual}"),
+                    ));
                 }
-                Err(e) if endpoint.mirror => {
-                    tracing::warn!(mirror = host, image = %image.whole(), error = %e, "mirror failed; trying the next endpoint");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
             }
-        }
-        Err(last.unwrap_or_else(|| protocol_error(&image.whole(), "no endpoint")))
+            Ok((bytes, digest))
+        })
+        .await
     }
 
     /// The manifest of `image` and its digest.
@@ -328,46 +360,33 @@ impl Registry {
         len: u64,
     ) -> Result<Vec<u8>, RegistryError> {
         let image = parse_reference(image)?;
-        let mut last = None;
-        for endpoint in self.endpoints(&image) {
-            let reference = &endpoint.reference;
-            let mut url = self
-                .repository_url(reference)?
-                .join(&format!("blobs/{digest}"))
-                .map_err(|e| protocol_error(digest, e))?;
-            if endpoint.mirror {
-                // Tells a mirror serving several registries which one is meant.
-                url.query_pairs_mut().append_pair("ns", image.registry());
-            }
-            let result = with_retries(&self.policy(&endpoint), digest, || {
-                self.authorized(reference, RegistryOperation::Pull, |authorization| {
-                    let url = url.to_string();
-                    async move {
-                        range::attempt(
-                            &self.http,
-                            &range::RangeRequest {
-                                url,
-                                authorization: &authorization,
-                                digest,
-                                offset,
-                                len,
-                            },
-                        )
-                        .await
-                    }
-                })
+        self.on_first_endpoint(&image, digest, async |endpoint: &Endpoint| {
+            let url = self.blob_url(endpoint, &image, digest)?;
+            with_retries(&self.policy(endpoint), digest, || {
+                self.authorized(
+                    &endpoint.reference,
+                    RegistryOperation::Pull,
+                    |authorization| {
+                        let url = url.to_string();
+                        async move {
+                            range::attempt(
+                                &self.http,
+                                &range::RangeRequest {
+                                    url,
+                                    authorization: &authorization,
+                                    digest,
+                                    offset,
+                                    len,
+                                },
+                            )
+                            .await
+                        }
+                    },
+                )
             })
-            .await;
-            match result {
-                Ok(bytes) => return Ok(bytes),
-                Err(e) if endpoint.mirror => {
-                    tracing::warn!(mirror = reference.resolve_registry(), digest, error = %e, "mirror failed; trying the next endpoint");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| protocol_error(digest, "no endpoint")))
+            .await
+        })
+        .await
     }
 }
 

@@ -11,7 +11,7 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use sha2::{Digest, Sha256};
 
 use super::retry::{Failure, with_retries};
-use super::{Registry, RegistryError, parse_reference, protocol_error};
+use super::{Endpoint, Registry, RegistryError, parse_reference, protocol_error};
 use crate::convert::{is_index, platform_matches};
 use crate::oci_layout::OciLayout;
 
@@ -102,15 +102,10 @@ impl Registry {
         layout: &OciLayout,
     ) -> Result<u64, RegistryError> {
         let digest = blob.digest().to_string();
-        let mut last = None;
-        for endpoint in self.endpoints(image) {
-            let reference = &endpoint.reference;
-            let url = self
-                .repository_url(reference)?
-                .join(&format!("blobs/{digest}"))
-                .map_err(|e| protocol_error(&digest, e))?;
-            let result = with_retries(&self.policy(&endpoint), &digest, || {
-                self.authorized(reference, RegistryOperation::Pull, |authorization| {
+        self.on_first_endpoint(image, &digest, async |endpoint: &Endpoint| {
+            let url = self.blob_url(endpoint, image, &digest)?;
+            with_retries(&self.policy(endpoint), &digest, || {
+                self.authorized(&endpoint.reference, RegistryOperation::Pull, |authorization| {
                     let url = url.clone();
                     let digest = digest.clone();
                     async move {
@@ -158,17 +153,9 @@ impl Registry {
                     }
                 })
             })
-            .await;
-            match result {
-                Ok(size) => return Ok(size),
-                Err(e) if endpoint.mirror => {
-                    tracing::warn!(mirror = reference.resolve_registry(), digest, error = %e, "mirror failed; trying the next endpoint");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| protocol_error(&digest, "no endpoint")))
+            .await
+        })
+        .await
     }
 }
 
