@@ -66,6 +66,7 @@ fn converts_every_layer_and_keeps_the_config() -> Result<()> {
         manifest.config().digest().to_string(),
         sha(&blob(manifest.config().digest().as_ref())?)
     );
+    let mut tags = Vec::new();
     for (layer, diff_id) in manifest.layers().iter().zip(&diff_ids) {
         assert_eq!(layer.media_type().to_string(), LAYER_MEDIA_TYPE);
         let lazy = LazyLayer::from_descriptor(layer)?.context("not lazy")?;
@@ -80,7 +81,21 @@ fn converts_every_layer_and_keeps_the_config() -> Result<()> {
             "EROFS superblock"
         );
         assert_eq!(reader.header().data_space_size, lazy.data_space_size);
+        // The data device's tag (the fscache cookie the kernel asks for) is in the device
+        // table and derivable from the manifest alone.
+        let tag = lazy.data_tag();
+        if lazy.data_space_size > 0 {
+            assert!(
+                reader.metadata()[..4096]
+                    .windows(tag.len())
+                    .any(|w| w == tag.as_bytes()),
+                "{tag} not in the device table"
+            );
+        }
+        tags.push(tag);
     }
+    tags.dedup();
+    assert_eq!(tags.len(), 2, "layers share a data tag: {tags:?}");
     // Converting the converted image copies lazy layers through unchanged.
     let again = dir.path().join("again");
     let (code, stdout, stderr) = convert(&dst, &again)?;

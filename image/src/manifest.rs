@@ -24,6 +24,16 @@ pub mod annotation {
     pub const FORMAT: &str = "dev.lazy-erofs.format";
 }
 
+/// The tag of a layer's data device (its fscache cookie name, at most 64 bytes), derived
+/// from the source diff id: unique per layer content, so layers sharing an fscache domain
+/// never collide, and computable from the manifest alone.
+pub fn data_tag(source_diff_id: &str) -> String {
+    let hex = source_diff_id
+        .strip_prefix("sha256:")
+        .unwrap_or(source_diff_id);
+    format!("lazy-erofs-{}", hex.get(..52).unwrap_or(hex))
+}
+
 /// What the snapshotter and fetcher need to know about a lazy layer, from its descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LazyLayer {
@@ -49,6 +59,11 @@ pub enum ManifestError {
 }
 
 impl LazyLayer {
+    /// The tag of this layer's data device (see [`data_tag`]).
+    pub fn data_tag(&self) -> String {
+        data_tag(&self.source_diff_id)
+    }
+
     /// `Ok(None)` for a descriptor that is not a lazy layer; an error for a lazy layer
     /// whose annotations are missing or malformed.
     pub fn from_descriptor(desc: &Descriptor) -> Result<Option<Self>, ManifestError> {
@@ -118,6 +133,15 @@ mod tests {
     use std::str::FromStr;
 
     const SHA: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn data_tags_fit_the_device_slot_and_differ_per_layer() {
+        let a = data_tag(SHA);
+        let b = data_tag(&format!("sha256:1{}", &SHA[8..]));
+        assert!(a.len() <= 64 && b.len() <= 64, "{a}");
+        assert_ne!(a, b);
+        assert!(a.starts_with("lazy-erofs-0000"));
+    }
 
     fn descriptor(media_type: &str, notes: &[(&str, &str)]) -> Descriptor {
         let digest = oci_spec::image::Digest::from_str(SHA).expect("digest");

@@ -28,8 +28,9 @@ pub const INLINE_MAX: u64 = 2048;
 pub struct ConvertOptions {
     pub compression: Compression,
     pub chunk_size: u32,
-    /// Tag of the data device inside the EROFS image (its fscache cookie name).
-    pub data_tag: String,
+    /// Tag of the data device inside the EROFS image (its fscache cookie name); default
+    /// [`crate::manifest::data_tag`] of the layer's diff id.
+    pub data_tag: Option<String>,
 }
 
 impl Default for ConvertOptions {
@@ -37,7 +38,7 @@ impl Default for ConvertOptions {
         Self {
             compression: Compression::Zstd { level: 3 },
             chunk_size: DEFAULT_CHUNK_SIZE,
-            data_tag: "data".into(),
+            data_tag: None,
         }
     }
 }
@@ -77,6 +78,8 @@ pub struct ConvertedLayer {
     /// Bytes read from the (possibly compressed) source.
     pub source_size: u64,
     pub entries: u64,
+    /// The data device's tag written into the metadata.
+    pub data_tag: String,
 }
 
 /// Converts a layer read from `input` into a blob written to `out`. `temp_dir` holds the
@@ -129,10 +132,14 @@ pub fn convert_layer(
     let source_size = source_size.get();
     let data = data.finish()?;
     let data_blocks = u32::try_from(data.size / 4096).map_err(|_| ConvertError::TooLarge)?;
+    let data_tag = options
+        .data_tag
+        .clone()
+        .unwrap_or_else(|| crate::manifest::data_tag(&diff_id));
     let metadata = write_metadata(
         tree.fs_tree(),
         &WriteOptions {
-            data_tag: options.data_tag.clone(),
+            data_tag: data_tag.clone(),
             data_blocks,
         },
     )?;
@@ -142,6 +149,7 @@ pub fn convert_layer(
         diff_id,
         source_size,
         entries,
+        data_tag,
     })
 }
 
