@@ -160,7 +160,7 @@ impl Fetcher {
             Ok(None) => return refuse(Errno::ENOENT, "no such blob registered".into()),
             Err(err) => return refuse(Errno::EIO, format!("cannot ask the supervisor: {err}")),
         };
-        let source = match self.parts.factory.open(&cookie, &spec) {
+        let source = match self.parts.factory.open(&cookie, &spec).await {
             Ok(source) => source,
             Err(err) => return refuse(Errno::ENOENT, err.to_string()),
         };

@@ -25,6 +25,8 @@ pub mod supervisor;
 mod sys;
 
 pub use device::{AnonFd, Device, DeviceError, Request};
-pub use source::{BlobSource, FileSource, LocalBlob, LocalSourceFactory, SourceFactory, Throttle};
+pub use source::{
+    BlobSource, FileSource, LocalBlob, LocalSourceFactory, SourceError, SourceFactory, Throttle,
+};
 pub use supervisor::{BlobTable, Event, Summary, Supervisor, SupervisorConfig};
 pub use sys::AlignedBuf;

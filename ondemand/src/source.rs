@@ -33,6 +33,8 @@ pub enum SourceError {
     Truncated { offset: u64, len: usize, got: usize },
     #[error("bad blob description for {name}: {reason}")]
     BadSpec { name: String, reason: String },
+    #[error("blob {name}: {reason}")]
+    Unavailable { name: String, reason: String },
 }
 
 /// Ranged, verified access to one blob.
@@ -221,8 +223,11 @@ pub struct LocalBlob {
 }
 
 /// Turns a blob description into a source (runs in the fetcher child, on OPEN).
+#[async_trait]
 pub trait SourceFactory: Send + Sync {
-    fn open(
+    /// Opens the source `spec` describes; may fetch and verify (a registry source reads
+    /// the layer's verified region here).
+    async fn open(
         &self,
         name: &str,
         spec: &serde_json::Value,
@@ -233,8 +238,9 @@ pub trait SourceFactory: Send + Sync {
 #[derive(Debug, Default)]
 pub struct LocalSourceFactory;
 
+#[async_trait]
 impl SourceFactory for LocalSourceFactory {
-    fn open(
+    async fn open(
         &self,
         name: &str,
         spec: &serde_json::Value,

@@ -1,11 +1,13 @@
 //! The containerd Snapshots service: the snapshotter interface (`api`), the redb
 //! metadata store (`store`), ordinary overlay layers (`overlay`), containerd's list
-//! filters and label rules, and the gRPC server on a Unix socket (`grpc`, `server`).
+//! filters and label rules, the gRPC server on a Unix socket (`grpc`, `server`), and the
+//! fetcher's source for lazy layers in a registry (`lazy`).
 
 pub mod api;
 pub mod filter;
 pub mod grpc;
 pub mod labels;
+pub mod lazy;
 pub mod overlay;
 pub mod server;
 pub mod store;
