@@ -9,9 +9,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use lazy_erofs_image::manifest::LazyLayer;
+use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::{
-    Device, Event, LocalBlob, LocalSourceFactory, Supervisor, SupervisorConfig, Throttle, child,
+    BlobSource, Device, Event, LocalBlob, LocalSourceFactory, SourceError, SourceFactory,
+    Supervisor, SupervisorConfig, Throttle, child,
 };
+use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
+
+use crate::config::Config;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -21,8 +27,15 @@ pub struct ServeArgs {
     pub cache_dir: PathBuf,
     /// A blob to serve: NAME is the EROFS fsid (or device tag) the kernel asks for,
     /// PATH a local image file. Repeatable.
-    #[arg(long = "blob", value_name = "NAME=PATH", value_parser = parse_blob, required = true)]
+    #[arg(long = "blob", value_name = "NAME=PATH", value_parser = parse_blob, required_unless_present = "image")]
     pub blobs: Vec<(String, PathBuf)>,
+    /// Serve every lazy layer of this registry image: its metadata image under the
+    /// layer's fsid (printed, one line per layer), its data space under the layer's data
+    /// tag; every byte verified against the manifest before the kernel sees it.
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Slow every fetch down, e.g. `latency=20ms,rate=8MiB` (per second): models a
     /// remote registry; used by tests and benchmarks.
     #[arg(long, value_name = "SPEC", value_parser = Throttle::parse)]
@@ -41,6 +54,79 @@ pub struct ServeArgs {
     /// in-flight data hang); it exists to prove in tests that failover needs restore.
     #[arg(long, hide = true)]
     pub no_restore: bool,
+}
+
+/// How the fetcher reaches registries (passed on to each fetcher child).
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Configuration file (registry hosts, mirrors, credentials).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A registry host (`host[:port]`) reached over plain HTTP; repeatable.
+    #[arg(long = "insecure", value_name = "HOST")]
+    pub insecure: Vec<String>,
+}
+
+impl RegistryArgs {
+    fn registry(&self) -> Result<Registry> {
+        let mut config = Config::load(self.config.as_deref())?;
+        config
+            .registry
+            .insecure_hosts
+            .extend(self.insecure.iter().cloned());
+        Ok(Registry::new(&config.registry))
+    }
+
+    /// The same options as command-line arguments, for the fetcher child.
+    fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        if let Some(config) = &self.config {
+            args.extend(["--config".into(), config.clone().into_os_string()]);
+        }
+        for host in &self.insecure {
+            args.extend(["--insecure".into(), host.into()]);
+        }
+        args
+    }
+}
+
+/// The fsid and data-tag blob entries for every lazy layer of `image`.
+fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, serde_json::Value)>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (manifest, digest) = runtime
+        .block_on(registry.pull_manifest(image))
+        .with_context(|| format!("pulling the manifest of {image}"))?;
+    let mut blobs = Vec::new();
+    for (index, layer) in manifest.layers().iter().enumerate() {
+        let Some(lazy) = LazyLayer::from_descriptor(layer)? else {
+            bail!(
+                "{image}@{digest}: layer {} is not lazy (convert it first)",
+                index + 1
+            );
+        };
+        let spec = |view| {
+            serde_json::to_value(LazyLayerSpec {
+                image: image.to_owned(),
+                digest: lazy.digest.clone(),
+                verified_digest: lazy.verified_digest.clone(),
+                view,
+            })
+        };
+        println!(
+            "layer {}: fsid={} data-tag={} ({})",
+            index + 1,
+            lazy.fsid(),
+            lazy.data_tag(),
+            lazy.digest
+        );
+        blobs.push((lazy.fsid(), spec(View::Metadata)?));
+        if lazy.data_space_size > 0 {
+            blobs.push((lazy.data_tag(), spec(View::Data)?));
+        }
+    }
+    Ok(blobs)
 }
 
 fn parse_blob(text: &str) -> Result<(String, PathBuf), String> {
@@ -69,9 +155,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     }
     let device = Device::bind(&args.cache_dir, &args.tag)
         .with_context(|| format!("binding an ondemand cache in {}", args.cache_dir.display()))?;
+    let lazy_blobs = match &args.image {
+        Some(image) => lazy_layer_blobs(&args.registry.registry()?, image)?,
+        None => Vec::new(),
+    };
     let exe = std::env::current_exe().context("finding our own executable")?;
-    let mut config =
-        SupervisorConfig::new(args.run_dir.clone(), vec![exe.into(), "fetcher".into()]);
+    let mut fetcher_command = vec![exe.into(), "fetcher".into()];
+    fetcher_command.extend(args.registry.to_args());
+    let mut config = SupervisorConfig::new(args.run_dir.clone(), fetcher_command);
     config.restore = !args.no_restore;
     let supervisor = Supervisor::new(device, config)?;
     for (name, path) in &args.blobs {
@@ -83,7 +174,15 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             .blobs()
             .insert(name.clone(), serde_json::to_value(blob)?);
     }
-    let names: Vec<&str> = args.blobs.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, spec) in &lazy_blobs {
+        supervisor.blobs().insert(name.clone(), spec.clone());
+    }
+    let names: Vec<&str> = args
+        .blobs
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .chain(lazy_blobs.iter().map(|(n, _)| n.as_str()))
+        .collect();
     let pid_file = supervisor.pid_file();
 
     let status =
@@ -150,10 +249,37 @@ pub struct FetcherArgs {
     /// The supervisor's hand-over socket.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
-/// The fetcher child: serves local blobs as the supervisor describes them.
+/// Local files or lazy layers in a registry, by the shape of the description.
+struct AnySourceFactory {
+    local: LocalSourceFactory,
+    lazy: LazySourceFactory,
+}
+
+#[async_trait::async_trait]
+impl SourceFactory for AnySourceFactory {
+    async fn open(
+        &self,
+        name: &str,
+        spec: &serde_json::Value,
+    ) -> std::result::Result<Arc<dyn BlobSource>, SourceError> {
+        if spec.get("verified_digest").is_some() {
+            self.lazy.open(name, spec).await
+        } else {
+            self.local.open(name, spec).await
+        }
+    }
+}
+
+/// The fetcher child: serves the blobs the supervisor describes.
 pub fn fetcher(args: &FetcherArgs) -> Result<()> {
-    child::run(&args.socket, Arc::new(LocalSourceFactory))?;
+    let factory = AnySourceFactory {
+        local: LocalSourceFactory,
+        lazy: LazySourceFactory::new(Arc::new(args.registry.registry()?)),
+    };
+    child::run(&args.socket, Arc::new(factory))?;
     Ok(())
 }

@@ -59,6 +59,13 @@ pub enum ManifestError {
 }
 
 impl LazyLayer {
+    /// The fscache `fsid` this layer's metadata image is mounted by: named after the
+    /// verified digest, so the same layer gets the same cache object in every image.
+    pub fn fsid(&self) -> String {
+        let hex = self.verified_digest.trim_start_matches("sha256:");
+        format!("lazy-erofs-m-{}", hex.get(..51).unwrap_or(hex))
+    }
+
     /// The tag of this layer's data device (see [`data_tag`]).
     pub fn data_tag(&self) -> String {
         data_tag(&self.source_diff_id)

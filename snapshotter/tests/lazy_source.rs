@@ -31,7 +31,7 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
     let image = format!("{}/lazy/source:1", registry_proc.host);
     registry.push_layout(&dst, &image).await?;
     let (manifest, _) = registry.pull_manifest(&image).await?;
-    let factory = LazySourceFactory::new(registry.clone(), tokio::runtime::Handle::current());
+    let factory = LazySourceFactory::new(registry.clone());
 
     for layer in manifest.layers() {
         let lazy = LazyLayer::from_descriptor(layer)?.context("not lazy")?;

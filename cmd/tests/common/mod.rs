@@ -111,6 +111,8 @@ pub struct Serve {
     pub run_dir: PathBuf,
     stdout: mpsc::Receiver<String>,
     stderr_log: PathBuf,
+    /// What serve printed before `ready` (e.g. the layers of `--image`).
+    pub preamble: Vec<String>,
 }
 
 pub struct ServeOptions<'a> {
@@ -118,6 +120,8 @@ pub struct ServeOptions<'a> {
     pub throttle: Option<&'a str>,
     pub no_restore: bool,
     pub fault: Option<&'a str>,
+    /// More arguments for `serve` (e.g. `--image REF --insecure HOST`).
+    pub extra_args: Vec<String>,
 }
 
 impl<'a> ServeOptions<'a> {
@@ -128,6 +132,7 @@ impl<'a> ServeOptions<'a> {
             throttle: None,
             no_restore: false,
             fault: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -154,6 +159,7 @@ impl Serve {
         if options.no_restore {
             cmd.arg("--no-restore");
         }
+        cmd.args(&options.extra_args);
         match options.fault {
             Some(fault) => cmd.env("LAZY_EROFS_FAULT", fault),
             None => cmd.env_remove("LAZY_EROFS_FAULT"),
@@ -171,19 +177,22 @@ impl Serve {
                 }
             }
         });
-        let serve = Self {
+        let mut serve = Self {
             child,
             run_dir,
             stdout: rx,
             stderr_log,
+            preamble: Vec::new(),
         };
-        let ready = serve.stdout.recv_timeout(Duration::from_secs(30));
-        match ready {
-            Ok(line) if line.starts_with("ready: ") => Ok(serve),
-            other => bail!(
-                "serve did not become ready ({other:?}); log:\n{}",
-                serve.log()
-            ),
+        loop {
+            match serve.stdout.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.starts_with("ready: ") => return Ok(serve),
+                Ok(line) => serve.preamble.push(line),
+                other => bail!(
+                    "serve did not become ready ({other:?}); log:\n{}",
+                    serve.log()
+                ),
+            }
         }
     }
 

@@ -58,19 +58,17 @@ impl RangeRead for BlockingRegistryBlob {
 
 type Reader = Arc<BlobReader<BlockingRegistryBlob>>;
 
-/// Opens lazy layer views; the two views of one blob share a reader.
+/// Opens lazy layer views; the two views of one blob share a reader. Reads run on the
+/// blocking pool of the runtime that calls `open`.
 pub struct LazySourceFactory {
     registry: Arc<Registry>,
-    handle: tokio::runtime::Handle,
     readers: Mutex<HashMap<(String, String), Reader>>,
 }
 
 impl LazySourceFactory {
-    /// `handle`: the runtime the fetcher runs on (its blocking pool does the reads).
-    pub fn new(registry: Arc<Registry>, handle: tokio::runtime::Handle) -> Self {
+    pub fn new(registry: Arc<Registry>) -> Self {
         Self {
             registry,
-            handle,
             readers: Mutex::default(),
         }
     }
@@ -81,7 +79,7 @@ impl LazySourceFactory {
             return Ok(reader.clone());
         }
         let blob = BlockingRegistryBlob {
-            handle: self.handle.clone(),
+            handle: tokio::runtime::Handle::current(),
             registry: self.registry.clone(),
             image: spec.image.clone(),
             digest: spec.digest.clone(),
