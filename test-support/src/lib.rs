@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod fault_proxy;
 pub mod token;
 
 use serde_json::json;
