@@ -10,7 +10,7 @@ use lazy_erofs_image::blob::Compression;
 use lazy_erofs_image::convert::{ConvertOptions, LayerReport, convert_layout};
 use lazy_erofs_image::registry::Registry;
 
-use crate::config::Config;
+use crate::registry_args::RegistryArgs;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum CompressionArg {
@@ -27,14 +27,8 @@ pub struct ConvertArgs {
     /// Destination, written the same way: a layout directory is created; a registry
     /// gets the blobs, then the manifest.
     pub dst: String,
-    /// Configuration file (registry hosts, mirrors, credentials); default
-    /// /etc/lazy-erofs/config.toml when it exists.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// A registry host (`host[:port]`) to reach over plain HTTP; repeatable. Added to
-    /// the configuration file's `insecure_hosts`.
-    #[arg(long = "insecure", value_name = "HOST")]
-    pub insecure: Vec<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Platform to take from a multi-platform index (os/arch[/variant]).
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
@@ -47,6 +41,14 @@ pub struct ConvertArgs {
     /// Data chunk size in KiB (a multiple of 4): the unit of fetching and verification.
     #[arg(long, default_value_t = 1024)]
     pub chunk_kib: u32,
+}
+
+/// What a conversion from or to a registry needs.
+struct Remote {
+    registry: Registry,
+    runtime: tokio::runtime::Runtime,
+    /// Scratch layouts for pulled and converted images.
+    work: tempfile::TempDir,
 }
 
 /// Where an image is read from or written to.
@@ -111,24 +113,32 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         Box::new(bar.wrap_read(reader))
     };
 
-    let mut config = Config::load(args.config.as_deref())?;
-    config
-        .registry
-        .insecure_hosts
-        .extend(args.insecure.iter().cloned());
-    let registry = Registry::new(&config.registry);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let work = tempfile::tempdir().context("scratch directory for registry images")?;
+    // Layout to layout needs no registry client, configuration or scratch space.
+    let remote = match (&src, &dst) {
+        (Location::Layout(_), Location::Layout(_)) => None,
+        _ => Some(Remote {
+            registry: args.registry.registry()?,
+            runtime: tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?,
+            work: tempfile::tempdir().context("scratch directory for registry images")?,
+        }),
+    };
+    let remote = || remote.as_ref().context("registry client");
 
     let src_dir = match &src {
         Location::Layout(dir) => dir.clone(),
         Location::Registry(reference) => {
-            let dir = work.path().join("source");
+            let remote = remote()?;
+            let dir = remote.work.path().join("source");
             let started = std::time::Instant::now();
-            let bytes = runtime
-                .block_on(registry.pull_to_layout(reference, &args.platform, &dir))
+            let bytes = remote
+                .runtime
+                .block_on(
+                    remote
+                        .registry
+                        .pull_to_layout(reference, &args.platform, &dir),
+                )
                 .with_context(|| format!("pulling {reference}"))?;
             eprintln!(
                 "pulled {reference}: {} in {:.1} s",
@@ -140,14 +150,16 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     };
     let dst_dir = match &dst {
         Location::Layout(dir) => dir.clone(),
-        Location::Registry(_) => work.path().join("converted"),
+        Location::Registry(_) => remote()?.work.path().join("converted"),
     };
     let reports = convert_layout(&src_dir, &dst_dir, &args.platform, &options, &mut wrap)?;
     print_summary(&reports);
     if let Location::Registry(reference) = &dst {
+        let remote = remote()?;
         let started = std::time::Instant::now();
-        let digest = runtime
-            .block_on(registry.push_layout(&dst_dir, reference))
+        let digest = remote
+            .runtime
+            .block_on(remote.registry.push_layout(&dst_dir, reference))
             .with_context(|| format!("pushing {reference}"))?;
         println!(
             "pushed {reference}@{digest} in {:.1} s",

@@ -17,7 +17,7 @@ use lazy_erofs_ondemand::{
 };
 use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
 
-use crate::config::Config;
+use crate::registry_args::RegistryArgs;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -54,40 +54,6 @@ pub struct ServeArgs {
     /// in-flight data hang); it exists to prove in tests that failover needs restore.
     #[arg(long, hide = true)]
     pub no_restore: bool,
-}
-
-/// How the fetcher reaches registries (passed on to each fetcher child).
-#[derive(Debug, Clone, Args)]
-pub struct RegistryArgs {
-    /// Configuration file (registry hosts, mirrors, credentials).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// A registry host (`host[:port]`) reached over plain HTTP; repeatable.
-    #[arg(long = "insecure", value_name = "HOST")]
-    pub insecure: Vec<String>,
-}
-
-impl RegistryArgs {
-    fn registry(&self) -> Result<Registry> {
-        let mut config = Config::load(self.config.as_deref())?;
-        config
-            .registry
-            .insecure_hosts
-            .extend(self.insecure.iter().cloned());
-        Ok(Registry::new(&config.registry))
-    }
-
-    /// The same options as command-line arguments, for the fetcher child.
-    fn to_args(&self) -> Vec<std::ffi::OsString> {
-        let mut args = Vec::new();
-        if let Some(config) = &self.config {
-            args.extend(["--config".into(), config.clone().into_os_string()]);
-        }
-        for host in &self.insecure {
-            args.extend(["--insecure".into(), host.into()]);
-        }
-        args
-    }
 }
 
 /// The fsid and data-tag blob entries for every lazy layer of `image`.
