@@ -30,6 +30,8 @@ pub struct SnapshotterConfig {
     pub address: PathBuf,
     /// Log filter (`RUST_LOG` syntax) when `RUST_LOG` is not set.
     pub log_level: String,
+    /// cachefiles tag of the lazy layer cache and default fscache domain.
+    pub fscache_tag: String,
 }
 
 impl Default for SnapshotterConfig {
@@ -38,6 +40,7 @@ impl Default for SnapshotterConfig {
             root: PathBuf::from("/var/lib/lazy-erofs"),
             address: PathBuf::from("/run/lazy-erofs/snapshotter.sock"),
             log_level: "info".into(),
+            fscache_tag: "lazy-erofs".into(),
         }
     }
 }

@@ -77,6 +77,7 @@ fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, ser
                 image: image.to_owned(),
                 digest: lazy.digest.clone(),
                 verified_digest: lazy.verified_digest.clone(),
+                region_len: lazy.verified_region_len(),
                 view,
             })
         };

@@ -66,6 +66,14 @@ impl LazyLayer {
         format!("lazy-erofs-m-{}", hex.get(..51).unwrap_or(hex))
     }
 
+    /// Length of the blob's verified region (header, metadata, chunk table), so it can
+    /// be fetched in one request.
+    pub fn verified_region_len(&self) -> u64 {
+        let chunks = self.data_space_size.div_ceil(u64::from(self.chunk_size));
+        (crate::blob::HEADER_SIZE + self.metadata_size + chunks * crate::blob::ENTRY_SIZE as u64)
+            .min(self.size)
+    }
+
     /// The tag of this layer's data device (see [`data_tag`]).
     pub fn data_tag(&self) -> String {
         data_tag(&self.source_diff_id)

@@ -13,6 +13,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use crate::api::{Info, Kind, SnapshotError, Usage};
+use crate::lazy::LazyRecord;
 
 /// key → record (JSON).
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -34,6 +35,9 @@ pub struct Record {
     /// Frozen at commit; computed on demand for active snapshots.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// The lazy layer behind a committed snapshot the snapshotter made itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyRecord>,
 }
 
 impl Record {
@@ -133,6 +137,37 @@ impl Store {
         labels: HashMap<String, String>,
         materialize: impl FnOnce(u64) -> Result<(), SnapshotError>,
     ) -> Result<Record, SnapshotError> {
+        self.insert_new(key, kind, parent, labels, None, materialize)
+    }
+
+    /// Records committed snapshot `name` for a lazy layer (its usage: the layer's size).
+    pub fn create_lazy(
+        &self,
+        name: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        layer: LazyRecord,
+        materialize: impl FnOnce(u64) -> Result<(), SnapshotError>,
+    ) -> Result<Record, SnapshotError> {
+        self.insert_new(
+            name,
+            Kind::Committed,
+            parent,
+            labels,
+            Some(layer),
+            materialize,
+        )
+    }
+
+    fn insert_new(
+        &self,
+        key: &str,
+        kind: Kind,
+        parent: &str,
+        labels: HashMap<String, String>,
+        lazy: Option<LazyRecord>,
+        materialize: impl FnOnce(u64) -> Result<(), SnapshotError>,
+    ) -> Result<Record, SnapshotError> {
         let txn = self.db.begin_write().map_err(store_err)?;
         if get_in(&txn, key)?.is_some() {
             return Err(SnapshotError::AlreadyExists(key.to_owned()));
@@ -159,6 +194,10 @@ impl Store {
             next
         };
         let now = SystemTime::now();
+        let usage = lazy.as_ref().map(|l| Usage {
+            size: i64::try_from(l.data_space_size.saturating_add(l.region_len)).unwrap_or(i64::MAX),
+            inodes: 0,
+        });
         let record = Record {
             id,
             kind,
@@ -166,7 +205,8 @@ impl Store {
             labels,
             created_at: now,
             updated_at: now,
-            usage: None,
+            usage,
+            lazy,
         };
         put_in(&txn, key, &record)?;
         materialize(id)?;

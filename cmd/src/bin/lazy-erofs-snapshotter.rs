@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use lazy_erofs_cmd::serve::{self, FetcherArgs};
 use lazy_erofs_cmd::snapshotter::{self, DaemonArgs};
 
 #[derive(Debug, Parser)]
@@ -15,10 +16,29 @@ use lazy_erofs_cmd::snapshotter::{self, DaemonArgs};
 struct Cli {
     #[command(flatten)]
     daemon: DaemonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// The fetcher child the daemon runs (not for direct use).
+    #[command(hide = true)]
+    Fetcher(FetcherArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Fetcher(args)) = &cli.command {
+        lazy_erofs_cmd::init_logging("info");
+        return match serve::fetcher(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!("fetcher: {err:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let config = match snapshotter::config(&cli.daemon) {
         Ok(config) => config,
         Err(err) => {
@@ -27,7 +47,7 @@ fn main() -> ExitCode {
         }
     };
     lazy_erofs_cmd::init_logging(&config.snapshotter.log_level);
-    match snapshotter::run(&config) {
+    match snapshotter::run(&config, &cli.daemon) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

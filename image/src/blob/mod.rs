@@ -273,6 +273,36 @@ mod tests {
         );
     }
 
+    /// Counts the range requests a reader makes.
+    struct Counting<'a>(&'a [u8], std::rc::Rc<std::cell::Cell<usize>>);
+
+    impl RangeRead for Counting<'_> {
+        fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+            self.1.set(self.1.get() + 1);
+            self.0.read_range(offset, len)
+        }
+    }
+
+    #[test]
+    fn the_region_hint_makes_opening_one_request_and_a_wrong_hint_costs_one_more() {
+        let (bytes, info) = blob(&[9u8; 50_000], Compression::Zstd { level: 3 });
+        // 4 KiB header + 4 KiB metadata + 7 chunk entries (50 000 → 53 248 B / 8 KiB).
+        let region = HEADER_SIZE + 4096 + 7 * ENTRY_SIZE as u64;
+        let whole = bytes.len() as u64;
+        for (hint, requests) in [(region, 1), (0, 2), (region - 100, 2), (whole, 1)] {
+            let count = std::rc::Rc::default();
+            let source = Counting(&bytes, std::rc::Rc::clone(&count));
+            let reader =
+                BlobReader::open_region(source, &info.verified_digest, hint).expect("open");
+            assert_eq!(count.get(), requests, "hint {hint}");
+            assert_eq!(reader.metadata(), &[7u8; 4096][..]);
+            assert_eq!(
+                reader.read_data(0, 50_000).expect("data"),
+                vec![9u8; 50_000]
+            );
+        }
+    }
+
     #[test]
     fn corrupt_headers_are_refused() {
         let (bytes, _) = blob(b"x", Compression::None);

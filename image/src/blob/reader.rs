@@ -45,9 +45,28 @@ impl<R: RangeRead> BlobReader<R> {
     /// Reads and verifies the region `[0, data_offset)` against `verified_digest`
     /// (`sha256:<hex>`), in one read after the header.
     pub fn open(source: R, verified_digest: &str) -> Result<Self, BlobError> {
-        let head = source.read_range(0, HEADER_SIZE)?;
-        let header = Header::decode(&head)?;
-        let rest = source.read_range(HEADER_SIZE, header.data_offset - HEADER_SIZE)?;
+        Self::open_region(source, verified_digest, HEADER_SIZE)
+    }
+
+    /// Like [`open`](Self::open), reading the first `region_hint` bytes in one request:
+    /// with the region's length from the manifest (see `LazyLayer::verified_region_len`)
+    /// the whole verified region is one request. The header decides; a short or wrong
+    /// hint only costs a second request.
+    pub fn open_region(
+        source: R,
+        verified_digest: &str,
+        region_hint: u64,
+    ) -> Result<Self, BlobError> {
+        let mut head = source.read_range(0, region_hint.max(HEADER_SIZE))?;
+        let header = Header::decode(head.get(..HEADER_SIZE as usize).ok_or(BlobError::Magic)?)?;
+        let region = usize::try_from(header.data_offset)
+            .map_err(|_| BlobError::Header("verified region too large".into()))?;
+        if head.len() < region {
+            let missing = source.read_range(head.len() as u64, (region - head.len()) as u64)?;
+            head.extend_from_slice(&missing);
+        }
+        head.truncate(region);
+        let rest = head.split_off(HEADER_SIZE as usize);
         let mut hash = Sha256::new();
         hash.update(&head);
         hash.update(&rest);

@@ -1,6 +1,62 @@
-//! Lazy layers: what the fetcher serves to the kernel for a lazy EROFS layer in a
-//! registry — its verified metadata image and its data space, read by range.
+//! Lazy layers: a layer whose manifest descriptor marks it lazy is never downloaded by
+//! containerd. On Prepare with the remote-snapshot labels ([`remote`]) the snapshotter
+//! looks the layer up in its manifest ([`resolve`]), mounts its EROFS ([`layers`]) and
+//! commits the snapshot itself. The fetcher serves the kernel's reads of those mounts
+//! ([`source`]); without ondemand mode the layer is fetched whole and mounted
+//! file-backed ([`whole`]).
 
+pub mod layers;
+pub mod remote;
+pub mod resolve;
 mod source;
+mod whole;
 
+use lazy_erofs_image::manifest::LazyLayer;
+use serde::{Deserialize, Serialize};
+
+pub use layers::{Backend, LayerMounts};
+pub use remote::RemoteLayerRef;
+pub use resolve::LayerResolver;
 pub use source::{LazyLayerSpec, LazySourceFactory, View};
+
+/// What the store keeps about the lazy layer behind a committed snapshot: enough to
+/// mount it again after a restart without asking the registry for the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LazyRecord {
+    /// Image reference the blob is read from (registry and repository).
+    pub image: String,
+    pub digest: String,
+    pub verified_digest: String,
+    /// Length of the verified region, fetched in one request.
+    pub region_len: u64,
+    pub data_space_size: u64,
+    /// The metadata image's fscache name (shared by every image holding this layer).
+    pub fsid: String,
+    /// The data device's tag inside the metadata image.
+    pub data_tag: String,
+}
+
+impl LazyRecord {
+    pub fn new(image: &str, layer: &LazyLayer) -> Self {
+        Self {
+            image: image.to_owned(),
+            digest: layer.digest.clone(),
+            verified_digest: layer.verified_digest.clone(),
+            region_len: layer.verified_region_len(),
+            data_space_size: layer.data_space_size,
+            fsid: layer.fsid(),
+            data_tag: layer.data_tag(),
+        }
+    }
+
+    /// How the fetcher is told about one view of this layer.
+    pub fn spec(&self, view: View) -> LazyLayerSpec {
+        LazyLayerSpec {
+            image: self.image.clone(),
+            digest: self.digest.clone(),
+            verified_digest: self.verified_digest.clone(),
+            region_len: self.region_len,
+            view,
+        }
+    }
+}

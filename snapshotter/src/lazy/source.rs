@@ -33,16 +33,19 @@ pub struct LazyLayerSpec {
     pub digest: String,
     /// The manifest's `dev.lazy-erofs.layer.verified-digest`: the trust anchor.
     pub verified_digest: String,
+    /// Length of the verified region (0: unknown, found from the header).
+    #[serde(default)]
+    pub region_len: u64,
     pub view: View,
 }
 
-/// Blocking ranged reads for [`BlobReader`], run on the blocking pool of the fetcher's
-/// runtime (never on one of its workers).
-struct BlockingRegistryBlob {
-    handle: tokio::runtime::Handle,
-    registry: Arc<Registry>,
-    image: String,
-    digest: String,
+/// Blocking ranged reads for [`BlobReader`], run on the blocking pool of a runtime
+/// (never on one of its workers).
+pub(crate) struct BlockingRegistryBlob {
+    pub handle: tokio::runtime::Handle,
+    pub registry: Arc<Registry>,
+    pub image: String,
+    pub digest: String,
 }
 
 impl RangeRead for BlockingRegistryBlob {
@@ -84,11 +87,12 @@ impl LazySourceFactory {
             image: spec.image.clone(),
             digest: spec.digest.clone(),
         };
-        let anchor = spec.verified_digest.clone();
-        let reader = tokio::task::spawn_blocking(move || BlobReader::open(blob, &anchor))
-            .await
-            .map_err(|e| unavailable(name, format!("reader task: {e}")))?
-            .map_err(|e| unavailable(name, format!("{}: {e}", spec.digest)))?;
+        let (anchor, region_len) = (spec.verified_digest.clone(), spec.region_len);
+        let reader =
+            tokio::task::spawn_blocking(move || BlobReader::open_region(blob, &anchor, region_len))
+                .await
+                .map_err(|e| unavailable(name, format!("reader task: {e}")))?
+                .map_err(|e| unavailable(name, format!("{}: {e}", spec.digest)))?;
         let reader = Arc::new(reader);
         self.lock().insert(key, reader.clone());
         Ok(reader)

@@ -3,6 +3,12 @@
 //! the others overlay with the parent chain as lowerdirs; views are read-only; commit
 //! freezes an active snapshot; remove refuses parents; cleanup drops orphans.
 //!
+//! Lazy layers (when enabled): a Prepare carrying the remote-snapshot labels for a
+//! layer its manifest marks lazy mounts that layer (see `crate::lazy`), records the
+//! committed snapshot under the target name and answers AlreadyExists, as containerd
+//! expects of a remote snapshotter. In parent chains such a snapshot's lowerdir is the
+//! layer's mount.
+//!
 //! Crash safety: a directory is built under a `new-*` name and renamed to its id inside
 //! the store transaction that records it; removal forgets the record first, then deletes
 //! the directory. Whatever a kill -9 interrupts leaves a directory no record names, which
@@ -20,6 +26,7 @@ use containerd_client::types::Mount;
 use crate::api::{Info, Kind, SnapshotError, Snapshotter, Usage};
 use crate::filter::Filters;
 use crate::labels;
+use crate::lazy::{Backend, LayerMounts, LayerResolver, LazyRecord, RemoteLayerRef};
 use crate::store::{Record, Store};
 pub use usage::disk_usage;
 
@@ -30,6 +37,13 @@ pub struct OverlaySnapshotter {
 struct Inner {
     root: PathBuf,
     store: Store,
+    lazy: Option<LazyLayers>,
+}
+
+/// What serving lazy layers takes: the manifest lookup and the layer mounts.
+struct LazyLayers {
+    resolver: LayerResolver,
+    mounts: LayerMounts,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -49,6 +63,25 @@ impl OverlaySnapshotter {
     /// Opens the snapshotter rooted at `root` (created 0700 if missing) and removes what
     /// an interrupted operation left behind.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        Self::open_inner(root, None)
+    }
+
+    /// Like [`open`](Self::open), also serving lazy layers from registries through
+    /// `backend`; layer mounts live under `<root>/layers`.
+    pub fn open_lazy(
+        root: &Path,
+        backend: Backend,
+        registry: Arc<lazy_erofs_image::registry::Registry>,
+    ) -> Result<Self, SnapshotError> {
+        let mounts = LayerMounts::open(&root.join("layers"), backend, registry.clone())?;
+        let lazy = LazyLayers {
+            resolver: LayerResolver::new(registry),
+            mounts,
+        };
+        Self::open_inner(root, Some(lazy))
+    }
+
+    fn open_inner(root: &Path, lazy: Option<LazyLayers>) -> Result<Self, SnapshotError> {
         let snapshots = root.join("snapshots");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -59,6 +92,7 @@ impl OverlaySnapshotter {
         let inner = Inner {
             root: root.to_path_buf(),
             store,
+            lazy,
         };
         let removed = inner.remove_orphans()?;
         if !removed.is_empty() {
@@ -70,6 +104,38 @@ impl OverlaySnapshotter {
         Ok(Self {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Mounts every lazy layer a committed snapshot stands on (after a restart the kernel
+    /// re-opens them from the cache). Meant to run after the socket serves: a Mounts
+    /// call needing a layer mounts it itself meanwhile. Returns how many are mounted.
+    pub async fn mount_lazy_layers(&self) -> Result<usize, SnapshotError> {
+        self.blocking(|inner| {
+            let Some(lazy) = &inner.lazy else {
+                return Ok(0);
+            };
+            let mut count = 0;
+            for (key, record) in inner.store.list()? {
+                if let Some(layer) = &record.lazy {
+                    match lazy.mounts.ensure(layer) {
+                        Ok(_) => count += 1,
+                        Err(e) => {
+                            tracing::warn!(snapshot = %key, error = %e, "cannot mount lazy layer")
+                        }
+                    }
+                }
+            }
+            Ok(count)
+        })
+        .await
+    }
+
+    /// At shutdown: unmounts lazy layers no container uses; returns how many stay.
+    pub fn unmount_idle_layers(&self) -> usize {
+        self.inner
+            .lazy
+            .as_ref()
+            .map_or(0, |lazy| lazy.mounts.unmount_idle())
     }
 
     /// Runs `f` on a blocking thread: store commits fsync, directory walks take time.
@@ -97,33 +163,42 @@ impl Inner {
         self.dir(id).join("fs")
     }
 
-    /// Ids of the parent chain, nearest first.
-    fn parent_ids(&self, record: &Record) -> Result<Vec<u64>, SnapshotError> {
-        let mut ids = Vec::new();
+    /// Where a committed snapshot's files are: its layer mount or its own directory.
+    fn layer_dir(&self, record: &Record) -> Result<PathBuf, SnapshotError> {
+        match (&record.lazy, &self.lazy) {
+            (Some(layer), Some(lazy)) => lazy.mounts.ensure(layer),
+            (Some(layer), None) => Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot stands on lazy layer {} but lazy layers are off",
+                layer.digest
+            ))),
+            (None, _) => Ok(self.fs(record.id)),
+        }
+    }
+
+    /// Directories of the parent chain, nearest first.
+    fn parent_dirs(&self, record: &Record) -> Result<Vec<PathBuf>, SnapshotError> {
+        let mut dirs = Vec::new();
         let mut parent = record.parent.clone();
         while !parent.is_empty() {
             let p = self.store.get(&parent)?.ok_or_else(|| {
                 SnapshotError::Store(format!("parent {parent:?} of a snapshot is missing"))
             })?;
-            ids.push(p.id);
+            dirs.push(self.layer_dir(&p)?);
             parent = p.parent;
         }
-        Ok(ids)
+        Ok(dirs)
     }
 
     fn mounts(&self, record: &Record) -> Result<Vec<Mount>, SnapshotError> {
-        let parents = self.parent_ids(record)?;
+        let parents = self.parent_dirs(record)?;
         let writable = record.kind == Kind::Active;
         if parents.is_empty() {
             return Ok(vec![bind(&self.fs(record.id), writable)]);
         }
         if !writable && parents.len() == 1 {
-            return Ok(vec![bind(&self.fs(parents[0]), false)]);
+            return Ok(vec![bind(&parents[0], false)]);
         }
-        let lower: Vec<String> = parents
-            .iter()
-            .map(|id| self.fs(*id).display().to_string())
-            .collect();
+        let lower: Vec<String> = parents.iter().map(|p| p.display().to_string()).collect();
         let mut options = Vec::new();
         if writable {
             options.push(format!(
@@ -139,6 +214,33 @@ impl Inner {
             target: String::new(),
             options,
         }])
+    }
+
+    /// A remote Prepare of a lazy layer: mount it, record `target` committed, and answer
+    /// AlreadyExists so containerd skips the download.
+    fn create_lazy(
+        &self,
+        remote: &RemoteLayerRef,
+        parent: &str,
+        labels: HashMap<String, String>,
+        layer: LazyRecord,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        labels::validate(&labels)?;
+        let lazy = self
+            .lazy
+            .as_ref()
+            .ok_or_else(|| SnapshotError::FailedPrecondition("lazy layers are off".into()))?;
+        if self.store.get(&remote.target)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(remote.target.clone()));
+        }
+        lazy.mounts.ensure(&layer)?;
+        self.store
+            .create_lazy(&remote.target, parent, labels, layer, |id| {
+                let dir = self.dir(id);
+                std::fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))
+            })?;
+        tracing::info!(snapshot = %remote.target, layer = %remote.layer_digest, "lazy layer committed");
+        Err(SnapshotError::AlreadyExists(remote.target.clone()))
     }
 
     fn create(
@@ -209,6 +311,16 @@ impl Inner {
 
     fn remove(&self, key: &str) -> Result<(), SnapshotError> {
         let record = self.store.remove(key)?;
+        if let (Some(layer), Some(lazy)) = (&record.lazy, &self.lazy) {
+            let still_used = self
+                .store
+                .list()?
+                .iter()
+                .any(|(_, r)| r.lazy.as_ref().is_some_and(|l| l.fsid == layer.fsid));
+            if !still_used {
+                lazy.mounts.release(layer);
+            }
+        }
         // Forgotten first: if this deletion is interrupted, the directory is an orphan.
         let dir = self.dir(record.id);
         if let Err(e) = std::fs::remove_dir_all(&dir)
@@ -305,6 +417,14 @@ impl Snapshotter for OverlaySnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
+        if let Some(lazy) = &self.inner.lazy
+            && let Some(remote) = RemoteLayerRef::from_labels(&labels)?
+            && let Some(layer) = lazy.resolver.resolve(&remote).await?
+        {
+            return self
+                .blocking(move |inner| inner.create_lazy(&remote, &parent, labels, layer))
+                .await;
+        }
         self.blocking(move |inner| inner.create(Kind::Active, &key, &parent, labels))
             .await
     }

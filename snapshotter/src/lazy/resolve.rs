@@ -1,0 +1,90 @@
+//! Which layer of which manifest a remote Prepare names, and whether it is lazy. The
+//! manifest is fetched by digest (so the registry cannot substitute another) and kept.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use lazy_erofs_image::manifest::LazyLayer;
+use lazy_erofs_image::registry::{Registry, parse_reference};
+use oci_spec::image::ImageManifest;
+
+use super::{LazyRecord, RemoteLayerRef};
+use crate::api::SnapshotError;
+
+pub struct LayerResolver {
+    registry: Arc<Registry>,
+    manifests: Mutex<HashMap<String, Arc<ImageManifest>>>,
+}
+
+impl LayerResolver {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self {
+            registry,
+            manifests: Mutex::default(),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The lazy layer `remote` names, or `None` when the manifest has it as an ordinary
+    /// layer (containerd then unpacks it as usual).
+    pub async fn resolve(
+        &self,
+        remote: &RemoteLayerRef,
+    ) -> Result<Option<LazyRecord>, SnapshotError> {
+        let reference = parse_reference(&remote.image_ref).map_err(|e| {
+            SnapshotError::InvalidArgument(format!("image reference {:?}: {e}", remote.image_ref))
+        })?;
+        let pinned = format!(
+            "{}/{}@{}",
+            reference.registry(),
+            reference.repository(),
+            remote.manifest_digest
+        );
+        let manifest = self.manifest(&pinned).await?;
+        let descriptor = manifest
+            .layers()
+            .iter()
+            .find(|d| d.digest().to_string() == remote.layer_digest)
+            .ok_or_else(|| {
+                SnapshotError::InvalidArgument(format!(
+                    "{pinned} has no layer {}",
+                    remote.layer_digest
+                ))
+            })?;
+        let layer = LazyLayer::from_descriptor(descriptor)
+            .map_err(|e| SnapshotError::InvalidArgument(format!("{pinned}: {e}")))?;
+        Ok(layer.map(|layer| LazyRecord::new(&pinned, &layer)))
+    }
+
+    async fn manifest(&self, pinned: &str) -> Result<Arc<ImageManifest>, SnapshotError> {
+        if let Some(m) = self.lock().get(pinned) {
+            return Ok(m.clone());
+        }
+        // The registry client's futures are not `Send` (its endpoint fallback takes an
+        // async closure), so the fetch runs on a blocking thread of this runtime.
+        let (registry, image, handle) = (
+            self.registry.clone(),
+            pinned.to_owned(),
+            tokio::runtime::Handle::current(),
+        );
+        let (manifest, _) =
+            tokio::task::spawn_blocking(move || handle.block_on(registry.pull_manifest(&image)))
+                .await
+                .map_err(|e| SnapshotError::Unavailable(format!("manifest task: {e}")))?
+                .map_err(|e| {
+                    SnapshotError::Unavailable(format!("fetching manifest {pinned}: {e}"))
+                })?;
+        let manifest = Arc::new(manifest);
+        self.lock().insert(pinned.to_owned(), manifest.clone());
+        Ok(manifest)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ImageManifest>>> {
+        self.manifests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
