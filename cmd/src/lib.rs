@@ -4,6 +4,7 @@
 pub mod check;
 pub mod config;
 pub mod convert;
+pub mod pull;
 pub mod registry_args;
 pub mod serve;
 pub mod snapshotter;

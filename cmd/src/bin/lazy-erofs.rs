@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lazy_erofs_cmd::check::{self, CheckArgs};
 use lazy_erofs_cmd::convert::{self, ConvertArgs};
+use lazy_erofs_cmd::pull::{self, PullArgs};
 use lazy_erofs_cmd::serve::{self, FetcherArgs, ServeArgs};
 
 #[derive(Debug, Parser)]
@@ -28,6 +29,10 @@ enum Command {
     /// Convert an OCI image (layout directory) into a lazily pullable one: every tar
     /// layer becomes a lazy EROFS layer; config and everything else are kept.
     Convert(ConvertArgs),
+    /// Make a converted image runnable by containerd without downloading its layers:
+    /// manifest and config into containerd's content store, every layer mounted lazily
+    /// by the lazy-erofs snapshotter. Then `ctr run --snapshotter lazy-erofs IMAGE …`.
+    Pull(PullArgs),
     /// Serve local EROFS images lazily through /dev/cachefiles with fetcher failover,
     /// so `mount -t erofs none -o fsid=NAME MNT` works. Root only; stops on SIGTERM.
     Serve(ServeArgs),
@@ -52,6 +57,7 @@ fn run(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Check(args) => check::run(&args, &mut std::io::stdout().lock()),
         Command::Convert(args) => convert::run(&args).map(|()| true),
+        Command::Pull(args) => pull::run(&args).map(|_| true),
         Command::Serve(args) => serve::run(&args).map(|()| true),
         Command::Fetcher(args) => serve::fetcher(&args).map(|()| true),
     }

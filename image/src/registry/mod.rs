@@ -18,6 +18,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::{Client, Reference, RegistryOperation};
 use oci_spec::image::{ImageIndex, ImageManifest};
 pub use options::{Credentials, HostOptions, RegistryOptions, RetryPolicy};
+pub use pull::{Document, PlatformManifest};
 
 use crate::blob::RangeRead;
 use crate::oci_layout::{LayoutError, OciLayout};

@@ -33,32 +33,64 @@ fn media_type_of(bytes: &[u8]) -> Result<String, serde_json::Error> {
     })
 }
 
+/// One manifest or index as fetched.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: String,
+}
+
+/// A platform's manifest and the documents that led to it.
+#[derive(Debug, Clone)]
+pub struct PlatformManifest {
+    /// Top level first; the last is the manifest; never empty.
+    documents: Vec<Document>,
+    pub manifest: ImageManifest,
+}
+
+impl PlatformManifest {
+    /// Every document fetched, top level first.
+    pub fn documents(&self) -> &[Document] {
+        &self.documents
+    }
+
+    /// The top-level document (what a tag names).
+    pub fn top(&self) -> &Document {
+        &self.documents[0]
+    }
+
+    /// The platform's manifest document.
+    pub fn manifest_document(&self) -> &Document {
+        &self.documents[self.documents.len() - 1]
+    }
+}
+
 impl Registry {
-    /// Pulls `image` for `platform` (`os/arch[/variant]`) into a new OCI layout at `dir`
-    /// whose `index.json` names the pulled top-level manifest or index. Returns the
-    /// number of bytes of blobs fetched.
-    pub async fn pull_to_layout(
+    /// The manifest of `image` for `platform` (`os/arch[/variant]`), following (nested)
+    /// indexes; every document fetched, top level first (the last is the manifest).
+    pub async fn pull_platform_manifest(
         &self,
         image: &str,
         platform: &str,
-        dir: &Path,
-    ) -> Result<u64, RegistryError> {
+    ) -> Result<PlatformManifest, RegistryError> {
         let reference = parse_reference(image)?;
-        let layout = OciLayout::create(dir)?;
         let (bytes, digest) = self.pull_manifest_raw(&reference, MANIFEST_TYPES).await?;
         let media_type = media_type_of(&bytes).map_err(|e| protocol_error(image, e))?;
-        layout.write_blob(&bytes)?;
-        let top_size = bytes.len() as u64;
-        let mut fetched = top_size;
-        let mut current = (bytes, media_type.clone(), digest.clone());
-        // Follow (nested) indexes down to the platform's manifest.
+        let mut documents = vec![Document {
+            bytes,
+            media_type,
+            digest,
+        }];
         loop {
-            let (bytes, media, digest) = &current;
-            if !is_index(media) {
+            let current = documents
+                .last()
+                .ok_or_else(|| protocol_error(image, "no manifest"))?;
+            if !is_index(&current.media_type) {
                 break;
             }
-            let index: ImageIndex =
-                serde_json::from_slice(bytes).map_err(|e| protocol_error(digest, e))?;
+            let index: ImageIndex = serde_json::from_slice(&current.bytes)
+                .map_err(|e| protocol_error(&current.digest, e))?;
             let chosen = index
                 .manifests()
                 .iter()
@@ -71,21 +103,69 @@ impl Registry {
                 reference.repository().to_owned(),
                 chosen.digest().to_string(),
             );
-            let (next, next_digest) = self.pull_manifest_raw(&by_digest, MANIFEST_TYPES).await?;
-            layout.write_blob(&next)?;
-            fetched += next.len() as u64;
-            current = (next, chosen.media_type().to_string(), next_digest);
+            let (bytes, digest) = self.pull_manifest_raw(&by_digest, MANIFEST_TYPES).await?;
+            documents.push(Document {
+                bytes,
+                media_type: chosen.media_type().to_string(),
+                digest,
+            });
         }
+        let last = documents
+            .last()
+            .ok_or_else(|| protocol_error(image, "no manifest"))?;
         let manifest: ImageManifest =
-            serde_json::from_slice(&current.0).map_err(|e| protocol_error(&current.2, e))?;
+            serde_json::from_slice(&last.bytes).map_err(|e| protocol_error(&last.digest, e))?;
+        Ok(PlatformManifest {
+            documents,
+            manifest,
+        })
+    }
+
+    /// A small blob (a config) in memory, checked against its descriptor.
+    pub async fn pull_small_blob(
+        &self,
+        image: &str,
+        blob: &Descriptor,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let digest = blob.digest().to_string();
+        let bytes = self.read_range(image, &digest, 0, blob.size()).await?;
+        let actual = crate::oci_layout::sha256_digest(&bytes);
+        if actual != digest {
+            return Err(protocol_error(
+                &digest,
+                format!("received bytes with digest {actual}"),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Pulls `image` for `platform` (`os/arch[/variant]`) into a new OCI layout at `dir`
+    /// whose `index.json` names the pulled top-level manifest or index. Returns the
+    /// number of bytes of blobs fetched.
+    pub async fn pull_to_layout(
+        &self,
+        image: &str,
+        platform: &str,
+        dir: &Path,
+    ) -> Result<u64, RegistryError> {
+        let reference = parse_reference(image)?;
+        let layout = OciLayout::create(dir)?;
+        let pulled = self.pull_platform_manifest(image, platform).await?;
+        let mut fetched = 0;
+        for document in &pulled.documents {
+            layout.write_blob(&document.bytes)?;
+            fetched += document.bytes.len() as u64;
+        }
+        let manifest = &pulled.manifest;
         for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
             fetched += self.pull_blob(&reference, blob, &layout).await?;
         }
+        let top = pulled.top();
         let top = Descriptor::new(
-            MediaType::from(media_type.as_str()),
-            top_size,
-            oci_spec::image::Digest::try_from(digest.as_str())
-                .map_err(|e| protocol_error(&digest, e))?,
+            MediaType::from(top.media_type.as_str()),
+            top.bytes.len() as u64,
+            oci_spec::image::Digest::try_from(top.digest.as_str())
+                .map_err(|e| protocol_error(&top.digest, e))?,
         );
         let mut index = ImageIndex::default();
         index.set_manifests(vec![top]);
