@@ -144,6 +144,27 @@ pub struct DockerRegistry {
     child: std::process::Child,
     /// `127.0.0.1:PORT`
     pub host: String,
+    /// Its access log (combined log format: one line per request, with status and bytes).
+    pub access_log: PathBuf,
+}
+
+impl DockerRegistry {
+    /// Bytes the registry sent in answer to GETs of blob `digest` so far, and how many
+    /// such requests it answered.
+    pub fn blob_bytes_sent(&self, digest: &str) -> (u64, usize) {
+        let log = fs::read_to_string(&self.access_log).unwrap_or_default();
+        let needle = format!("/blobs/{digest} ");
+        log.lines()
+            .filter(|line| line.contains("\"GET ") && line.contains(&needle))
+            .filter_map(|line| {
+                // ... "GET /v2/... HTTP/1.1" 206 1048576 "" "agent"
+                let after = line.split('"').nth(2)?;
+                let mut fields = after.split_whitespace();
+                let _status = fields.next()?;
+                fields.next()?.parse::<u64>().ok()
+            })
+            .fold((0, 0), |(bytes, count), n| (bytes + n, count + 1))
+    }
 }
 
 impl Drop for DockerRegistry {
@@ -183,14 +204,19 @@ pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result
             dir.join("registry-storage").display()
         ),
     )?;
+    let access_log = dir.join("registry-access.log");
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
-        .stdout(std::process::Stdio::null())
+        .stdout(fs::File::create(&access_log)?)
         .stderr(fs::File::create(dir.join("registry.log"))?)
         .spawn()
         .context("start docker-registry (packaging/setup.sh installs it)")?;
-    let registry = DockerRegistry { child, host };
+    let registry = DockerRegistry {
+        child,
+        host,
+        access_log,
+    };
     let start = std::time::Instant::now();
     while std::net::TcpStream::connect(&registry.host).is_err() {
         anyhow::ensure!(
@@ -204,7 +230,8 @@ pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result
 }
 
 /// The directory holding real Debian layer tars (`base.tar`: debootstrap minbase;
-/// `packages.tar`: python3, sqlite3, curl on top), built once and cached outside the
+/// `packages.tar`: python3-minimal, sqlite3, curl on top; `python.tar`: the full python3
+/// on top of both), built once and cached outside the
 /// checkout by packaging/testdata/debian-layers.sh (root and deb.debian.org the first
 /// time; a cache hit afterwards, also in the test VM).
 pub fn debian_layers() -> anyhow::Result<PathBuf> {

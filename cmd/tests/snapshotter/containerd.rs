@@ -76,15 +76,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Runs `ctr` in the test namespace; its stdout, or an error with its stderr.
-    pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("ctr")
+    /// `ctr` in the test namespace with `args`, to spawn.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ctr");
+        command
             .arg("--address")
             .arg(&self.address)
             .args(["--namespace", NAMESPACE])
-            .args(args)
-            .output()
-            .context("running ctr")?;
+            .args(args);
+        command
+    }
+
+    /// Runs `ctr` in the test namespace; its stdout, or an error with its stderr.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctr_command(args).output().context("running ctr")?;
         if !out.status.success() {
             bail!(
                 "ctr {}: {}\n{}",

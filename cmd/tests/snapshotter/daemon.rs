@@ -21,12 +21,33 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon on `root`, waits until it serves.
     pub fn start(root: &Path) -> Result<Self> {
+        Self::start_with(root, "")
+    }
+
+    /// Starts the daemon on `root` with `config` (TOML) added to its configuration file,
+    /// waits until it serves. Each root gets its own fscache tag (the kernel refuses a
+    /// second cache with the same tag).
+    pub fn start_with(root: &Path, config: &str) -> Result<Self> {
         let socket = root.join("run/snapshotter.sock");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(root.with_extension("log"))?;
+        let config_file = root.with_extension("toml");
+        let tag = format!(
+            "lt-{:x}",
+            root.display()
+                .to_string()
+                .bytes()
+                .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        );
+        std::fs::write(
+            &config_file,
+            format!("[snapshotter]\nfscache_tag = \"{tag}\"\n{config}"),
+        )?;
         let child = Command::new(env!("CARGO_BIN_EXE_lazy-erofs-snapshotter"))
+            .arg("--config")
+            .arg(&config_file)
             .arg("--root")
             .arg(root)
             .arg("--address")
@@ -59,6 +80,12 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root.with_extension("log")).unwrap_or_default()
+    }
+
+    /// The pid of the fetcher the daemon runs for lazy layers.
+    pub fn fetcher_pid(&self) -> Result<i32> {
+        let text = std::fs::read_to_string(self.root.join("fetcher/fetcher.pid"))?;
+        Ok(text.trim().parse()?)
     }
 
     pub async fn client(&self) -> Result<SnapshotsClient<Channel>> {

@@ -1,0 +1,268 @@
+//! The product end to end in the test VM: a Debian + python3 image converted and pushed
+//! to `docker-registry` on the guest loopback, `lazy-erofs pull` into a real containerd
+//! 1.7 with lazy-erofs as its proxy snapshotter, `ctr run` starting python before the
+//! layers are downloaded — only the bytes read come from the registry — and a container
+//! hashing a 256 MiB file while its fetcher is SIGKILLed again and again.
+
+mod common;
+#[path = "snapshotter/containerd.rs"]
+mod containerd;
+#[path = "snapshotter/daemon.rs"]
+mod daemon;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use containerd::Containerd;
+use daemon::Daemon;
+use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
+use lazy_erofs_image::manifest::LazyLayer;
+use lazy_erofs_image::registry::{Registry, RegistryOptions};
+use lazy_erofs_test_support::DockerRegistry;
+use sha2::{Digest, Sha256};
+
+const BIG_FILE_MIB: usize = 256;
+
+/// A tar layer holding `/data/big.bin` (pseudo-random); returns it and the file's sha256.
+fn big_file_layer(work: &Path) -> Result<(PathBuf, String)> {
+    let dir = work.join("big");
+    std::fs::create_dir_all(dir.join("data"))?;
+    let bytes = lazy_erofs_test_support::pseudo_random(BIG_FILE_MIB << 20, 0x1a2e);
+    let hash = lazy_erofs_image::blob::hex(&Sha256::digest(&bytes));
+    std::fs::write(dir.join("data/big.bin"), &bytes)?;
+    let tar = work.join("big.tar");
+    run(Command::new("tar")
+        .args(["--numeric-owner", "-C"])
+        .arg(&dir)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("./data"))?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok((tar, hash))
+}
+
+fn run(command: &mut Command) -> Result<String> {
+    let out = command.output().with_context(|| format!("{command:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{command:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The Debian + python3 layers plus `extra`, converted and pushed as `image`; returns
+/// the lazy layers of the pushed manifest.
+fn push_converted(
+    work: &Path,
+    registry: &DockerRegistry,
+    image: &str,
+    extra: &[PathBuf],
+) -> Result<Vec<LazyLayer>> {
+    let layers = lazy_erofs_test_support::debian_layers()?;
+    let mut tars = vec![
+        layers.join("base.tar"),
+        layers.join("packages.tar"),
+        layers.join("python.tar"),
+    ];
+    tars.extend_from_slice(extra);
+    let archive = work.join("image.tar");
+    lazy_erofs_test_support::write_oci_archive(&archive, &tars, &["python3"], image)?;
+    let (src, dst) = (work.join("src"), work.join("dst"));
+    std::fs::create_dir_all(&src)?;
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .arg("-xf")
+        .arg(&archive))?;
+    std::fs::remove_file(&archive)?;
+    let started = Instant::now();
+    convert_layout(
+        &src,
+        &dst,
+        "linux/amd64",
+        &ConvertOptions::default(),
+        &mut |_, _, r| r,
+    )?;
+    std::fs::remove_dir_all(&src)?;
+    println!("convert: {:.1} s", started.elapsed().as_secs_f64());
+    let client = Registry::new(&RegistryOptions::insecure(&registry.host));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(client.push_layout(&dst, image))?;
+    let (manifest, _) = runtime.block_on(client.pull_manifest(image))?;
+    manifest
+        .layers()
+        .iter()
+        .map(|d| LazyLayer::from_descriptor(d)?.context("layer not lazy"))
+        .collect()
+}
+
+/// `lazy-erofs pull` into `containerd`; its stdout.
+fn lazy_pull(containerd: &Containerd, registry: &DockerRegistry, image: &str) -> Result<String> {
+    run(Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+        .arg("pull")
+        .arg("--address")
+        .arg(&containerd.address)
+        .args([
+            "--namespace",
+            containerd::NAMESPACE,
+            "--insecure",
+            &registry.host,
+            image,
+        ]))
+}
+
+/// Bytes the registry sent for `layers` so far, and their total size.
+fn fetched(registry: &DockerRegistry, layers: &[LazyLayer]) -> (u64, u64) {
+    layers.iter().fold((0, 0), |(sent, size), layer| {
+        (
+            sent + registry.blob_bytes_sent(&layer.digest).0,
+            size + layer.size,
+        )
+    })
+}
+
+const PYTHON: &str = "import json, sqlite3, hashlib; \
+    db = sqlite3.connect(':memory:'); \
+    print(json.dumps({'sqlite': db.execute('select sqlite_version()').fetchone()[0], \
+    'sha': hashlib.sha256(b'lazy-erofs').hexdigest()}))";
+
+#[test]
+fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()> {
+    let scratch = common::scratch()?;
+    let work = scratch.path();
+    let registry_dir = work.join("registry");
+    std::fs::create_dir_all(&registry_dir)?;
+    let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
+    let image = format!("{}/lazy/python:1", registry.host);
+    let (big_tar, big_hash) = big_file_layer(work)?;
+    let layers = push_converted(work, &registry, &image, &[big_tar])?;
+
+    let daemon = Daemon::start_with(
+        &work.join("snapshotter"),
+        &format!("[registry]\ninsecure_hosts = [\"{}\"]\n", registry.host),
+    )?;
+    let containerd = Containerd::start(&work.join("containerd"), &daemon.socket)?;
+
+    let started = Instant::now();
+    let pulled = lazy_pull(&containerd, &registry, &image).with_context(|| daemon.log())?;
+    let pull_time = started.elapsed();
+    ensure!(pulled.contains("4 layers lazily"), "{pulled}");
+    let ctr_run = |id: &str, args: &[&str]| -> Result<String> {
+        let mut all = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazy-erofs",
+            image.as_str(),
+            id,
+        ];
+        all.extend_from_slice(args);
+        containerd
+            .ctr(&all)
+            .with_context(|| format!("{}\n{}", containerd.log(), daemon.log()))
+    };
+    let output = ctr_run("python", &["python3", "-c", PYTHON])?;
+    let first_output = started.elapsed();
+    let answer: serde_json::Value = serde_json::from_str(output.trim()).context(output.clone())?;
+    let want_sha = lazy_erofs_image::blob::hex(&Sha256::digest(b"lazy-erofs"));
+    assert_eq!(answer["sha"], want_sha.as_str(), "{output}");
+    ensure!(
+        answer["sqlite"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.")),
+        "{output}"
+    );
+    let (sent, size) = fetched(&registry, &layers[..3]);
+    println!(
+        "pull {:.2} s, python's first output at {:.2} s; registry sent {sent} of {size} layer bytes ({:.1} %)",
+        pull_time.as_secs_f64(),
+        first_output.as_secs_f64(),
+        100.0 * sent as f64 / size as f64
+    );
+    ensure!(sent > 0, "nothing fetched: the layers were not read lazily");
+    ensure!(
+        sent < size / 2,
+        "registry sent {sent} of {size} bytes: not lazy"
+    );
+    ensure!(
+        registry.blob_bytes_sent(&layers[3].digest).0 < 1 << 20,
+        "the big file's layer was fetched before anyone read it"
+    );
+
+    // Failover under a container: hash the 256 MiB file while the fetcher is killed,
+    // each replacement left serving for a moment before it is killed in turn.
+    let mut hasher = containerd
+        .ctr_command(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazy-erofs",
+            &image,
+            "hash",
+            "sha256sum",
+            "/data/big.bin",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let hash_started = Instant::now();
+    let mut kills = 0;
+    let mut last = 0;
+    let status = loop {
+        if let Some(status) = hasher.try_wait()? {
+            break status;
+        }
+        if hash_started.elapsed() > Duration::from_secs(600) {
+            let _ = hasher.kill();
+            anyhow::bail!(
+                "sha256sum still running after 600 s and {kills} kills\n{}",
+                daemon.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        match daemon.fetcher_pid() {
+            Ok(pid) if pid != last => {
+                std::thread::sleep(Duration::from_millis(400));
+                if nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+                {
+                    kills += 1;
+                }
+                last = pid;
+            }
+            _ => {}
+        }
+    };
+    let out = hasher.wait_with_output()?;
+    let hashed = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        status.success(),
+        "sha256sum in the container: {status}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    println!(
+        "sha256sum of {BIG_FILE_MIB} MiB under {kills} fetcher kills: {}",
+        hashed.trim()
+    );
+    ensure!(
+        hashed.starts_with(&big_hash),
+        "wrong hash {hashed:?}, want {big_hash}"
+    );
+    ensure!(kills >= 20, "only {kills} fetcher kills during the hash");
+    let restarts = daemon.log().matches("fetcher exited; restarting").count();
+    ensure!(
+        restarts >= kills,
+        "{restarts} restarts logged for {kills} kills"
+    );
+    Ok(())
+}
