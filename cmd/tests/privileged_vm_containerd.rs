@@ -12,41 +12,16 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, ensure};
 use containerd::Containerd;
-use containerd_client::services::v1::snapshots as pb;
 use daemon::Daemon;
 
 const IMAGE: &str = "lazy-erofs.test/debian:python";
 
-/// Our store, as (name without containerd's `namespace/id/` prefix, kind) pairs.
 async fn our_snapshots(daemon: &Daemon) -> Result<BTreeSet<(String, String)>> {
-    let mut c = daemon.client().await?;
-    let mut out = BTreeSet::new();
-    for info in daemon::list_all(&mut c).await? {
-        let name = info
-            .name
-            .splitn(3, '/')
-            .nth(2)
-            .unwrap_or(&info.name)
-            .to_owned();
-        let kind = pb::Kind::try_from(info.kind)
-            .map(|k| k.as_str_name().to_lowercase())
-            .unwrap_or_default();
-        out.insert((name, kind));
-    }
-    Ok(out)
+    daemon::snapshot_kinds(daemon).await
 }
 
-/// `ctr snapshots ls`: KEY PARENT KIND.
 fn containerd_snapshots(containerd: &Containerd) -> Result<BTreeSet<(String, String)>> {
-    let listing = containerd.ctr(&["snapshots", "--snapshotter", "lazy-erofs", "ls"])?;
-    Ok(listing
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            Some((fields.first()?.to_string(), fields.last()?.to_lowercase()))
-        })
-        .collect())
+    containerd.snapshot_kinds()
 }
 
 #[tokio::test]

@@ -143,10 +143,8 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
     let (big_tar, big_hash) = big_file_layer(work)?;
     let layers = push_converted(work, &registry, &image, &[big_tar])?;
 
-    let daemon = Daemon::start_with(
-        &work.join("snapshotter"),
-        &format!("[registry]\ninsecure_hosts = [\"{}\"]\n", registry.host),
-    )?;
+    let config = format!("[registry]\ninsecure_hosts = [\"{}\"]\n", registry.host);
+    let daemon = Daemon::start_with(&work.join("snapshotter"), &config)?;
     let containerd = Containerd::start(&work.join("containerd"), &daemon.socket)?;
 
     let started = Instant::now();
@@ -264,5 +262,144 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
         restarts >= kills,
         "{restarts} restarts logged for {kills} kills"
     );
+    restart_and_second_start(Story {
+        daemon,
+        containerd: &containerd,
+        registry: &registry,
+        image: &image,
+        layers: &layers,
+        config: &config,
+    })
+}
+
+/// What the later acts of the test need.
+struct Story<'a> {
+    daemon: Daemon,
+    containerd: &'a Containerd,
+    registry: &'a DockerRegistry,
+    image: &'a str,
+    layers: &'a [LazyLayer],
+    config: &'a str,
+}
+
+impl Story<'_> {
+    fn run_python(&self, id: &str) -> Result<()> {
+        let output = self
+            .containerd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "lazy-erofs",
+                self.image,
+                id,
+                "python3",
+                "-c",
+                PYTHON,
+            ])
+            .with_context(|| format!("{}\n{}", self.containerd.log(), self.daemon.log()))?;
+        let answer: serde_json::Value = serde_json::from_str(output.trim()).context(output)?;
+        let want = lazy_erofs_image::blob::hex(&Sha256::digest(b"lazy-erofs"));
+        ensure!(answer["sha"] == want.as_str(), "{answer}");
+        Ok(())
+    }
+
+    /// Registry bytes sent for the python image's layers so far.
+    fn sent(&self) -> u64 {
+        fetched(self.registry, &self.layers[..3]).0
+    }
+}
+
+/// Snapshotter restart (SIGTERM, start again: views agree, each layer mounted once, new
+/// containers start, nothing cached fetched again), then a second cold start after
+/// containerd dropped the image and its snapshots, with the cache kept.
+fn restart_and_second_start(mut story: Story<'_>) -> Result<()> {
+    let status = story.daemon.stop()?;
+    ensure!(
+        status.success(),
+        "SIGTERM: {status}\n{}",
+        story.daemon.log()
+    );
+    let root = story.daemon.root.clone();
+    let left = layer_mounts(&root)?;
+    ensure!(left.is_empty(), "layer mounts left after SIGTERM: {left:?}");
+    story.daemon = Daemon::start_with(&root, story.config)?;
+    let region_bytes: u64 = story.layers[..3]
+        .iter()
+        .map(LazyLayer::verified_region_len)
+        .sum();
+
+    let sent_before = story.sent();
+    story.run_python("python-again")?;
+    let mounts = layer_mounts(&root)?;
+    let mut unique = mounts.clone();
+    unique.dedup();
+    ensure!(
+        mounts.len() == 4 && unique.len() == 4,
+        "layer mounts after restart: {mounts:?}"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ours = || runtime.block_on(daemon::snapshot_kinds(&story.daemon));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while story.containerd.snapshot_kinds()? != ours()? && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(story.containerd.snapshot_kinds()?, ours()?);
+    let resent = story.sent() - sent_before;
+    println!(
+        "after a snapshotter restart: python again, registry sent {resent} bytes \
+         (verified regions: {region_bytes})"
+    );
+    ensure!(
+        resent <= region_bytes,
+        "{resent} bytes fetched again after the restart: cached chunks were fetched"
+    );
+
+    // containerd forgets the image; its GC removes the snapshots from us.
+    story
+        .containerd
+        .ctr(&["image", "rm", "--sync", story.image])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ours()?.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "containerd's GC left snapshots: {:?}",
+            ours()?
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let left = layer_mounts(&root)?;
+    ensure!(
+        left.is_empty(),
+        "layer mounts outlived their snapshots: {left:?}"
+    );
+    let sent_before = story.sent();
+    let started = Instant::now();
+    lazy_pull(story.containerd, story.registry, story.image)?;
+    story.run_python("python-warm")?;
+    let resent = story.sent() - sent_before;
+    println!(
+        "second cold start with the cache kept: first output at {:.2} s, registry sent {resent} bytes",
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(
+        resent <= region_bytes,
+        "{resent} bytes fetched again on the second start: cached chunks were fetched"
+    );
     Ok(())
+}
+
+/// Mount points of lazy layers under `root`, sorted (repeats kept).
+fn layer_mounts(root: &Path) -> Result<Vec<String>> {
+    let prefix = root.join("layers/mnt").display().to_string();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .filter(|point| point.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    mounts.sort();
+    Ok(mounts)
 }

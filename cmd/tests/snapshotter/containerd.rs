@@ -102,6 +102,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
+impl Containerd {
+    /// `ctr snapshots ls` for lazy-erofs as (key, kind) pairs.
+    pub fn snapshot_kinds(&self) -> Result<std::collections::BTreeSet<(String, String)>> {
+        let listing = self.ctr(&["snapshots", "--snapshotter", "lazy-erofs", "ls"])?;
+        Ok(listing
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                Some((fields.first()?.to_string(), fields.last()?.to_lowercase()))
+            })
+            .collect())
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -135,3 +135,26 @@ pub async fn list_all(
     }
     Ok(out)
 }
+
+/// The daemon's store as (name without containerd's `namespace/id/` prefix, kind) pairs:
+/// comparable with [`super::containerd::Containerd::snapshot_kinds`].
+pub async fn snapshot_kinds(
+    daemon: &Daemon,
+) -> Result<std::collections::BTreeSet<(String, String)>> {
+    use containerd_client::services::v1::snapshots as pb;
+    let mut c = daemon.client().await?;
+    let mut out = std::collections::BTreeSet::new();
+    for info in list_all(&mut c).await? {
+        let name = info
+            .name
+            .splitn(3, '/')
+            .nth(2)
+            .unwrap_or(&info.name)
+            .to_owned();
+        let kind = pb::Kind::try_from(info.kind)
+            .map(|k| k.as_str_name().to_lowercase())
+            .unwrap_or_default();
+        out.insert((name, kind));
+    }
+    Ok(out)
+}
