@@ -17,3 +17,7 @@ bench=$(cargo bench --locked -p lazy-erofs-cmd --bench ondemand --no-run --messa
     jq -r 'select(.profile.test == true and .target.name == "ondemand") | .executable' | tail -n1)
 [ -x "$bench" ] || { echo "bench binary not found" >&2; exit 1; }
 packaging/testvm/run.sh --mem 6G -- "$bench"
+echo "=== cold start of a python image: lazy-erofs vs overlayfs, shaped link (test VM)"
+layers=$(bash packaging/testdata/debian-layers.sh)
+packaging/testvm/run.sh --mem 6G -- bash "$PWD/packaging/demo/cold-start.sh" \
+    "$CARGO_TARGET_DIR/release" "$layers" /scratch

@@ -210,8 +210,9 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let hash_started = Instant::now();
+    let big_sent = || registry.blob_bytes_sent(&layers[3].digest).0;
     let mut kills = 0;
-    let mut last = 0;
+    let mut sent_at_last_kill = big_sent();
     let status = loop {
         if let Some(status) = hasher.try_wait()? {
             break status;
@@ -223,21 +224,21 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
                 daemon.log()
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
-        match daemon.fetcher_pid() {
-            Ok(pid) if pid != last => {
-                std::thread::sleep(Duration::from_millis(400));
-                if nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
-                .is_ok()
-                {
-                    kills += 1;
-                }
-                last = pid;
-            }
-            _ => {}
+        std::thread::sleep(Duration::from_millis(50));
+        // Kill once the current fetcher has moved the read on by 8 MiB: every fetcher
+        // makes progress, so the reader finishes after ~30 kills.
+        if big_sent() < sent_at_last_kill + (8 << 20) {
+            continue;
+        }
+        if let Ok(pid) = daemon.fetcher_pid()
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            kills += 1;
+            sent_at_last_kill = big_sent();
         }
     };
     let out = hasher.wait_with_output()?;

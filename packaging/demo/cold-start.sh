@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Cold-start benchmark, on a kernel with cachefiles ondemand mode, as root: the Debian +
+# python3 image served by docker-registry in a network namespace behind a veth pair
+# (shaped with tc netem per profile); containerd's overlayfs snapshotter with
+# `ctr image pull` against lazy-erofs with `lazy-erofs pull`, same containerd, same
+# registry. Cold start = pull + create + run until python's output; warm = run again.
+# Usage: cold-start.sh BIN_DIR LAYERS_DIR WORK_DIR
+set -euo pipefail
+bin=$1 layers=$2 work=$3
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+mkdir -p "$work"
+work=$(mktemp -d "$work/bench.XXXXXX")
+. "$here/lib.sh"
+netns=lazy-erofs-bench
+cleanup() {
+    stop_all
+    ip netns del "$netns" 2>/dev/null || true
+    ip link del lzb0 2>/dev/null || true
+}
+trap cleanup EXIT
+
+ip netns add "$netns"
+ip link add lzb0 type veth peer name lzb1
+ip link set lzb1 netns "$netns"
+ip addr add 10.231.0.1/24 dev lzb0
+ip link set lzb0 up
+ip netns exec "$netns" ip addr add 10.231.0.2/24 dev lzb1
+ip netns exec "$netns" ip link set lzb1 up
+ip netns exec "$netns" ip link set lo up
+host=10.231.0.2:5000
+start_registry "$host" "$netns"
+plain=$host/bench/python:gzip
+lazy=$host/bench/python:lazy
+
+python3 "$here/oci-layout.py" --gzip --ref "$plain" "$work/layout" '["python3"]' \
+    "$layers/base.tar" "$layers/packages.tar" "$layers/python.tar"
+"$bin/lazy-erofs" convert "oci:$work/layout" "$lazy" --insecure "$host" >"$work/convert.log" 2>&1 ||
+    { cat "$work/convert.log" >&2; exit 1; }
+start_snapshotter "$host"
+start_containerd
+tar -C "$work/layout" -cf "$work/plain.tar" .
+ctr image import "$work/plain.tar" >/dev/null
+ctr image push --plain-http "$plain" >/dev/null
+ctr image rm --sync "$plain" >/dev/null
+rm -f "$work/plain.tar"
+gzip_bytes=$(du -cb "$work"/layout/blobs/sha256/* | tail -1 | cut -f1)
+step "images pushed: $plain (gzip layers) and $lazy"
+
+python_cmd=(python3 -c "import json, sqlite3, hashlib; print('ready')")
+shape() { # shape none | RATE DELAY (one way; RTT is twice)
+    for dev in "lzb0" "netns:lzb1"; do
+        local cmd=(tc)
+        [[ $dev == netns:* ]] && cmd=(ip netns exec "$netns" tc) dev=${dev#netns:}
+        "${cmd[@]}" qdisc del dev "$dev" root 2>/dev/null || true
+        [ "$1" = none ] || "${cmd[@]}" qdisc add dev "$dev" root netem rate "$1" delay "$2" limit 10000
+    done
+}
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# run_ms SNAPSHOTTER IMAGE ID: ms until the container's output is back.
+run_ms() {
+    local start out
+    start=$(now)
+    out=$(ctr run --rm --snapshotter "$1" "$2" "$3" "${python_cmd[@]}")
+    [ "$out" = ready ] || { echo "container said: $out" >&2; return 1; }
+    elapsed_ms "$start"
+}
+reset_lazy() { # forget the image, the snapshots and the cache: a cold node
+    ctr image rm --sync "$lazy" >/dev/null 2>&1 || true
+    kill "$snapshotter_pid"
+    wait "$snapshotter_pid" 2>/dev/null || true
+    rm -rf "$work/snapshotter"
+    start_snapshotter "$host"
+}
+
+printf '\n| profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|\n' >"$work/table.md"
+for profile in "unshaped" "100mbit 10ms"; do
+    if [ "$profile" = unshaped ]; then shape none; else shape $profile; fi
+    label=$profile
+    [ "$profile" = unshaped ] || label="${profile%% *}, $(( ${profile##* } * 2 ))ms RTT"
+
+    ctr image rm --sync "$plain" >/dev/null 2>&1 || true
+    drop_caches
+    start=$(now)
+    ctr image pull --plain-http --snapshotter overlayfs "$plain" >/dev/null
+    run_ms overlayfs "$plain" o-cold >/dev/null
+    overlay_cold=$(elapsed_ms "$start")
+    overlay_warm=$(run_ms overlayfs "$plain" o-warm)
+
+    reset_lazy
+    drop_caches
+    before=$(registry_blob_bytes)
+    start=$(now)
+    "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$lazy" >/dev/null
+    run_ms lazy-erofs "$lazy" l-cold >/dev/null
+    lazy_cold=$(elapsed_ms "$start")
+    fetched=$(( $(registry_blob_bytes) - before ))
+    lazy_warm=$(run_ms lazy-erofs "$lazy" l-warm)
+    ratio=$(awk "BEGIN { printf \"%.2f\", $overlay_cold / $lazy_cold }")
+    step "$label: overlayfs cold ${overlay_cold} ms, lazy-erofs cold ${lazy_cold} ms (${ratio}x); warm ${overlay_warm} / ${lazy_warm} ms; lazy fetched $((fetched >> 10)) KiB of $((gzip_bytes >> 10)) KiB (gzip image)"
+    printf '| %s | %d ms | %d ms | %sx | %d ms | %d ms | %d / %d KiB |\n' "$label" "$overlay_cold" "$lazy_cold" "$ratio" \
+        "$overlay_warm" "$lazy_warm" $((fetched >> 10)) $((gzip_bytes >> 10)) >>"$work/table.md"
+done
+shape none
+cat "$work/table.md"
