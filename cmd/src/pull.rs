@@ -15,9 +15,9 @@ use containerd_client::services::v1::snapshots::{
     PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    CreateImageRequest, CreateRequest, DeleteRequest, Image, UpdateImageRequest, WriteAction,
-    WriteContentRequest, content_client::ContentClient, images_client::ImagesClient,
-    leases_client::LeasesClient,
+    CreateImageRequest, CreateRequest, DeleteRequest, Image, Info, UpdateImageRequest,
+    UpdateRequest, WriteAction, WriteContentRequest, content_client::ContentClient,
+    images_client::ImagesClient, leases_client::LeasesClient,
 };
 use containerd_client::types::Descriptor;
 use lazy_erofs_image::manifest::LazyLayer;
@@ -345,13 +345,34 @@ fn manifest_media_type(document: &lazy_erofs_image::registry::Document) -> Strin
     document.media_type.clone()
 }
 
-/// Writes one blob into containerd's content store (already there is fine).
+/// Writes one blob into containerd's content store (already there is fine) and sets
+/// `labels` on it. The labels are set apart from the write: a blob another image already
+/// brought (a converted image keeps its config) would not get them from a write, and
+/// without the snapshot reference containerd's garbage collector removes the snapshots
+/// as soon as the lease ends.
 async fn write_content(
     session: &Session,
     digest: &str,
     bytes: &[u8],
     labels: HashMap<String, String>,
 ) -> Result<()> {
+    write_blob(session, digest, bytes).await?;
+    let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+    ContentClient::new(session.channel.clone())
+        .update(session.request(UpdateRequest {
+            info: Some(Info {
+                digest: digest.to_owned(),
+                labels,
+                ..Info::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        })?)
+        .await
+        .with_context(|| format!("labelling {digest} in containerd's content store"))?;
+    Ok(())
+}
+
+async fn write_blob(session: &Session, digest: &str, bytes: &[u8]) -> Result<()> {
     let message = WriteContentRequest {
         action: WriteAction::Commit as i32,
         r#ref: format!("lazy-erofs-pull-{digest}"),
@@ -359,7 +380,7 @@ async fn write_content(
         expected: digest.to_owned(),
         offset: 0,
         data: bytes.to_vec(),
-        labels,
+        labels: HashMap::new(),
     };
     let mut content = ContentClient::new(session.channel.clone());
     let stream = futures::stream::iter([message]);

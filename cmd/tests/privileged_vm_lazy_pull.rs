@@ -2,7 +2,9 @@
 //! to `docker-registry` on the guest loopback, `lazy-erofs pull` into a real containerd
 //! 1.7 with lazy-erofs as its proxy snapshotter, `ctr run` starting python before the
 //! layers are downloaded — only the bytes read come from the registry — and a container
-//! hashing a 256 MiB file while its fetcher is SIGKILLed again and again.
+//! hashing a 256 MiB file while its fetcher is SIGKILLed again and again and the
+//! registry fails some requests (through a fault proxy, the named fake of
+//! `test-support`); a registry that stays broken gets a reader EIO in bounded time.
 
 mod common;
 #[path = "snapshotter/containerd.rs"]
@@ -21,6 +23,7 @@ use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
 use lazy_erofs_test_support::DockerRegistry;
+use lazy_erofs_test_support::fault_proxy::{Fault, FaultProxy};
 use sha2::{Digest, Sha256};
 
 const BIG_FILE_MIB: usize = 256;
@@ -103,7 +106,8 @@ fn push_converted(
 }
 
 /// `lazy-erofs pull` into `containerd`; its stdout.
-fn lazy_pull(containerd: &Containerd, registry: &DockerRegistry, image: &str) -> Result<String> {
+fn lazy_pull(containerd: &Containerd, image: &str) -> Result<String> {
+    let host = image.split('/').next().unwrap_or_default();
     run(Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
         .arg("pull")
         .arg("--address")
@@ -112,7 +116,7 @@ fn lazy_pull(containerd: &Containerd, registry: &DockerRegistry, image: &str) ->
             "--namespace",
             containerd::NAMESPACE,
             "--insecure",
-            &registry.host,
+            host,
             image,
         ]))
 }
@@ -139,16 +143,25 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
     let registry_dir = work.join("registry");
     std::fs::create_dir_all(&registry_dir)?;
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
-    let image = format!("{}/lazy/python:1", registry.host);
     let (big_tar, big_hash) = big_file_layer(work)?;
-    let layers = push_converted(work, &registry, &image, &[big_tar])?;
-
-    let config = format!("[registry]\ninsecure_hosts = [\"{}\"]\n", registry.host);
+    let layers = push_converted(
+        work,
+        &registry,
+        &format!("{}/lazy/python:1", registry.host),
+        &[big_tar],
+    )?;
+    // Everything after the push reaches the registry through the fault proxy.
+    let proxy = FaultProxy::start(registry.host.clone())?;
+    let image = format!("{}/lazy/python:1", proxy.addr);
+    let config = format!(
+        "[registry]\ninsecure_hosts = [\"{}\"]\n[registry.retry]\nbudget = \"3s\"\n",
+        proxy.addr
+    );
     let daemon = Daemon::start_with(&work.join("snapshotter"), &config)?;
     let containerd = Containerd::start(&work.join("containerd"), &daemon.socket)?;
 
     let started = Instant::now();
-    let pulled = lazy_pull(&containerd, &registry, &image).with_context(|| daemon.log())?;
+    let pulled = lazy_pull(&containerd, &image).with_context(|| daemon.log())?;
     let pull_time = started.elapsed();
     ensure!(pulled.contains("4 layers lazily"), "{pulled}");
     let ctr_run = |id: &str, args: &[&str]| -> Result<String> {
@@ -209,6 +222,16 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
+    // Transient registry faults mid-read: retried, and the flipped bit never lands.
+    let faults = [
+        Fault::Status500,
+        Fault::ResetMidBody,
+        Fault::FlipBit,
+        Fault::TruncatedBody,
+        Fault::TooManyRequests,
+        Fault::FlipBit,
+    ];
+    proxy.queue(&faults);
     let hash_started = Instant::now();
     let big_sent = || registry.blob_bytes_sent(&layers[3].digest).0;
     let mut kills = 0;
@@ -259,6 +282,12 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
         "wrong hash {hashed:?}, want {big_hash}"
     );
     ensure!(kills >= 20, "only {kills} fetcher kills during the hash");
+    ensure!(
+        proxy.injected().len() == faults.len(),
+        "faults injected: {:?}",
+        proxy.injected()
+    );
+    registry_down(&containerd, &daemon, &proxy, &image)?;
     let restarts = daemon.log().matches("fetcher exited; restarting").count();
     ensure!(
         restarts >= kills,
@@ -272,6 +301,55 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
         layers: &layers,
         config: &config,
     })
+}
+
+/// A registry that keeps failing: a container reading data not fetched yet gets EIO
+/// within the retry budget and the log says why; once it recovers, the same read works.
+fn registry_down(
+    containerd: &Containerd,
+    daemon: &Daemon,
+    proxy: &FaultProxy,
+    image: &str,
+) -> Result<()> {
+    // pydoc's topics are not read by starting python: not fetched yet.
+    let read = ["cat", "/usr/lib/python3.11/pydoc_data/topics.py"];
+    let ctr = |id: &str| {
+        let mut args = vec!["run", "--rm", "--snapshotter", "lazy-erofs", image, id];
+        args.extend_from_slice(&read);
+        containerd.ctr_command(&args).output()
+    };
+    proxy.set_standing(Some(Fault::Status500));
+    let started = Instant::now();
+    let out = ctr("down")?;
+    let failed_after = started.elapsed();
+    proxy.set_standing(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "registry down: reader failed after {:.1} s: {}",
+        failed_after.as_secs_f64(),
+        stderr.trim()
+    );
+    ensure!(
+        !out.status.success(),
+        "read succeeded with the registry down"
+    );
+    ensure!(stderr.contains("Input/output error"), "{stderr}");
+    ensure!(
+        failed_after < Duration::from_secs(120),
+        "EIO took {failed_after:?}"
+    );
+    ensure!(
+        daemon.log().contains("500"),
+        "the log does not say the registry failed:\n{}",
+        daemon.log()
+    );
+    let out = ctr("up")?;
+    ensure!(
+        out.status.success() && out.stdout.starts_with(b"# -*- coding: utf-8 -*-"),
+        "after recovery: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// What the later acts of the test need.
@@ -379,7 +457,7 @@ fn restart_and_second_start(mut story: Story<'_>) -> Result<()> {
     );
     let sent_before = story.sent();
     let started = Instant::now();
-    lazy_pull(story.containerd, story.registry, story.image)?;
+    lazy_pull(story.containerd, story.image)?;
     story.run_python("python-warm")?;
     let resent = story.sent() - sent_before;
     println!(
