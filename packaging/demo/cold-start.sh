@@ -73,10 +73,10 @@ reset_lazy() { # forget the image, the snapshots and the cache: a cold node
 }
 
 printf '\n| profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|\n' >"$work/table.md"
-for profile in "unshaped" "100mbit 10ms"; do
-    if [ "$profile" = unshaped ]; then shape none; else shape $profile; fi
-    label=$profile
-    [ "$profile" = unshaped ] || label="${profile%% *}, $(( ${profile##* } * 2 ))ms RTT"
+# label|rate|one-way delay (netem on both ends: RTT is twice the delay)
+for profile in "unshaped||" "100 Mbit/s, 20 ms RTT|100mbit|10ms"; do
+    IFS='|' read -r label rate delay <<<"$profile"
+    if [ -z "$rate" ]; then shape none; else shape "$rate" "$delay"; fi
 
     ctr image rm --sync "$plain" >/dev/null 2>&1 || true
     drop_caches
