@@ -4,6 +4,7 @@
 //! an active snapshot on top mounts the layers' files — byte for byte what the image
 //! holds. Bad labels get InvalidArgument and change nothing.
 
+mod common;
 #[path = "snapshotter/daemon.rs"]
 mod daemon;
 
@@ -12,7 +13,6 @@ use std::collections::HashMap;
 use anyhow::{Context, Result, ensure};
 use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, StatSnapshotRequest};
 use daemon::Daemon;
-use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
 use lazy_erofs_snapshotter::lazy::remote;
 
@@ -28,13 +28,7 @@ async fn privileged_host_lazy_layers_fall_back_to_whole_file_backed_mounts() -> 
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
     let (src, dst) = (work.path().join("src"), work.path().join("dst"));
     let diff_ids = lazy_erofs_test_support::make_oci_layout(&src)?;
-    convert_layout(
-        &src,
-        &dst,
-        "linux/amd64",
-        &ConvertOptions::default(),
-        &mut |_, _, r| r,
-    )?;
+    common::convert(&src, &dst)?;
     let image = format!("{}/lazy/fallback:1", registry.host);
     let client = Registry::new(&RegistryOptions::insecure(&registry.host));
     client.push_layout(&dst, &image).await?;

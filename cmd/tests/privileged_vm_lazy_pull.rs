@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use containerd::Containerd;
 use daemon::Daemon;
-use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
 use lazy_erofs_test_support::DockerRegistry;
@@ -83,13 +82,7 @@ fn push_converted(
         .arg(&archive))?;
     std::fs::remove_file(&archive)?;
     let started = Instant::now();
-    convert_layout(
-        &src,
-        &dst,
-        "linux/amd64",
-        &ConvertOptions::default(),
-        &mut |_, _, r| r,
-    )?;
+    common::convert(&src, &dst)?;
     std::fs::remove_dir_all(&src)?;
     println!("convert: {:.1} s", started.elapsed().as_secs_f64());
     let client = Registry::new(&RegistryOptions::insecure(&registry.host));

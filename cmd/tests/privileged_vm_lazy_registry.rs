@@ -12,7 +12,6 @@ use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 use common::{Serve, ServeOptions};
-use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
 use lazy_erofs_test_support::fault_proxy::{Fault, FaultProxy};
 
@@ -23,13 +22,7 @@ fn pushed_image(work: &Path) -> Result<lazy_erofs_test_support::DockerRegistry> 
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
     let (src, dst) = (work.join("src"), work.join("dst"));
     lazy_erofs_test_support::make_oci_layout(&src)?;
-    convert_layout(
-        &src,
-        &dst,
-        "linux/amd64",
-        &ConvertOptions::default(),
-        &mut |_, _, reader| reader,
-    )?;
+    common::convert(&src, &dst)?;
     let image = format!("{}/{IMAGE_PATH}", registry.host);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

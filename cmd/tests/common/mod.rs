@@ -24,6 +24,18 @@ pub fn scratch() -> Result<tempfile::TempDir> {
 #[allow(unused_imports)] // used by some of the test binaries that include this module
 pub use lazy_erofs_test_support::pseudo_random;
 
+/// Converts the OCI layout `src` into a lazy one at `dst` (linux/amd64, defaults).
+pub fn convert(src: &Path, dst: &Path) -> Result<()> {
+    lazy_erofs_image::convert::convert_layout(
+        src,
+        dst,
+        "linux/amd64",
+        &lazy_erofs_image::convert::ConvertOptions::default(),
+        &mut |_, _, r| r,
+    )?;
+    Ok(())
+}
+
 pub fn mkfs_erofs(image: &Path, src: &Path) -> Result<()> {
     lazy_erofs_test_support::mkfs_erofs(image, src).map_err(anyhow::Error::msg)
 }
