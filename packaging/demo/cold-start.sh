@@ -64,12 +64,15 @@ run_ms() {
     [ "$out" = ready ] || { echo "container said: $out" >&2; return 1; }
     elapsed_ms "$start"
 }
-reset_lazy() { # forget the image, the snapshots and the cache: a cold node
-    ctr image rm --sync "$lazy" >/dev/null 2>&1 || true
-    kill "$snapshotter_pid"
-    wait "$snapshotter_pid" 2>/dev/null || true
-    rm -rf "$work/snapshotter"
+reset_node() { # a cold node: no images, no snapshots, no lazy cache
+    local pid
+    for pid in "$containerd_pid" "$snapshotter_pid"; do
+        kill "$pid"
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work/snapshotter" "$work/containerd"
     start_snapshotter "$host"
+    start_containerd
 }
 
 printf '\n| profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|\n' >"$work/table.md"
@@ -78,7 +81,7 @@ for profile in "unshaped||" "100 Mbit/s, 20 ms RTT|100mbit|10ms"; do
     IFS='|' read -r label rate delay <<<"$profile"
     if [ -z "$rate" ]; then shape none; else shape "$rate" "$delay"; fi
 
-    ctr image rm --sync "$plain" >/dev/null 2>&1 || true
+    reset_node
     drop_caches
     start=$(now)
     ctr image pull --plain-http --snapshotter overlayfs "$plain" >/dev/null
@@ -86,7 +89,6 @@ for profile in "unshaped||" "100 Mbit/s, 20 ms RTT|100mbit|10ms"; do
     overlay_cold=$(elapsed_ms "$start")
     overlay_warm=$(run_ms overlayfs "$plain" o-warm)
 
-    reset_lazy
     drop_caches
     before=$(registry_blob_bytes)
     start=$(now)

@@ -81,6 +81,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     address = "$work/snapshotter.sock"
 TOML
     containerd --config "$work/containerd.toml" 2>>"$work/containerd.log" &
+    containerd_pid=$!
     pids+=($!)
     wait_for containerd ctr version
 }
