@@ -78,6 +78,10 @@ fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, ser
                 digest: lazy.digest.clone(),
                 verified_digest: lazy.verified_digest.clone(),
                 region_len: lazy.verified_region_len(),
+                size: match view {
+                    View::Metadata => lazy.metadata_size,
+                    View::Data => lazy.data_space_size,
+                },
                 view,
             })
         };

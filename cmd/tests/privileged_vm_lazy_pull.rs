@@ -306,10 +306,30 @@ fn registry_down(
 ) -> Result<()> {
     // pydoc's topics are not read by starting python: not fetched yet.
     let read = ["cat", "/usr/lib/python3.11/pydoc_data/topics.py"];
-    let ctr = |id: &str| {
+    let ctr = |id: &str| -> Result<std::process::Output> {
         let mut args = vec!["run", "--rm", "--snapshotter", "lazy-erofs", image, id];
         args.extend_from_slice(&read);
-        containerd.ctr_command(&args).output()
+        let mut child = containerd
+            .ctr_command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let stacks = Command::new("sh")
+                    .args(["-c", "for p in /proc/[0-9]*; do s=$(cat $p/stat 2>/dev/null | cut -d' ' -f3); [ \"$s\" = D ] && { cat $p/comm; cat $p/stack; }; done"])
+                    .output()?;
+                anyhow::bail!(
+                    "ctr run {id} still running after 120 s; tasks in D state:\n{}\n{}",
+                    String::from_utf8_lossy(&stacks.stdout),
+                    daemon.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(child.wait_with_output()?)
     };
     proxy.set_standing(Some(Fault::Status500));
     let started = Instant::now();

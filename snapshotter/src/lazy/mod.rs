@@ -29,6 +29,9 @@ pub struct LazyRecord {
     pub verified_digest: String,
     /// Length of the verified region, fetched in one request.
     pub region_len: u64,
+    /// Size of the EROFS metadata image (0 in records of older versions: unknown).
+    #[serde(default)]
+    pub metadata_size: u64,
     pub data_space_size: u64,
     /// The metadata image's fscache name (shared by every image holding this layer).
     pub fsid: String,
@@ -43,6 +46,7 @@ impl LazyRecord {
             digest: layer.digest.clone(),
             verified_digest: layer.verified_digest.clone(),
             region_len: layer.verified_region_len(),
+            metadata_size: layer.metadata_size,
             data_space_size: layer.data_space_size,
             fsid: layer.fsid(),
             data_tag: layer.data_tag(),
@@ -56,6 +60,10 @@ impl LazyRecord {
             digest: self.digest.clone(),
             verified_digest: self.verified_digest.clone(),
             region_len: self.region_len,
+            size: match view {
+                View::Metadata => self.metadata_size,
+                View::Data => self.data_space_size,
+            },
             view,
         }
     }

@@ -2,8 +2,14 @@
 //! (DESIGN.md): the EROFS metadata image (the `fsid` the snapshotter mounts) and the data
 //! space (the device tag inside it). Both are views of one blob, read through one
 //! [`BlobReader`]: the header + metadata + chunk table region is fetched once and checked
-//! against the manifest's verified digest when the first view opens, and every data
-//! chunk is checked against its sha256 before a byte of it reaches the kernel.
+//! against the manifest's verified digest before the first byte of either view is
+//! served, and every data chunk is checked against its sha256 before a byte of it
+//! reaches the kernel.
+//!
+//! When the description carries the view's size (the snapshotter's always does), OPEN
+//! needs no registry: the region is fetched on the first READ. A registry that is down
+//! then fails READs — EIO after the fetcher's retries — instead of OPENs, which the
+//! kernel would re-send for as long as a reader waits.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +42,9 @@ pub struct LazyLayerSpec {
     /// Length of the verified region (0: unknown, found from the header).
     #[serde(default)]
     pub region_len: u64,
+    /// Size of this view in bytes (0: unknown, read from the blob at OPEN).
+    #[serde(default)]
+    pub size: u64,
     pub view: View,
 }
 
@@ -59,49 +68,72 @@ impl RangeRead for BlockingRegistryBlob {
     }
 }
 
-type Reader = Arc<BlobReader<BlockingRegistryBlob>>;
+type Reader = BlobReader<BlockingRegistryBlob>;
+
+/// One lazy layer blob: its verifying reader, made once, when first needed.
+struct LazyBlob {
+    reader: tokio::sync::OnceCell<Reader>,
+    registry: Arc<Registry>,
+    image: String,
+    digest: String,
+    verified_digest: String,
+    region_len: u64,
+}
+
+impl LazyBlob {
+    async fn reader(&self) -> Result<&Reader, SourceError> {
+        self.reader
+            .get_or_try_init(|| async {
+                let blob = BlockingRegistryBlob {
+                    handle: tokio::runtime::Handle::current(),
+                    registry: self.registry.clone(),
+                    image: self.image.clone(),
+                    digest: self.digest.clone(),
+                };
+                let (anchor, region_len) = (self.verified_digest.clone(), self.region_len);
+                tokio::task::spawn_blocking(move || {
+                    BlobReader::open_region(blob, &anchor, region_len)
+                })
+                .await
+                .map_err(|e| unavailable(&self.digest, format!("reader task: {e}")))?
+                .map_err(|e| unavailable(&self.digest, e.to_string()))
+            })
+            .await
+    }
+}
 
 /// Opens lazy layer views; the two views of one blob share a reader. Reads run on the
 /// blocking pool of the runtime that calls `open`.
 pub struct LazySourceFactory {
     registry: Arc<Registry>,
-    readers: Mutex<HashMap<(String, String), Reader>>,
+    blobs: Mutex<HashMap<(String, String), Arc<LazyBlob>>>,
 }
 
 impl LazySourceFactory {
     pub fn new(registry: Arc<Registry>) -> Self {
         Self {
             registry,
-            readers: Mutex::default(),
+            blobs: Mutex::default(),
         }
     }
 
-    async fn reader(&self, name: &str, spec: &LazyLayerSpec) -> Result<Reader, SourceError> {
+    fn blob(&self, spec: &LazyLayerSpec) -> Arc<LazyBlob> {
         let key = (spec.digest.clone(), spec.verified_digest.clone());
-        if let Some(reader) = self.lock().get(&key) {
-            return Ok(reader.clone());
-        }
-        let blob = BlockingRegistryBlob {
-            handle: tokio::runtime::Handle::current(),
-            registry: self.registry.clone(),
-            image: spec.image.clone(),
-            digest: spec.digest.clone(),
-        };
-        let (anchor, region_len) = (spec.verified_digest.clone(), spec.region_len);
-        let reader =
-            tokio::task::spawn_blocking(move || BlobReader::open_region(blob, &anchor, region_len))
-                .await
-                .map_err(|e| unavailable(name, format!("reader task: {e}")))?
-                .map_err(|e| unavailable(name, format!("{}: {e}", spec.digest)))?;
-        let reader = Arc::new(reader);
-        self.lock().insert(key, reader.clone());
-        Ok(reader)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Reader>> {
-        self.readers
+        self.blobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(LazyBlob {
+                    reader: tokio::sync::OnceCell::new(),
+                    registry: self.registry.clone(),
+                    image: spec.image.clone(),
+                    digest: spec.digest.clone(),
+                    verified_digest: spec.verified_digest.clone(),
+                    region_len: spec.region_len,
+                })
+            })
+            .clone()
     }
 }
 
@@ -124,25 +156,40 @@ impl SourceFactory for LazySourceFactory {
                 name: name.to_owned(),
                 reason: e.to_string(),
             })?;
-        let reader = self.reader(name, &spec).await?;
+        let blob = self.blob(&spec);
+        let size = if spec.size > 0 {
+            spec.size
+        } else {
+            let reader = blob
+                .reader()
+                .await
+                .map_err(|e| unavailable(name, e.to_string()))?;
+            match spec.view {
+                View::Metadata => reader.metadata().len() as u64,
+                View::Data => reader.header().data_space_size,
+            }
+        };
         Ok(Arc::new(LazyLayerSource {
-            reader,
+            blob,
             view: spec.view,
+            size,
         }))
     }
 }
 
 /// One view of one lazy layer.
 pub struct LazyLayerSource {
-    reader: Reader,
+    blob: Arc<LazyBlob>,
     view: View,
+    size: u64,
 }
 
 impl std::fmt::Debug for LazyLayerSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LazyLayerSource")
+            .field("digest", &self.blob.digest)
             .field("view", &self.view)
-            .field("size", &self.size())
+            .field("size", &self.size)
             .finish()
     }
 }
@@ -150,10 +197,7 @@ impl std::fmt::Debug for LazyLayerSource {
 #[async_trait]
 impl BlobSource for LazyLayerSource {
     fn size(&self) -> u64 {
-        match self.view {
-            View::Metadata => self.reader.metadata().len() as u64,
-            View::Data => self.reader.header().data_space_size,
-        }
+        self.size
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
@@ -162,9 +206,21 @@ impl BlobSource for LazyLayerSource {
             len,
             source,
         };
+        let reader = self
+            .blob
+            .reader()
+            .await
+            .map_err(|e| read_error(std::io::Error::other(e.to_string())))?;
         let bytes = match self.view {
             View::Metadata => {
-                let metadata = self.reader.metadata();
+                let metadata = reader.metadata();
+                if metadata.len() as u64 != self.size {
+                    return Err(read_error(std::io::Error::other(format!(
+                        "metadata is {} bytes, the manifest says {}",
+                        metadata.len(),
+                        self.size
+                    ))));
+                }
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
                 metadata
                     .get(start..start.saturating_add(len))
@@ -176,11 +232,16 @@ impl BlobSource for LazyLayerSource {
                     .to_vec()
             }
             View::Data => {
-                let reader = self.reader.clone();
-                tokio::task::spawn_blocking(move || reader.read_data(offset, len as u64))
-                    .await
-                    .map_err(|e| read_error(std::io::Error::other(e)))?
-                    .map_err(|e| read_error(std::io::Error::other(e)))?
+                let blob = self.blob.clone();
+                tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+                    let reader = blob.reader.get().ok_or("reader gone")?;
+                    reader
+                        .read_data(offset, len as u64)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| read_error(std::io::Error::other(e)))?
+                .map_err(|e| read_error(std::io::Error::other(e)))?
             }
         };
         let mut buf = AlignedBuf::new(len);
