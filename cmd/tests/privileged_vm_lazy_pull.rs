@@ -297,15 +297,27 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
 }
 
 /// A registry that keeps failing: a container reading data not fetched yet gets EIO
-/// within the retry budget and the log says why.
+/// within the retry budget and the log says why; once it recovers, the same read works.
 fn registry_down(
     containerd: &Containerd,
     daemon: &Daemon,
     proxy: &FaultProxy,
     image: &str,
 ) -> Result<()> {
-    // pydoc's topics are not read by starting python: not fetched yet.
-    let read = ["cat", "/usr/lib/python3.11/pydoc_data/topics.py"];
+    // pydoc's topics are not read by starting python: not fetched yet. Hashed in the
+    // container, so its output fits a pipe while we wait.
+    let path = "/usr/lib/python3.11/pydoc_data/topics.py";
+    let read = ["sha256sum", path];
+    let want = Command::new("tar")
+        .arg("-xOf")
+        .arg(lazy_erofs_test_support::debian_layers()?.join("python.tar"))
+        .arg(format!(".{path}"))
+        .output()?;
+    ensure!(
+        want.status.success() && want.stdout.len() > 100_000,
+        "{path} not in python.tar"
+    );
+    let want = lazy_erofs_image::blob::hex(&Sha256::digest(&want.stdout));
     let ctr = |id: &str| -> Result<std::process::Output> {
         let mut args = vec!["run", "--rm", "--snapshotter", "lazy-erofs", image, id];
         args.extend_from_slice(&read);
@@ -355,6 +367,14 @@ fn registry_down(
         daemon.log().contains("500"),
         "the log does not say the registry failed:\n{}",
         daemon.log()
+    );
+    // Back up: the same read works (nothing was poisoned by the failures).
+    let out = ctr("up")?;
+    let got = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && got.starts_with(&want),
+        "after recovery: {got} {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }
