@@ -91,6 +91,16 @@ fn lazy_backend(
         .mode(0o700)
         .create(&cache)
         .with_context(|| format!("creating {}", cache.display()))?;
+    // Mounts a killed predecessor left keep its cache alive, and the kernel refuses
+    // fscache mounts while a second cache lingers: clear them before binding.
+    let busy = lazy_erofs_snapshotter::lazy::layers::clear_stale_mounts(&root.join("layers/mnt"));
+    if busy > 0 {
+        tracing::warn!(
+            busy,
+            "layer mounts of a previous run are still used by containers: new lazy mounts \
+             may fail (ENOBUFS) until those containers stop"
+        );
+    }
     let device = match Device::bind(&cache, tag) {
         Ok(device) => device,
         Err(e) => {

@@ -113,6 +113,14 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed daemon leaves its lazy layer mounts, and they keep its withdrawn
+        // cache alive; the kernel then refuses fscache mounts to every later cache
+        // (ENOBUFS). Tests after this one must start clean.
+        if let Ok(entries) = std::fs::read_dir(self.root.join("layers/mnt")) {
+            for entry in entries.flatten() {
+                let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
     }
 }
 

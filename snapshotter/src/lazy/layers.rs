@@ -59,6 +59,25 @@ pub fn is_mountpoint(path: &Path) -> bool {
     }
 }
 
+/// Unmounts what a previous run left mounted under `mnt_dir` (detached when busy);
+/// returns how many were busy (still used by containers).
+pub fn clear_stale_mounts(mnt_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(mnt_dir) else {
+        return 0;
+    };
+    let mut busy = 0;
+    for path in entries.flatten().map(|e| e.path()) {
+        if !is_mountpoint(&path) || nix::mount::umount(&path).is_ok() {
+            continue;
+        }
+        busy += 1;
+        if let Err(e) = nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot detach a stale layer mount");
+        }
+    }
+    busy
+}
+
 impl LayerMounts {
     /// Prepares `<dir>/{mnt,blobs}` and clears mounts a previous run left (see the module
     /// documentation); file-backed mounts stay, they need no daemon.
