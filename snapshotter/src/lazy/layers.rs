@@ -90,30 +90,23 @@ impl LayerMounts {
         let blob_dir = dir.join("blobs");
         make_dir(&mnt_dir)?;
         make_dir(&blob_dir)?;
+        // File-backed mounts need no daemon and stay; fscache ones are stale.
         let mut mounted = HashSet::new();
-        let mut busy = 0usize;
-        for entry in
-            std::fs::read_dir(&mnt_dir).map_err(io(format!("listing {}", mnt_dir.display())))?
-        {
-            let path = entry
-                .map_err(io(format!("listing {}", mnt_dir.display())))?
-                .path();
-            if !is_mountpoint(&path) {
-                continue;
-            }
-            if matches!(backend, Backend::FileBacked) {
-                if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-                    mounted.insert(name.to_owned());
+        let busy = match backend {
+            Backend::FileBacked => {
+                let entries = std::fs::read_dir(&mnt_dir)
+                    .map_err(io(format!("listing {}", mnt_dir.display())))?;
+                for path in entries.flatten().map(|e| e.path()) {
+                    if is_mountpoint(&path)
+                        && let Some(name) = path.file_name().and_then(|n| n.to_str())
+                    {
+                        mounted.insert(name.to_owned());
+                    }
                 }
-                continue;
+                0
             }
-            if nix::mount::umount(&path).is_err() {
-                busy += 1;
-                if let Err(e) = nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot detach a stale layer mount");
-                }
-            }
-        }
+            Backend::Fscache { .. } => clear_stale_mounts(&mnt_dir),
+        };
         let domain_file = dir.join("domain");
         let domain = match &backend {
             Backend::FileBacked => String::new(),
