@@ -92,15 +92,18 @@ fn lazy_backend(
         .create(&cache)
         .with_context(|| format!("creating {}", cache.display()))?;
     // Mounts a killed predecessor left keep its cache alive, and the kernel refuses
-    // fscache mounts while a second cache lingers: clear them before binding.
-    let busy = lazy_erofs_snapshotter::lazy::layers::clear_stale_mounts(&root.join("layers/mnt"));
-    if busy > 0 {
+    // fscache mounts while a second cache lingers: clear them before binding. Running
+    // containers keep theirs alive regardless (overlayfs holds clones of its layers).
+    let mnt_dir = root.join("layers/mnt");
+    let in_use = lazy_erofs_snapshotter::lazy::layers::overlays_using(&mnt_dir);
+    if in_use > 0 {
         tracing::warn!(
-            busy,
-            "layer mounts of a previous run are still used by containers: new lazy mounts \
-             may fail (ENOBUFS) until those containers stop"
+            containers = in_use,
+            "containers of a previous run still use lazy layers: new lazy mounts may fail \
+             (ENOBUFS) until those containers stop"
         );
     }
+    lazy_erofs_snapshotter::lazy::layers::clear_stale_mounts(&mnt_dir);
     let device = match Device::bind(&cache, tag) {
         Ok(device) => device,
         Err(e) => {
@@ -220,13 +223,17 @@ async fn serve(config: &Config, fetcher_registry: &RegistryArgs) -> Result<()> {
     }
     // A socket left behind would only look like a dead daemon; remove it.
     let _ = std::fs::remove_file(&settings.address);
-    let busy = snapshotter.unmount_idle_layers();
-    if busy > 0 {
+    let in_use = snapshotter.overlays_using_layers();
+    if in_use > 0 {
         tracing::warn!(
-            busy,
-            "lazy layers still used by containers stay mounted; their unfetched data reads \
-             fail (EIO) until the containers restart"
+            containers = in_use,
+            "running containers use lazy layers: once this daemon is gone their reads of \
+             data not fetched yet fail (EIO) until they are restarted"
         );
+    }
+    let refused = snapshotter.unmount_layers();
+    if refused > 0 {
+        tracing::warn!(refused, "lazy layer mounts could not be unmounted");
     }
     if let Some(supervisor) = supervisor {
         supervisor.stop();

@@ -4,13 +4,18 @@
 //! layers are downloaded — only the bytes read come from the registry — and a container
 //! hashing a 256 MiB file while its fetcher is SIGKILLed again and again and the
 //! registry fails some requests (through a fault proxy, the named fake of
-//! `test-support`); a registry that stays broken gets a reader EIO in bounded time.
+//! `test-support`); a registry that stays broken gets a reader EIO in bounded time; the
+//! snapshotter stopped and started (`lazy_pull/restart.rs`).
 
 mod common;
 #[path = "snapshotter/containerd.rs"]
 mod containerd;
 #[path = "snapshotter/daemon.rs"]
 mod daemon;
+#[path = "lazy_pull/reader.rs"]
+mod reader;
+#[path = "lazy_pull/restart.rs"]
+mod restart;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,14 +31,26 @@ use lazy_erofs_test_support::fault_proxy::{Fault, FaultProxy};
 use sha2::{Digest, Sha256};
 
 const BIG_FILE_MIB: usize = 256;
+/// Read only when the snapshotter is stopped under its reader.
+const LATE_FILE_MIB: usize = 64;
 
-/// A tar layer holding `/data/big.bin` (pseudo-random); returns it and the file's sha256.
-fn big_file_layer(work: &Path) -> Result<(PathBuf, String)> {
+/// The last layer: `/data/big.bin` and `/data/late.bin`, pseudo-random.
+struct BigFiles {
+    tar: PathBuf,
+    big_hash: String,
+    late_hash: String,
+}
+
+fn big_files_layer(work: &Path) -> Result<BigFiles> {
     let dir = work.join("big");
     std::fs::create_dir_all(dir.join("data"))?;
-    let bytes = lazy_erofs_test_support::pseudo_random(BIG_FILE_MIB << 20, 0x1a2e);
-    let hash = lazy_erofs_image::blob::hex(&Sha256::digest(&bytes));
-    std::fs::write(dir.join("data/big.bin"), &bytes)?;
+    let write = |name: &str, mib: usize, seed: u64| -> Result<String> {
+        let bytes = lazy_erofs_test_support::pseudo_random(mib << 20, seed);
+        std::fs::write(dir.join("data").join(name), &bytes)?;
+        Ok(lazy_erofs_image::blob::hex(&Sha256::digest(&bytes)))
+    };
+    let big_hash = write("big.bin", BIG_FILE_MIB, 0x1a2e)?;
+    let late_hash = write("late.bin", LATE_FILE_MIB, 0x1a7e)?;
     let tar = work.join("big.tar");
     run(Command::new("tar")
         .args(["--numeric-owner", "-C"])
@@ -42,7 +59,11 @@ fn big_file_layer(work: &Path) -> Result<(PathBuf, String)> {
         .arg(&tar)
         .arg("./data"))?;
     std::fs::remove_dir_all(&dir)?;
-    Ok((tar, hash))
+    Ok(BigFiles {
+        tar,
+        big_hash,
+        late_hash,
+    })
 }
 
 fn run(command: &mut Command) -> Result<String> {
@@ -124,7 +145,7 @@ fn fetched(registry: &DockerRegistry, layers: &[LazyLayer]) -> (u64, u64) {
     })
 }
 
-const PYTHON: &str = "import json, sqlite3, hashlib; \
+pub const PYTHON: &str = "import json, sqlite3, hashlib; \
     db = sqlite3.connect(':memory:'); \
     print(json.dumps({'sqlite': db.execute('select sqlite_version()').fetchone()[0], \
     'sha': hashlib.sha256(b'lazy-erofs').hexdigest()}))";
@@ -136,12 +157,12 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
     let registry_dir = work.join("registry");
     std::fs::create_dir_all(&registry_dir)?;
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
-    let (big_tar, big_hash) = big_file_layer(work)?;
+    let big = big_files_layer(work)?;
     let layers = push_converted(
         work,
         &registry,
         &format!("{}/lazy/python:1", registry.host),
-        &[big_tar],
+        std::slice::from_ref(&big.tar),
     )?;
     // Everything after the push reaches the registry through the fault proxy.
     let proxy = FaultProxy::start(registry.host.clone())?;
@@ -201,20 +222,7 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
 
     // Failover under a container: hash the 256 MiB file while the fetcher is killed,
     // each replacement left serving for a moment before it is killed in turn.
-    let mut hasher = containerd
-        .ctr_command(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazy-erofs",
-            &image,
-            "hash",
-            "sha256sum",
-            "/data/big.bin",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut hasher = reader::spawn(&containerd, &image, "hash", &["sha256sum", "/data/big.bin"])?;
     // Transient registry faults mid-read: retried, and the flipped bit never lands.
     let faults = [
         Fault::Status500,
@@ -261,9 +269,11 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
     let hashed = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
         status.success(),
-        "sha256sum in the container: {status}: {}\n{}",
+        "sha256sum in the container: {status}: {}\n{}\n{}\nkernel: {:?}",
         String::from_utf8_lossy(&out.stderr),
-        daemon.log()
+        daemon.log(),
+        containerd.log(),
+        common::dmesg_lines().map(|l| l[l.len().saturating_sub(30)..].to_vec())
     );
     println!(
         "sha256sum of {BIG_FILE_MIB} MiB under {kills} fetcher kills in {:.1} s: {}",
@@ -271,8 +281,9 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
         hashed.trim()
     );
     ensure!(
-        hashed.starts_with(&big_hash),
-        "wrong hash {hashed:?}, want {big_hash}"
+        hashed.starts_with(&big.big_hash),
+        "wrong hash {hashed:?}, want {}",
+        big.big_hash
     );
     ensure!(kills >= 20, "only {kills} fetcher kills during the hash");
     ensure!(
@@ -286,14 +297,16 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
         restarts >= kills,
         "{restarts} restarts logged for {kills} kills"
     );
-    restart_and_second_start(Story {
+    let mut story = restart::Story {
         daemon,
         containerd: &containerd,
         registry: &registry,
         image: &image,
         layers: &layers,
         config: &config,
-    })
+    };
+    restart::stop_under_reader(&mut story, "/data/late.bin", &big.late_hash)?;
+    restart::restart_and_second_start(story)
 }
 
 /// A registry that keeps failing: a container reading data not fetched yet gets EIO
@@ -319,29 +332,8 @@ fn registry_down(
     );
     let want = lazy_erofs_image::blob::hex(&Sha256::digest(&want.stdout));
     let ctr = |id: &str| -> Result<std::process::Output> {
-        let mut args = vec!["run", "--rm", "--snapshotter", "lazy-erofs", image, id];
-        args.extend_from_slice(&read);
-        let mut child = containerd
-            .ctr_command(&args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let stacks = Command::new("sh")
-                    .args(["-c", "for p in /proc/[0-9]*; do s=$(cat $p/stat 2>/dev/null | cut -d' ' -f3); [ \"$s\" = D ] && { cat $p/comm; cat $p/stack; }; done"])
-                    .output()?;
-                anyhow::bail!(
-                    "ctr run {id} still running after 180 s; tasks in D state:\n{}\n{}",
-                    String::from_utf8_lossy(&stacks.stdout),
-                    daemon.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(child.wait_with_output()?)
+        let child = reader::spawn(containerd, image, id, &read)?;
+        Ok(reader::wait_bounded(child, Duration::from_secs(180), || daemon.log())?.0)
     };
     proxy.set_standing(Some(Fault::Status500));
     let started = Instant::now();
@@ -377,136 +369,4 @@ fn registry_down(
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
-}
-
-/// What the later acts of the test need.
-struct Story<'a> {
-    daemon: Daemon,
-    containerd: &'a Containerd,
-    registry: &'a DockerRegistry,
-    image: &'a str,
-    layers: &'a [LazyLayer],
-    config: &'a str,
-}
-
-impl Story<'_> {
-    fn run_python(&self, id: &str) -> Result<()> {
-        let output = self
-            .containerd
-            .ctr(&[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "lazy-erofs",
-                self.image,
-                id,
-                "python3",
-                "-c",
-                PYTHON,
-            ])
-            .with_context(|| format!("{}\n{}", self.containerd.log(), self.daemon.log()))?;
-        let answer: serde_json::Value = serde_json::from_str(output.trim()).context(output)?;
-        let want = lazy_erofs_image::blob::hex(&Sha256::digest(b"lazy-erofs"));
-        ensure!(answer["sha"] == want.as_str(), "{answer}");
-        Ok(())
-    }
-
-    /// Registry bytes sent for the python image's layers so far.
-    fn sent(&self) -> u64 {
-        fetched(self.registry, &self.layers[..3]).0
-    }
-}
-
-/// Snapshotter restart (SIGTERM, start again: views agree, each layer mounted once, new
-/// containers start, nothing cached fetched again), then a second cold start after
-/// containerd dropped the image and its snapshots, with the cache kept.
-fn restart_and_second_start(mut story: Story<'_>) -> Result<()> {
-    let status = story.daemon.stop()?;
-    ensure!(
-        status.success(),
-        "SIGTERM: {status}\n{}",
-        story.daemon.log()
-    );
-    let root = story.daemon.root.clone();
-    let left = layer_mounts(&root)?;
-    ensure!(left.is_empty(), "layer mounts left after SIGTERM: {left:?}");
-    story.daemon = Daemon::start_with(&root, story.config)?;
-    let region_bytes: u64 = story.layers[..3]
-        .iter()
-        .map(LazyLayer::verified_region_len)
-        .sum();
-
-    let sent_before = story.sent();
-    story.run_python("python-again")?;
-    let mounts = layer_mounts(&root)?;
-    let mut unique = mounts.clone();
-    unique.dedup();
-    ensure!(
-        mounts.len() == 4 && unique.len() == 4,
-        "layer mounts after restart: {mounts:?}"
-    );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let ours = || runtime.block_on(daemon::snapshot_kinds(&story.daemon));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while story.containerd.snapshot_kinds()? != ours()? && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert_eq!(story.containerd.snapshot_kinds()?, ours()?);
-    let resent = story.sent() - sent_before;
-    println!(
-        "after a snapshotter restart: python again, registry sent {resent} bytes \
-         (verified regions: {region_bytes})"
-    );
-    ensure!(
-        resent <= region_bytes,
-        "{resent} bytes fetched again after the restart: cached chunks were fetched"
-    );
-
-    // containerd forgets the image; its GC removes the snapshots from us.
-    story
-        .containerd
-        .ctr(&["image", "rm", "--sync", story.image])?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ours()?.is_empty() {
-        ensure!(
-            Instant::now() < deadline,
-            "containerd's GC left snapshots: {:?}",
-            ours()?
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let left = layer_mounts(&root)?;
-    ensure!(
-        left.is_empty(),
-        "layer mounts outlived their snapshots: {left:?}"
-    );
-    let sent_before = story.sent();
-    let started = Instant::now();
-    lazy_pull(story.containerd, story.image)?;
-    story.run_python("python-warm")?;
-    let resent = story.sent() - sent_before;
-    println!(
-        "second cold start with the cache kept: first output at {:.2} s, registry sent {resent} bytes",
-        started.elapsed().as_secs_f64()
-    );
-    ensure!(
-        resent <= region_bytes,
-        "{resent} bytes fetched again on the second start: cached chunks were fetched"
-    );
-    Ok(())
-}
-
-/// Mount points of lazy layers under `root`, sorted (repeats kept).
-fn layer_mounts(root: &Path) -> Result<Vec<String>> {
-    let prefix = root.join("layers/mnt").display().to_string();
-    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")?
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(4))
-        .filter(|point| point.starts_with(&prefix))
-        .map(str::to_owned)
-        .collect();
-    mounts.sort();
-    Ok(mounts)
 }

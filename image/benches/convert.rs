@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use lazy_erofs_image::convert::{ConvertOptions, convert_layer};
 
 fn peak_rss_kib() -> u64 {
@@ -44,15 +44,7 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/testdata/debian-layers.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("debian-layers.sh")?;
-    ensure!(out.status.success(), "debian-layers.sh failed");
-    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let dir = lazy_erofs_test_support::debian_layers()?;
     let work = tempfile::tempdir()?;
     println!("lazy-erofs conversion benchmark (release build, this machine)");
     for (i, layer) in ["base.tar", "packages.tar"].iter().enumerate() {

@@ -229,6 +229,21 @@ pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result
     Ok(registry)
 }
 
+/// The checkout the running test belongs to. Read at run time: cargo and nextest set
+/// `CARGO_MANIFEST_DIR` for the test's own crate (nextest remaps it for an archive run
+/// in the VM), while the compile-time value can name another checkout whose build the
+/// shared target dir reused.
+pub fn checkout() -> PathBuf {
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    // Every crate sits one level below the workspace root.
+    crate_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or(crate_dir)
+}
+
 /// The directory holding real Debian layer tars (`base.tar`: debootstrap minbase;
 /// `packages.tar`: python3-minimal, sqlite3, curl on top; `python.tar`: the full python3
 /// on top of both), built once and cached outside the
@@ -236,8 +251,7 @@ pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result
 /// time; a cache hit afterwards, also in the test VM).
 pub fn debian_layers() -> anyhow::Result<PathBuf> {
     use anyhow::Context;
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/testdata/debian-layers.sh");
+    let script = checkout().join("packaging/testdata/debian-layers.sh");
     let out = Command::new("bash")
         .arg(&script)
         .output()

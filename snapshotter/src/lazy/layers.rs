@@ -4,8 +4,11 @@
 //! With ondemand mode the mount is EROFS over fscache (`fsid`, `domain_id`): the kernel
 //! asks the fetcher for bytes as they are read. A mount of the same fsid in the same
 //! domain is refused by the kernel, and a domain outlives a cachefiles fd for as long as
-//! any of its mounts do; so mounts left by a previous run are unmounted at start, and
-//! when one cannot be (a container still uses it) this run takes a new domain.
+//! any of its superblocks do. Unmounting a layer mount always succeeds, even under a
+//! running container: overlayfs keeps private clones of its lower layers, so the
+//! superblock (and the cache behind it) lives until the container's overlay goes. Who
+//! still uses layers is therefore read from the overlay mounts' options; when a previous
+//! run's containers do, this run takes a new domain.
 
 use std::collections::HashSet;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -59,23 +62,43 @@ pub fn is_mountpoint(path: &Path) -> bool {
     }
 }
 
-/// Unmounts what a previous run left mounted under `mnt_dir` (detached when busy);
-/// returns how many were busy (still used by containers).
-pub fn clear_stale_mounts(mnt_dir: &Path) -> usize {
+/// Unmounts what a previous run left mounted under `mnt_dir` (detached if refused).
+pub fn clear_stale_mounts(mnt_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(mnt_dir) else {
-        return 0;
+        return;
     };
-    let mut busy = 0;
     for path in entries.flatten().map(|e| e.path()) {
         if !is_mountpoint(&path) || nix::mount::umount(&path).is_ok() {
             continue;
         }
-        busy += 1;
         if let Err(e) = nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
             tracing::warn!(path = %path.display(), error = %e, "cannot detach a stale layer mount");
         }
     }
-    busy
+}
+
+/// How many overlay mounts (containers' root filesystems) stack layers mounted under
+/// `mnt_dir`, whether or not those layer mounts are still there.
+pub fn overlays_using(mnt_dir: &Path) -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map_or(0, |mountinfo| count_overlays_over(&mountinfo, mnt_dir))
+}
+
+fn count_overlays_over(mountinfo: &str, mnt_dir: &Path) -> usize {
+    // mountinfo escapes blanks and backslashes in paths as octal.
+    let needle = format!("{}/", mnt_dir.display())
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split_once(" - ").map(|(_, fs)| fs))
+        .filter(|fs| {
+            let mut fields = fs.split(' ');
+            fields.next() == Some("overlay") && fields.nth(1).is_some_and(|o| o.contains(&needle))
+        })
+        .count()
 }
 
 impl LayerMounts {
@@ -92,7 +115,7 @@ impl LayerMounts {
         make_dir(&blob_dir)?;
         // File-backed mounts need no daemon and stay; fscache ones are stale.
         let mut mounted = HashSet::new();
-        let busy = match backend {
+        let in_use = match backend {
             Backend::FileBacked => {
                 let entries = std::fs::read_dir(&mnt_dir)
                     .map_err(io(format!("listing {}", mnt_dir.display())))?;
@@ -105,7 +128,11 @@ impl LayerMounts {
                 }
                 0
             }
-            Backend::Fscache { .. } => clear_stale_mounts(&mnt_dir),
+            Backend::Fscache { .. } => {
+                let in_use = overlays_using(&mnt_dir);
+                clear_stale_mounts(&mnt_dir);
+                in_use
+            }
         };
         let domain_file = dir.join("domain");
         let domain = match &backend {
@@ -113,15 +140,15 @@ impl LayerMounts {
             Backend::Fscache { tag, .. } => {
                 let previous = std::fs::read_to_string(&domain_file).ok();
                 let domain = match previous {
-                    Some(d) if busy == 0 && !d.trim().is_empty() => d.trim().to_owned(),
-                    None if busy == 0 => tag.clone(),
+                    Some(d) if in_use == 0 && !d.trim().is_empty() => d.trim().to_owned(),
+                    None if in_use == 0 => tag.clone(),
                     _ => {
                         let secs = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_secs());
                         tracing::warn!(
-                            busy,
-                            "layer mounts of a previous run are still in use (their containers \
+                            containers = in_use,
+                            "lazy layers of a previous run are still used by containers (they \
                              read cached data only); this run mounts layers in a new fscache domain"
                         );
                         format!("{tag}-{secs}")
@@ -211,9 +238,9 @@ impl LayerMounts {
         }
     }
 
-    /// At shutdown: unmounts every layer mount no container uses, so the next run can
-    /// keep this fscache domain (and its cache). Returns how many stay (busy).
-    pub fn unmount_idle(&self) -> usize {
+    /// At shutdown: unmounts every layer mount, so the next run starts clean; running
+    /// containers keep their overlay's clones. Returns how many could not be unmounted.
+    pub fn unmount_all(&self) -> usize {
         let mut mounted = self
             .mounted
             .lock()
@@ -223,6 +250,11 @@ impl LayerMounts {
         }
         mounted.retain(|fsid| nix::mount::umount(&self.mnt_dir.join(fsid)).is_err());
         mounted.len()
+    }
+
+    /// How many containers' overlays stack our layers now.
+    pub fn overlays_using(&self) -> usize {
+        overlays_using(&self.mnt_dir)
     }
 }
 
@@ -241,4 +273,25 @@ fn mount(source: &str, target: &Path, options: &str) -> Result<(), SnapshotError
             target.display()
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlays_over_layer_mounts_are_counted() {
+        let mountinfo = "\
+22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw
+90 22 0:50 / /run/c/a/rootfs rw,relatime - overlay overlay rw,lowerdir=/var/lib/le/layers/mnt/f2:/var/lib/le/layers/mnt/f1,upperdir=/var/lib/le/snapshots/7/fs,workdir=/var/lib/le/snapshots/7/work
+91 22 0:51 / /run/c/b/rootfs rw,relatime - overlay overlay rw,lowerdir=/var/lib/other/1/fs,upperdir=/var/lib/other/2/fs,workdir=/var/lib/other/2/work
+92 22 0:52 / /var/lib/le/layers/mnt/f1 ro,relatime - erofs erofs ro,fsid=f1,domain_id=d
+93 22 0:53 / /run/c/d/rootfs rw,relatime - overlay overlay rw,lowerdir=/var/lib/le/layers/mntx/f1
+";
+        let dir = Path::new("/var/lib/le/layers/mnt");
+        assert_eq!(count_overlays_over(mountinfo, dir), 1);
+        assert_eq!(count_overlays_over(mountinfo, Path::new("/elsewhere")), 0);
+        let spaced = "93 22 0:53 / /r rw - overlay overlay rw,lowerdir=/a\\040b/mnt/f1\n";
+        assert_eq!(count_overlays_over(spaced, Path::new("/a b/mnt")), 1);
+    }
 }

@@ -130,12 +130,20 @@ impl OverlaySnapshotter {
         .await
     }
 
-    /// At shutdown: unmounts lazy layers no container uses; returns how many stay.
-    pub fn unmount_idle_layers(&self) -> usize {
+    /// At shutdown: unmounts the lazy layer mounts; returns how many refused.
+    pub fn unmount_layers(&self) -> usize {
         self.inner
             .lazy
             .as_ref()
-            .map_or(0, |lazy| lazy.mounts.unmount_idle())
+            .map_or(0, |lazy| lazy.mounts.unmount_all())
+    }
+
+    /// How many containers' overlays stack lazy layers right now.
+    pub fn overlays_using_layers(&self) -> usize {
+        self.inner
+            .lazy
+            .as_ref()
+            .map_or(0, |lazy| lazy.mounts.overlays_using())
     }
 
     /// Runs `f` on a blocking thread: store commits fsync, directory walks take time.
