@@ -41,6 +41,11 @@ pub struct ConvertArgs {
     /// Data chunk size in KiB (a multiple of 4): the unit of fetching and verification.
     #[arg(long, default_value_t = 1024)]
     pub chunk_kib: u32,
+    /// File listing paths the image reads as it starts (one absolute path per line,
+    /// `#` comments; a directory means everything under it): stored on the manifest,
+    /// the snapshotter fetches them right after a lazy pull.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch: Option<PathBuf>,
 }
 
 /// What a conversion from or to a registry needs.
@@ -96,6 +101,15 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             CompressionArg::None => Compression::None,
         },
         chunk_size: args.chunk_kib * 1024,
+        prefetch: match &args.prefetch {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                lazy_erofs_image::manifest::parse_prefetch_list(&text)
+                    .with_context(|| file.display().to_string())?
+            }
+            None => Vec::new(),
+        },
         ..ConvertOptions::default()
     };
     let bars = MultiProgress::new();

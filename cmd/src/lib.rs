@@ -9,8 +9,10 @@ pub mod registry_args;
 pub mod serve;
 pub mod snapshotter;
 
-/// Logs go to stderr; `RUST_LOG` overrides `default_level`.
+/// Logs go to stderr (coloured only on a terminal, so files and journald get plain
+/// `key=value` text); `RUST_LOG` overrides `default_level`.
 pub fn init_logging(default_level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // oci-client logs registry token responses at debug level: never let them through.
@@ -21,5 +23,6 @@ pub fn init_logging(default_level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

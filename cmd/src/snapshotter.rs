@@ -175,6 +175,11 @@ fn open_snapshotter(
 async fn serve(config: &Config, fetcher_registry: &RegistryArgs) -> Result<()> {
     let settings = &config.snapshotter;
     let root = &settings.root;
+    // Handlers before anything else: clients may connect as soon as the socket exists,
+    // and a SIGTERM during start-up must still stop the daemon cleanly.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     // The socket first: a second daemon on the same socket is told so plainly.
     let listener = server::bind(&settings.address)?;
     let (snapshotter, supervisor) = match open_snapshotter(config, fetcher_registry) {
@@ -201,7 +206,6 @@ async fn serve(config: &Config, fetcher_registry: &RegistryArgs) -> Result<()> {
         address = %settings.address.display(),
         "serving"
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = server::serve(listener, snapshotter.clone(), async {
         let _ = stop_rx.await;
@@ -210,7 +214,7 @@ async fn serve(config: &Config, fetcher_registry: &RegistryArgs) -> Result<()> {
     tokio::select! {
         result = &mut server => result?,
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
     }
     // Stop accepting, let in-flight calls finish; containerd keeps its connection open
     // for good, so do not wait for connections to close beyond the grace period.

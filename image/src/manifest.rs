@@ -22,6 +22,65 @@ pub mod annotation {
     pub const SOURCE_DIGEST: &str = "dev.lazy-erofs.layer.source-digest";
     /// On the manifest: the format version of its lazy layers.
     pub const FORMAT: &str = "dev.lazy-erofs.format";
+    /// On the manifest: paths to fetch as soon as the image is pulled (files, or
+    /// directories read whole), one absolute path per line.
+    pub const PREFETCH: &str = "dev.lazy-erofs.prefetch";
+}
+
+/// Most paths a prefetch list may hold; a longer one is refused, not truncated.
+pub const PREFETCH_MAX_PATHS: usize = 10_000;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PrefetchListError {
+    #[error("prefetch list line {line}: {path:?} is not an absolute path")]
+    NotAbsolute { line: usize, path: String },
+    #[error("prefetch list line {line}: {path:?} has a '..' component")]
+    Escapes { line: usize, path: String },
+    #[error("prefetch list line {line}: longer than 4096 bytes")]
+    TooLong { line: usize },
+    #[error("prefetch list holds more than {PREFETCH_MAX_PATHS} paths")]
+    TooMany,
+}
+
+/// Parses a prefetch list: one absolute path per line; blank lines and lines starting
+/// with `#` are skipped, surrounding blanks trimmed, repeats dropped. Paths come back
+/// normalised (no `.` components, single slashes, no trailing slash).
+pub fn parse_prefetch_list(text: &str) -> Result<Vec<String>, PrefetchListError> {
+    let mut paths: Vec<String> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let path = raw.trim();
+        if path.is_empty() || path.starts_with('#') {
+            continue;
+        }
+        if path.len() > 4096 {
+            return Err(PrefetchListError::TooLong { line });
+        }
+        if !path.starts_with('/') {
+            return Err(PrefetchListError::NotAbsolute {
+                line,
+                path: path.to_owned(),
+            });
+        }
+        let mut parts = Vec::new();
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            if part == ".." {
+                return Err(PrefetchListError::Escapes {
+                    line,
+                    path: path.to_owned(),
+                });
+            }
+            parts.push(part);
+        }
+        let normal = format!("/{}", parts.join("/"));
+        if !paths.contains(&normal) {
+            if paths.len() == PREFETCH_MAX_PATHS {
+                return Err(PrefetchListError::TooMany);
+            }
+            paths.push(normal);
+        }
+    }
+    Ok(paths)
 }
 
 /// The tag of a layer's data device (its fscache cookie name, at most 64 bytes), derived
@@ -148,6 +207,29 @@ mod tests {
     use std::str::FromStr;
 
     const SHA: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn prefetch_lists_are_normalised_and_bad_lines_named() {
+        let list = "# python start-up\n/usr/bin/python3.11\n\n  /usr/lib//python3.11/./json/  \n/usr/bin/python3.11\n/\n";
+        assert_eq!(
+            parse_prefetch_list(list).unwrap(),
+            ["/usr/bin/python3.11", "/usr/lib/python3.11/json", "/"]
+        );
+        assert_eq!(
+            parse_prefetch_list("/a\nusr/lib\n"),
+            Err(PrefetchListError::NotAbsolute {
+                line: 2,
+                path: "usr/lib".into()
+            })
+        );
+        let err = parse_prefetch_list("/usr/../etc/shadow").unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+        assert!(matches!(err, PrefetchListError::Escapes { .. }));
+        let many: String = (0..=PREFETCH_MAX_PATHS)
+            .map(|i| format!("/f{i}\n"))
+            .collect();
+        assert_eq!(parse_prefetch_list(&many), Err(PrefetchListError::TooMany));
+    }
 
     #[test]
     fn data_tags_fit_the_device_slot_and_differ_per_layer() {

@@ -227,6 +227,9 @@ pub fn convert_layout(
     manifest.set_layers(layers);
     let mut notes = manifest.annotations().clone().unwrap_or_default();
     notes.insert(annotation::FORMAT.to_owned(), "1".to_owned());
+    if !options.prefetch.is_empty() {
+        notes.insert(annotation::PREFETCH.to_owned(), options.prefetch.join("\n"));
+    }
     manifest.set_annotations(Some(notes));
     manifest.set_media_type(Some(MediaType::ImageManifest));
     let bytes = serde_json::to_vec(&manifest).map_err(|e| ImageError::Json {

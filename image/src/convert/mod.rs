@@ -31,6 +31,9 @@ pub struct ConvertOptions {
     /// Tag of the data device inside the EROFS image (its fscache cookie name); default
     /// [`crate::manifest::data_tag`] of the layer's diff id.
     pub data_tag: Option<String>,
+    /// Paths the image reads as it starts (see [`crate::manifest::parse_prefetch_list`]),
+    /// stored on the manifest; empty keeps the source manifest's list, if any.
+    pub prefetch: Vec<String>,
 }
 
 impl Default for ConvertOptions {
@@ -39,6 +42,7 @@ impl Default for ConvertOptions {
             compression: Compression::Zstd { level: 3 },
             chunk_size: DEFAULT_CHUNK_SIZE,
             data_tag: None,
+            prefetch: Vec::new(),
         }
     }
 }

@@ -252,6 +252,21 @@ impl LayerMounts {
         mounted.len()
     }
 
+    /// Starts reading `plan`'s paths in the background. Only with ondemand mode: a layer
+    /// fetched whole has nothing left to fetch.
+    pub fn prefetch(&self, plan: super::prefetch::PrefetchPlan) {
+        if matches!(self.backend, Backend::FileBacked) {
+            return;
+        }
+        let mnt_dir = self.mnt_dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || super::prefetch::run(&plan, &mnt_dir));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start prefetch");
+        }
+    }
+
     /// How many containers' overlays stack our layers now.
     pub fn overlays_using(&self) -> usize {
         overlays_using(&self.mnt_dir)

@@ -3,9 +3,11 @@
 //! looks the layer up in its manifest ([`resolve`]), mounts its EROFS ([`layers`]) and
 //! commits the snapshot itself. The fetcher serves the kernel's reads of those mounts
 //! ([`source`]); without ondemand mode the layer is fetched whole and mounted
-//! file-backed ([`whole`]).
+//! file-backed ([`whole`]). Paths an image lists are read right after its top layer is
+//! mounted ([`prefetch`]).
 
 pub mod layers;
+pub mod prefetch;
 pub mod remote;
 pub mod resolve;
 mod source;
@@ -16,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use layers::{Backend, LayerMounts};
 pub use remote::RemoteLayerRef;
-pub use resolve::LayerResolver;
+pub use resolve::{LayerResolver, Resolved};
 pub use source::{LazyLayerSpec, LazySourceFactory, View};
 
 /// What the store keeps about the lazy layer behind a committed snapshot: enough to

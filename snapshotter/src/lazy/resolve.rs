@@ -8,8 +8,17 @@ use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Registry, parse_reference};
 use oci_spec::image::ImageManifest;
 
+use super::prefetch::PrefetchPlan;
 use super::{LazyRecord, RemoteLayerRef};
 use crate::api::SnapshotError;
+
+/// A remote Prepare's lazy layer, and for an image's top layer what to prefetch once it
+/// is mounted.
+#[derive(Debug)]
+pub struct Resolved {
+    pub record: LazyRecord,
+    pub prefetch: Option<PrefetchPlan>,
+}
 
 pub struct LayerResolver {
     registry: Arc<Registry>,
@@ -33,7 +42,7 @@ impl LayerResolver {
     pub async fn resolve(
         &self,
         remote: &RemoteLayerRef,
-    ) -> Result<Option<LazyRecord>, SnapshotError> {
+    ) -> Result<Option<Resolved>, SnapshotError> {
         let reference = parse_reference(&remote.image_ref).map_err(|e| {
             SnapshotError::InvalidArgument(format!("image reference {:?}: {e}", remote.image_ref))
         })?;
@@ -54,9 +63,33 @@ impl LayerResolver {
                     remote.layer_digest
                 ))
             })?;
-        let layer = LazyLayer::from_descriptor(descriptor)
-            .map_err(|e| SnapshotError::InvalidArgument(format!("{pinned}: {e}")))?;
-        Ok(layer.map(|layer| LazyRecord::new(&pinned, &layer)))
+        let lazy = |d| {
+            LazyLayer::from_descriptor(d)
+                .map_err(|e| SnapshotError::InvalidArgument(format!("{pinned}: {e}")))
+        };
+        let Some(layer) = lazy(descriptor)? else {
+            return Ok(None);
+        };
+        // Prefetch starts with the top layer, when every layer below is mounted too.
+        let is_top = manifest
+            .layers()
+            .last()
+            .is_some_and(|d| d.digest().to_string() == remote.layer_digest);
+        let prefetch = if is_top {
+            let fsids: Option<Vec<String>> = manifest
+                .layers()
+                .iter()
+                .rev()
+                .map(|d| lazy(d).ok().flatten().map(|l| l.fsid()))
+                .collect();
+            fsids.and_then(|fsids| PrefetchPlan::from_manifest(&pinned, &manifest, fsids))
+        } else {
+            None
+        };
+        Ok(Some(Resolved {
+            record: LazyRecord::new(&pinned, &layer),
+            prefetch,
+        }))
     }
 
     async fn manifest(&self, pinned: &str) -> Result<Arc<ImageManifest>, SnapshotError> {

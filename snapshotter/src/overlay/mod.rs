@@ -224,22 +224,23 @@ impl Inner {
         }])
     }
 
-    /// A remote Prepare of a lazy layer: mount it, record `target` committed, and answer
-    /// AlreadyExists so containerd skips the download.
+    /// A remote Prepare of a lazy layer: mount it and record `target` committed (the
+    /// caller answers AlreadyExists so containerd skips the download). False when the
+    /// target was there already.
     fn create_lazy(
         &self,
         remote: &RemoteLayerRef,
         parent: &str,
         labels: HashMap<String, String>,
         layer: LazyRecord,
-    ) -> Result<Vec<Mount>, SnapshotError> {
+    ) -> Result<bool, SnapshotError> {
         labels::validate(&labels)?;
         let lazy = self
             .lazy
             .as_ref()
             .ok_or_else(|| SnapshotError::FailedPrecondition("lazy layers are off".into()))?;
         if self.store.get(&remote.target)?.is_some() {
-            return Err(SnapshotError::AlreadyExists(remote.target.clone()));
+            return Ok(false);
         }
         lazy.mounts.ensure(&layer)?;
         self.store
@@ -248,7 +249,7 @@ impl Inner {
                 std::fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))
             })?;
         tracing::info!(snapshot = %remote.target, layer = %remote.layer_digest, "lazy layer committed");
-        Err(SnapshotError::AlreadyExists(remote.target.clone()))
+        Ok(true)
     }
 
     fn create(
@@ -427,11 +428,17 @@ impl Snapshotter for OverlaySnapshotter {
     ) -> Result<Vec<Mount>, SnapshotError> {
         if let Some(lazy) = &self.inner.lazy
             && let Some(remote) = RemoteLayerRef::from_labels(&labels)?
-            && let Some(layer) = lazy.resolver.resolve(&remote).await?
+            && let Some(resolved) = lazy.resolver.resolve(&remote).await?
         {
-            return self
-                .blocking(move |inner| inner.create_lazy(&remote, &parent, labels, layer))
-                .await;
+            let target = remote.target.clone();
+            let record = resolved.record;
+            let fresh = self
+                .blocking(move |inner| inner.create_lazy(&remote, &parent, labels, record))
+                .await?;
+            if fresh && let Some(plan) = resolved.prefetch {
+                lazy.mounts.prefetch(plan);
+            }
+            return Err(SnapshotError::AlreadyExists(target));
         }
         self.blocking(move |inner| inner.create(Kind::Active, &key, &parent, labels))
             .await
