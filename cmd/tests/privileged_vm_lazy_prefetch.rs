@@ -19,17 +19,6 @@ use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
 use sha2::{Digest, Sha256};
 
-fn run(command: &mut Command) -> Result<String> {
-    let out = command.output().with_context(|| format!("{command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{command:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 #[test]
 fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_reads_them()
 -> Result<()> {
@@ -42,26 +31,21 @@ fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_read
 
     let debian = lazy_erofs_test_support::debian_layers()?;
     let tars = [debian.join("base.tar"), debian.join("packages.tar")];
-    let archive = work.join("image.tar");
-    lazy_erofs_test_support::write_oci_archive(&archive, &tars, &["sh"], &image)?;
-    let (src, dst) = (work.join("src"), work.join("dst"));
-    std::fs::create_dir_all(&src)?;
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&src)
-        .arg("-xf")
-        .arg(&archive))?;
+    let src = common::oci_layout(work, &tars, &["sh"], &image)?;
+    let dst = work.join("dst");
     let list = work.join("prefetch.txt");
     std::fs::write(
         &list,
         "# what the container below reads\n/usr/share/zoneinfo\n/usr/bin/bash\n/usr/share/no-such-thing\n",
     )?;
-    run(Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
-        .arg("convert")
-        .arg(&src)
-        .arg(&dst)
-        .arg("--prefetch")
-        .arg(&list))?;
+    common::run(
+        Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+            .arg("convert")
+            .arg(&src)
+            .arg(&dst)
+            .arg("--prefetch")
+            .arg(&list),
+    )?;
     let client = Registry::new(&RegistryOptions::insecure(&registry.host));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -83,13 +67,7 @@ fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_read
     let config = format!("[registry]\ninsecure_hosts = [\"{}\"]\n", registry.host);
     let daemon = Daemon::start_with(&work.join("snapshotter"), &config)?;
     let containerd = Containerd::start(&work.join("containerd"), &daemon.socket)?;
-    run(Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
-        .arg("pull")
-        .arg("--address")
-        .arg(&containerd.address)
-        .args(["--namespace", containerd::NAMESPACE, "--insecure"])
-        .arg(&registry.host)
-        .arg(&image))?;
+    containerd.lazy_pull(&image)?;
     let deadline = Instant::now() + Duration::from_secs(180);
     let report = loop {
         if let Some(line) = daemon.log().lines().find(|l| l.contains("prefetch done")) {

@@ -52,29 +52,20 @@ fn big_files_layer(work: &Path) -> Result<BigFiles> {
     let big_hash = write("big.bin", BIG_FILE_MIB, 0x1a2e)?;
     let late_hash = write("late.bin", LATE_FILE_MIB, 0x1a7e)?;
     let tar = work.join("big.tar");
-    run(Command::new("tar")
-        .args(["--numeric-owner", "-C"])
-        .arg(&dir)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("./data"))?;
+    common::run(
+        Command::new("tar")
+            .args(["--numeric-owner", "-C"])
+            .arg(&dir)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("./data"),
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(BigFiles {
         tar,
         big_hash,
         late_hash,
     })
-}
-
-fn run(command: &mut Command) -> Result<String> {
-    let out = command.output().with_context(|| format!("{command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{command:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The Debian + python3 layers plus `extra`, converted and pushed as `image`; returns
@@ -92,16 +83,8 @@ fn push_converted(
         layers.join("python.tar"),
     ];
     tars.extend_from_slice(extra);
-    let archive = work.join("image.tar");
-    lazy_erofs_test_support::write_oci_archive(&archive, &tars, &["python3"], image)?;
-    let (src, dst) = (work.join("src"), work.join("dst"));
-    std::fs::create_dir_all(&src)?;
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&src)
-        .arg("-xf")
-        .arg(&archive))?;
-    std::fs::remove_file(&archive)?;
+    let src = common::oci_layout(work, &tars, &["python3"], image)?;
+    let dst = work.join("dst");
     let started = Instant::now();
     common::convert(&src, &dst)?;
     std::fs::remove_dir_all(&src)?;
@@ -117,22 +100,6 @@ fn push_converted(
         .iter()
         .map(|d| LazyLayer::from_descriptor(d)?.context("layer not lazy"))
         .collect()
-}
-
-/// `lazy-erofs pull` into `containerd`; its stdout.
-fn lazy_pull(containerd: &Containerd, image: &str) -> Result<String> {
-    let host = image.split('/').next().unwrap_or_default();
-    run(Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
-        .arg("pull")
-        .arg("--address")
-        .arg(&containerd.address)
-        .args([
-            "--namespace",
-            containerd::NAMESPACE,
-            "--insecure",
-            host,
-            image,
-        ]))
 }
 
 /// Bytes the registry sent for `layers` so far, and their total size.
@@ -175,7 +142,7 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
     let containerd = Containerd::start(&work.join("containerd"), &daemon.socket)?;
 
     let started = Instant::now();
-    let pulled = lazy_pull(&containerd, &image).with_context(|| daemon.log())?;
+    let pulled = containerd.lazy_pull(&image).with_context(|| daemon.log())?;
     let pull_time = started.elapsed();
     ensure!(pulled.contains("4 layers lazily"), "{pulled}");
     let ctr_run = |id: &str, args: &[&str]| -> Result<String> {

@@ -24,6 +24,33 @@ pub fn scratch() -> Result<tempfile::TempDir> {
 #[allow(unused_imports)] // used by some of the test binaries that include this module
 pub use lazy_erofs_test_support::pseudo_random;
 
+/// Runs `command` to completion; its stdout, or an error with its status and stderr.
+pub fn run(command: &mut Command) -> Result<String> {
+    let out = command.output().with_context(|| format!("{command:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{command:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// An OCI image layout at `work/src` of the layer `tars` (bottom first), named `image`.
+pub fn oci_layout(work: &Path, tars: &[PathBuf], cmd: &[&str], image: &str) -> Result<PathBuf> {
+    let archive = work.join("image.tar");
+    lazy_erofs_test_support::write_oci_archive(&archive, tars, cmd, image)?;
+    let src = work.join("src");
+    fs::create_dir_all(&src)?;
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .arg("-xf")
+        .arg(&archive))?;
+    fs::remove_file(&archive)?;
+    Ok(src)
+}
+
 /// Converts the OCI layout `src` into a lazy one at `dst` (linux/amd64, defaults).
 pub fn convert(src: &Path, dst: &Path) -> Result<()> {
     lazy_erofs_image::convert::convert_layout(

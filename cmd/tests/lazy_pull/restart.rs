@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::reader;
 use crate::containerd::Containerd;
 use crate::daemon::{self, Daemon};
-use crate::{PYTHON, fetched, lazy_pull};
+use crate::{PYTHON, fetched};
 
 /// What the later acts of the test need.
 pub struct Story<'a> {
@@ -229,7 +229,7 @@ pub fn restart_and_second_start(mut story: Story<'_>) -> Result<()> {
     );
     let sent_before = story.sent();
     let started = Instant::now();
-    lazy_pull(story.containerd, story.image)?;
+    story.containerd.lazy_pull(story.image)?;
     story.run_python("python-warm")?;
     let resent = story.sent() - sent_before;
     println!(

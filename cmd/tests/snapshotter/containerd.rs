@@ -87,6 +87,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         command
     }
 
+    /// `lazy-erofs pull image` into this containerd (its registry taken as insecure);
+    /// the command's stdout.
+    pub fn lazy_pull(&self, image: &str) -> Result<String> {
+        let host = image.split('/').next().unwrap_or_default();
+        let out = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+            .arg("pull")
+            .arg("--address")
+            .arg(&self.address)
+            .args(["--namespace", NAMESPACE, "--insecure", host, image])
+            .output()
+            .context("running lazy-erofs pull")?;
+        if !out.status.success() {
+            bail!(
+                "lazy-erofs pull {image}: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs `ctr` in the test namespace; its stdout, or an error with its stderr.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
         let out = self.ctr_command(args).output().context("running ctr")?;
