@@ -93,17 +93,9 @@ fn lazy_backend(
         .with_context(|| format!("creating {}", cache.display()))?;
     // Mounts a killed predecessor left keep its cache alive, and the kernel refuses
     // fscache mounts while a second cache lingers: clear them before binding. Running
-    // containers keep theirs alive regardless (overlayfs holds clones of its layers).
-    let mnt_dir = root.join("layers/mnt");
-    let in_use = lazy_erofs_snapshotter::lazy::layers::overlays_using(&mnt_dir);
-    if in_use > 0 {
-        tracing::warn!(
-            containers = in_use,
-            "containers of a previous run still use lazy layers: new lazy mounts may fail \
-             (ENOBUFS) until those containers stop"
-        );
-    }
-    lazy_erofs_snapshotter::lazy::layers::clear_stale_mounts(&mnt_dir);
+    // containers keep theirs alive regardless (overlayfs holds clones of its layers);
+    // opening the layer mounts counts and logs those.
+    lazy_erofs_snapshotter::lazy::layers::clear_stale_mounts(&root.join("layers/mnt"));
     let device = match Device::bind(&cache, tag) {
         Ok(device) => device,
         Err(e) => {
@@ -232,7 +224,8 @@ async fn serve(config: &Config, fetcher_registry: &RegistryArgs) -> Result<()> {
         tracing::warn!(
             containers = in_use,
             "running containers use lazy layers: once this daemon is gone their reads of \
-             data not fetched yet fail (EIO) until they are restarted"
+             data not fetched yet fail (ENOBUFS; EIO for a read in flight) until they are \
+             restarted"
         );
     }
     let refused = snapshotter.unmount_layers();

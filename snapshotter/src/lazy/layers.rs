@@ -148,8 +148,10 @@ impl LayerMounts {
                             .map_or(0, |d| d.as_secs());
                         tracing::warn!(
                             containers = in_use,
-                            "lazy layers of a previous run are still used by containers (they \
-                             read cached data only); this run mounts layers in a new fscache domain"
+                            "containers of a previous run still use lazy layers (their reads \
+                             of data not cached fail); this run mounts layers in a new fscache \
+                             domain, and new lazy mounts may fail (ENOBUFS) until those \
+                             containers stop"
                         );
                         format!("{tag}-{secs}")
                     }
