@@ -46,6 +46,11 @@ pub struct ConvertArgs {
     /// the snapshotter fetches them right after a lazy pull.
     #[arg(long, value_name = "FILE")]
     pub prefetch: Option<PathBuf>,
+    /// Registry and repository (`HOST/REPO`) the image will be pulled from; the config
+    /// binds its lazy layers to it. Default: the destination's when it is a registry,
+    /// else the source's when that is one; required from layout to layout.
+    #[arg(long, value_name = "HOST/REPO")]
+    pub repository: Option<String>,
 }
 
 /// What a conversion from or to a registry needs.
@@ -95,7 +100,23 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     if args.chunk_kib == 0 || !args.chunk_kib.is_multiple_of(4) || args.chunk_kib > 64 * 1024 {
         bail!("--chunk-kib must be a multiple of 4 between 4 and 65536");
     }
+    let repository = match (&args.repository, &dst, &src) {
+        (Some(given), _, _) => Some(given.as_str()),
+        (None, Location::Registry(reference), _) | (None, _, Location::Registry(reference)) => {
+            Some(reference.as_str())
+        }
+        (None, Location::Layout(_), Location::Layout(_)) => None,
+    }
+    .map(|r| lazy_erofs_image::registry::repository_of(r).context("--repository"))
+    .transpose()?;
+    if repository.is_none() {
+        bail!(
+            "a layout destination needs --repository HOST/REPO: the converted config binds \
+             each lazy layer to the repository the image is pulled from"
+        );
+    }
     let options = ConvertOptions {
+        repository,
         compression: match args.compression {
             CompressionArg::Zstd => Compression::Zstd { level: args.level },
             CompressionArg::None => Compression::None,

@@ -24,7 +24,6 @@ use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_snapshotter::lazy::remote;
 use oci_spec::image::ImageConfiguration;
-use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 
 use crate::registry_args::RegistryArgs;
@@ -77,22 +76,6 @@ fn request<T>(message: T, namespace: &str, lease: Option<&str>) -> Result<tonic:
         metadata.insert("containerd-lease", lease.parse()?);
     }
     Ok(request)
-}
-
-/// The chain id of each layer prefix, as containerd names committed snapshots.
-pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut chain: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for diff_id in diff_ids {
-        let next = match chain.last() {
-            None => diff_id.clone(),
-            Some(parent) => format!(
-                "sha256:{}",
-                lazy_erofs_image::blob::hex(&Sha256::digest(format!("{parent} {diff_id}")))
-            ),
-        };
-        chain.push(next);
-    }
-    chain
 }
 
 pub fn run(args: &PullArgs) -> Result<Pulled> {
@@ -148,7 +131,7 @@ async fn pull(args: &PullArgs, registry: &Registry) -> Result<Pulled> {
             );
         }
     }
-    let chain = chain_ids(diff_ids);
+    let chain = lazy_erofs_image::manifest::chain_ids(diff_ids);
     let top_chain = chain.last().cloned().context("the image has no layers")?;
     let fetched_meta = started.elapsed();
 
@@ -399,33 +382,5 @@ async fn write_blob(session: &Session, digest: &str, bytes: &[u8]) -> Result<()>
         }
         Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
         Err(status) => bail!("writing {digest} to containerd: {}", status.message()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_ids_follow_the_oci_definition() {
-        // Diff ids: sha256 of "a", "b", "c"; expected values from `sha256sum` of
-        // "<chain> <diff id>".
-        let diff_ids = [
-            "sha256:ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb",
-            "sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d",
-            "sha256:2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6",
-        ]
-        .map(String::from);
-        assert_eq!(
-            chain_ids(&diff_ids),
-            [
-                diff_ids[0].clone(),
-                "sha256:51c0c8ace48498d6f5fee6b0592cc06f2da0f3cbe09c5a34a97dce85c3889676"
-                    .to_owned(),
-                "sha256:2fce7f8ce91bcf0a1428b36e1024639fdbd9469eea762dba98aa749631885106"
-                    .to_owned(),
-            ]
-        );
-        assert!(chain_ids(&[]).is_empty());
     }
 }

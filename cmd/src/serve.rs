@@ -64,6 +64,7 @@ fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, ser
     let (manifest, digest) = runtime
         .block_on(registry.pull_manifest(image))
         .with_context(|| format!("pulling the manifest of {image}"))?;
+    let repository = lazy_erofs_image::registry::repository_of(image)?;
     let mut blobs = Vec::new();
     for (index, layer) in manifest.layers().iter().enumerate() {
         let Some(lazy) = LazyLayer::from_descriptor(layer)? else {
@@ -85,14 +86,14 @@ fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, ser
                 view,
             })
         };
+        let fsid = lazy_erofs_image::manifest::layer_fsid(&lazy.binding(&repository));
         println!(
-            "layer {}: fsid={} data-tag={} ({})",
+            "layer {}: fsid={fsid} data-tag={} ({})",
             index + 1,
-            lazy.fsid(),
             lazy.data_tag(),
             lazy.digest
         );
-        blobs.push((lazy.fsid(), spec(View::Metadata)?));
+        blobs.push((fsid, spec(View::Metadata)?));
         if lazy.data_space_size > 0 {
             blobs.push((lazy.data_tag(), spec(View::Data)?));
         }

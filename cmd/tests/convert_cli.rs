@@ -11,12 +11,23 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 
 use lazy_erofs_test_support::{make_oci_layout as make_source, sha256_digest as sha};
 
+const REPOSITORY: &str = "registry.test/team/app";
+
 fn convert(src: &Path, dst: &Path) -> Result<(Option<i32>, String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
-        .arg("convert")
-        .arg(src)
-        .arg(dst)
-        .output()?;
+    convert_for(src, dst, Some(REPOSITORY))
+}
+
+fn convert_for(
+    src: &Path,
+    dst: &Path,
+    repository: Option<&str>,
+) -> Result<(Option<i32>, String, String)> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"));
+    command.arg("convert").arg(src).arg(dst);
+    if let Some(repository) = repository {
+        command.args(["--repository", repository]);
+    }
+    let out = command.output()?;
     Ok((
         out.status.code(),
         String::from_utf8(out.stdout)?,
@@ -61,11 +72,26 @@ fn converts_every_layer_and_keeps_the_config() -> Result<()> {
             .map(String::as_str),
         Some("1")
     );
-    // The config is the source's, byte for byte.
-    assert_eq!(
-        manifest.config().digest().to_string(),
-        sha(&blob(manifest.config().digest().as_ref())?)
-    );
+    // The config is the source's but for its diff ids, which bind each lazy layer's
+    // verified digest to the repository.
+    let config_bytes = blob(manifest.config().digest().as_ref())?;
+    assert_eq!(manifest.config().digest().to_string(), sha(&config_bytes));
+    assert_eq!(manifest.config().size(), config_bytes.len() as u64);
+    let mut config: serde_json::Value = serde_json::from_slice(&config_bytes)?;
+    let source_config = config_of_layout(&src)?;
+    let bound: Vec<String> = manifest
+        .layers()
+        .iter()
+        .map(|d| {
+            Ok(LazyLayer::from_descriptor(d)?
+                .context("not lazy")?
+                .binding(REPOSITORY))
+        })
+        .collect::<Result<_>>()?;
+    assert_eq!(config["rootfs"]["diff_ids"], serde_json::json!(bound));
+    assert_ne!(bound, diff_ids);
+    config["rootfs"]["diff_ids"] = source_config["rootfs"]["diff_ids"].clone();
+    assert_eq!(config, source_config, "the rest of the config changed");
     let mut tags = Vec::new();
     for (layer, diff_id) in manifest.layers().iter().zip(&diff_ids) {
         assert_eq!(layer.media_type().to_string(), LAYER_MEDIA_TYPE);
@@ -96,11 +122,47 @@ fn converts_every_layer_and_keeps_the_config() -> Result<()> {
     }
     tags.dedup();
     assert_eq!(tags.len(), 2, "layers share a data tag: {tags:?}");
-    // Converting the converted image copies lazy layers through unchanged.
+    // Converting the converted image copies lazy layers through unchanged, and binds
+    // them to the new repository.
     let again = dir.path().join("again");
-    let (code, stdout, stderr) = convert(&dst, &again)?;
+    let other = "registry.test/other/app";
+    let (code, stdout, stderr) = convert_for(&dst, &again, Some(other))?;
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout.matches("already lazy").count(), 2, "{stdout}");
+    let rebound = config_of_layout(&again)?;
+    let want: Vec<String> = manifest
+        .layers()
+        .iter()
+        .map(|d| {
+            Ok(LazyLayer::from_descriptor(d)?
+                .context("not lazy")?
+                .binding(other))
+        })
+        .collect::<Result<_>>()?;
+    assert_eq!(rebound["rootfs"]["diff_ids"], serde_json::json!(want));
+    Ok(())
+}
+
+/// The config of the (only) image in layout `dir`.
+fn config_of_layout(dir: &Path) -> Result<serde_json::Value> {
+    let blob = |digest: &str| fs::read(dir.join("blobs/sha256").join(&digest[7..]));
+    let index: ImageIndex = serde_json::from_slice(&fs::read(dir.join("index.json"))?)?;
+    let desc = index.manifests().first().context("no manifest")?;
+    let manifest: ImageManifest = serde_json::from_slice(&blob(desc.digest().as_ref())?)?;
+    Ok(serde_json::from_slice(&blob(
+        manifest.config().digest().as_ref(),
+    )?)?)
+}
+
+#[test]
+fn a_layout_destination_needs_a_repository() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src)?;
+    let (code, _, stderr) = convert_for(&src, &dst, None)?;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("needs --repository HOST/REPO"), "{stderr}");
+    assert!(!dst.join("index.json").exists());
     Ok(())
 }
 

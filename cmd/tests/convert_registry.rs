@@ -124,7 +124,7 @@ fn registry_to_registry_with_docker_config_credentials() -> Result<()> {
     )?;
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
-        stderr.contains(&format!("pulling {plain}")) && stderr.contains("Not authorized"),
+        stderr.contains(&format!("pulling {plain}")) && stderr.contains("not authorized"),
         "{stderr}"
     );
 

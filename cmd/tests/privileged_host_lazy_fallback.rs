@@ -11,25 +11,31 @@ mod daemon;
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, ensure};
-use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, StatSnapshotRequest};
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, StatSnapshotRequest,
+};
 use daemon::Daemon;
+use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
 use lazy_erofs_snapshotter::lazy::remote;
 
 #[tokio::test]
 async fn privileged_host_lazy_layers_fall_back_to_whole_file_backed_mounts() -> Result<()> {
-    if std::path::Path::new("/dev/cachefiles").exists() {
-        eprintln!("skipped: this kernel has cachefiles (the VM tests cover ondemand mode)");
-        return Ok(());
-    }
+    // A host profile test: it proves the fallback, so a kernel with cachefiles fails it
+    // loudly instead of passing without testing anything.
+    ensure!(
+        !std::path::Path::new("/dev/cachefiles").exists(),
+        "this kernel has /dev/cachefiles: the file-backed fallback cannot be tested here \
+         (the VM tests cover ondemand mode)"
+    );
     let work = tempfile::tempdir_in("/var/tmp")?;
     let registry_dir = work.path().join("registry");
     std::fs::create_dir_all(&registry_dir)?;
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
     let (src, dst) = (work.path().join("src"), work.path().join("dst"));
     let diff_ids = lazy_erofs_test_support::make_oci_layout(&src)?;
-    common::convert(&src, &dst)?;
     let image = format!("{}/lazy/fallback:1", registry.host);
+    common::convert(&src, &dst, &image)?;
     let client = Registry::new(&RegistryOptions::insecure(&registry.host));
     client.push_layout(&dst, &image).await?;
     let (manifest, manifest_digest) = client.pull_manifest(&image).await?;
@@ -73,7 +79,74 @@ async fn privileged_host_lazy_layers_fall_back_to_whole_file_backed_mounts() -> 
         err.message()
     );
 
-    let chain = [diff_ids[0].clone(), "chain-2".to_owned()];
+    // containerd's names for the layers: chain ids of the converted config's diff ids,
+    // which bind each layer's verified digest to the repository.
+    let repository = lazy_erofs_image::registry::repository_of(&image)?;
+    let bindings: Vec<String> = manifest
+        .layers()
+        .iter()
+        .map(|d| {
+            Ok(LazyLayer::from_descriptor(d)?
+                .context("not lazy")?
+                .binding(&repository))
+        })
+        .collect::<Result<_>>()?;
+    ensure!(bindings[0] != diff_ids[0], "the source diff id was kept");
+    let chain = lazy_erofs_image::manifest::chain_ids(&bindings);
+
+    // A target that is not the layer's verified chain id (the source's diff id, as a
+    // config claiming another layer would give): refused, naming the layer and both ids.
+    let err = snapshots
+        .prepare(prepare(
+            "extract-claimed",
+            "",
+            labels(&diff_ids[0], manifest.layers()[0].digest().as_ref()),
+        ))
+        .await
+        .expect_err("a claimed chain id was accepted");
+    ensure!(err.code() == tonic::Code::InvalidArgument, "{err:?}");
+    for part in [
+        diff_ids[0].as_str(),
+        chain[0].as_str(),
+        manifest.layers()[0].digest().as_ref(),
+    ] {
+        ensure!(err.message().contains(part), "{part}: {}", err.message());
+    }
+    ensure!(
+        snapshots
+            .stat(StatSnapshotRequest {
+                snapshotter: "lazy-erofs".into(),
+                key: diff_ids[0].clone(),
+            })
+            .await
+            .is_err(),
+        "the refused target was created"
+    );
+
+    // A mixed image: an ordinary (unpacked) layer below a lazy one.
+    snapshots
+        .prepare(prepare("extract-plain", "", HashMap::new()))
+        .await?;
+    let plain = "sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d";
+    snapshots
+        .commit(CommitSnapshotRequest {
+            snapshotter: "lazy-erofs".into(),
+            name: plain.into(),
+            key: "extract-plain".into(),
+            labels: HashMap::new(),
+        })
+        .await?;
+    let on_plain = lazy_erofs_image::manifest::chain_id(Some(plain), &bindings[1]);
+    let err = snapshots
+        .prepare(prepare(
+            "extract-mixed",
+            plain,
+            labels(&on_plain, manifest.layers()[1].digest().as_ref()),
+        ))
+        .await
+        .expect_err("a lazy layer's Prepare must answer AlreadyExists");
+    ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");
+
     let mut parent = String::new();
     for (layer, target) in manifest.layers().iter().zip(&chain) {
         let err = snapshots

@@ -44,7 +44,8 @@ fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_read
             .arg(&src)
             .arg(&dst)
             .arg("--prefetch")
-            .arg(&list),
+            .arg(&list)
+            .args(["--repository", &image]),
     )?;
     let client = Registry::new(&RegistryOptions::insecure(&registry.host));
     let runtime = tokio::runtime::Builder::new_current_thread()

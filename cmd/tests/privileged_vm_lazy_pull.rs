@@ -86,7 +86,7 @@ fn push_converted(
     let src = common::oci_layout(work, &tars, &["python3"], image)?;
     let dst = work.join("dst");
     let started = Instant::now();
-    common::convert(&src, &dst)?;
+    common::convert(&src, &dst, image)?;
     std::fs::remove_dir_all(&src)?;
     println!("convert: {:.1} s", started.elapsed().as_secs_f64());
     let client = Registry::new(&RegistryOptions::insecure(&registry.host));

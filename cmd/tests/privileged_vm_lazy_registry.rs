@@ -22,8 +22,8 @@ fn pushed_image(work: &Path) -> Result<lazy_erofs_test_support::DockerRegistry> 
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
     let (src, dst) = (work.join("src"), work.join("dst"));
     lazy_erofs_test_support::make_oci_layout(&src)?;
-    common::convert(&src, &dst)?;
     let image = format!("{}/{IMAGE_PATH}", registry.host);
+    common::convert(&src, &dst, &image)?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

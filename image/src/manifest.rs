@@ -93,6 +93,54 @@ pub fn data_tag(source_diff_id: &str) -> String {
     format!("lazy-erofs-{}", hex.get(..52).unwrap_or(hex))
 }
 
+/// The diff id a converted image's config gives a lazy layer: a digest of the layer's
+/// verified-region digest (which fixes every byte of it through the chunk table) and the
+/// repository (`registry/repository`) the image is served from. containerd names the
+/// layer's snapshot after the chain of these, so a snapshot name can only be claimed by
+/// an image whose verified bytes, from that repository, are that layer (DESIGN.md,
+/// "Isolation between images").
+pub fn layer_binding(verified_digest: &str, repository: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"lazy-erofs layer v1\0");
+    hash.update(verified_digest.as_bytes());
+    hash.update(b"\0");
+    hash.update(repository.as_bytes());
+    format!("sha256:{}", crate::blob::hex(&hash.finalize()))
+}
+
+/// The chain id containerd computes for a layer on top of `parent` (the OCI image
+/// spec's definition): the diff id itself for a base layer, else
+/// `sha256(parent + " " + diff_id)`.
+pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    match parent {
+        None | Some("") => diff_id.to_owned(),
+        Some(parent) => format!(
+            "sha256:{}",
+            crate::blob::hex(&Sha256::digest(format!("{parent} {diff_id}")))
+        ),
+    }
+}
+
+/// The chain id of each layer prefix, as containerd names committed snapshots.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut chain: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for diff_id in diff_ids {
+        let next = chain_id(chain.last().map(String::as_str), diff_id);
+        chain.push(next);
+    }
+    chain
+}
+
+/// The fscache `fsid` (and mount and blob file name) of a lazy layer from one
+/// repository: named after its [`layer_binding`], so the same layer from the same
+/// repository shares one mount and cache, and nothing else ever does.
+pub fn layer_fsid(binding: &str) -> String {
+    let hex = binding.trim_start_matches("sha256:");
+    format!("lazy-erofs-m-{}", hex.get(..51).unwrap_or(hex))
+}
+
 /// What the snapshotter and fetcher need to know about a lazy layer, from its descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LazyLayer {
@@ -118,18 +166,18 @@ pub enum ManifestError {
 }
 
 impl LazyLayer {
-    /// The fscache `fsid` this layer's metadata image is mounted by: named after the
-    /// verified digest, so the same layer gets the same cache object in every image.
-    pub fn fsid(&self) -> String {
-        let hex = self.verified_digest.trim_start_matches("sha256:");
-        format!("lazy-erofs-m-{}", hex.get(..51).unwrap_or(hex))
+    /// This layer's diff id in an image served from `repository` (see [`layer_binding`]).
+    pub fn binding(&self, repository: &str) -> String {
+        layer_binding(&self.verified_digest, repository)
     }
 
     /// Length of the blob's verified region (header, metadata, chunk table), so it can
     /// be fetched in one request.
     pub fn verified_region_len(&self) -> u64 {
         let chunks = self.data_space_size.div_ceil(u64::from(self.chunk_size));
-        (crate::blob::HEADER_SIZE + self.metadata_size + chunks * crate::blob::ENTRY_SIZE as u64)
+        crate::blob::HEADER_SIZE
+            .saturating_add(self.metadata_size)
+            .saturating_add(chunks.saturating_mul(crate::blob::ENTRY_SIZE as u64))
             .min(self.size)
     }
 
@@ -182,13 +230,13 @@ impl LazyLayer {
         let chunk_size = number(annotation::CHUNK_SIZE)?;
         let chunk_size = u32::try_from(chunk_size)
             .ok()
-            .filter(|c| *c > 0 && c.is_multiple_of(4096))
+            .filter(|c| *c > 0 && c.is_multiple_of(4096) && *c <= crate::blob::MAX_CHUNK_SIZE)
             .ok_or_else(|| ManifestError::Malformed {
                 digest: digest.clone(),
                 key: annotation::CHUNK_SIZE,
                 value: chunk_size.to_string(),
             })?;
-        Ok(Some(Self {
+        let layer = Self {
             size: desc.size(),
             verified_digest: sha(annotation::VERIFIED_DIGEST)?,
             data_space_size: number(annotation::DATA_SPACE_SIZE)?,
@@ -196,7 +244,30 @@ impl LazyLayer {
             metadata_size: number(annotation::METADATA_SIZE)?,
             source_diff_id: sha(annotation::SOURCE_DIFF_ID)?,
             digest,
-        }))
+        };
+        // What a reader would have to hold in memory before it can verify anything.
+        let region = crate::blob::HEADER_SIZE
+            .saturating_add(layer.metadata_size)
+            .saturating_add(
+                layer
+                    .data_space_size
+                    .div_ceil(u64::from(chunk_size))
+                    .saturating_mul(crate::blob::ENTRY_SIZE as u64),
+            );
+        if region > crate::blob::MAX_REGION_SIZE {
+            return Err(ManifestError::Malformed {
+                digest: layer.digest,
+                key: annotation::METADATA_SIZE,
+                value: format!(
+                    "{} (with data-space-size {}: a verified region of {region} bytes, over \
+                     the {} allowed)",
+                    layer.metadata_size,
+                    layer.data_space_size,
+                    crate::blob::MAX_REGION_SIZE
+                ),
+            });
+        }
+        Ok(Some(layer))
     }
 }
 
@@ -207,6 +278,29 @@ mod tests {
     use std::str::FromStr;
 
     const SHA: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        // Diff ids: sha256 of "a", "b", "c"; expected values from `sha256sum` of
+        // "<chain> <diff id>".
+        let diff_ids = [
+            "sha256:ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb",
+            "sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d",
+            "sha256:2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6",
+        ]
+        .map(String::from);
+        assert_eq!(
+            chain_ids(&diff_ids),
+            [
+                diff_ids[0].clone(),
+                "sha256:51c0c8ace48498d6f5fee6b0592cc06f2da0f3cbe09c5a34a97dce85c3889676"
+                    .to_owned(),
+                "sha256:2fce7f8ce91bcf0a1428b36e1024639fdbd9469eea762dba98aa749631885106"
+                    .to_owned(),
+            ]
+        );
+        assert!(chain_ids(&[]).is_empty());
+    }
 
     #[test]
     fn prefetch_lists_are_normalised_and_bad_lines_named() {
@@ -294,6 +388,9 @@ mod tests {
             (annotation::DATA_SPACE_SIZE, "-1"),
             (annotation::CHUNK_SIZE, "1000"),
             (annotation::CHUNK_SIZE, "0"),
+            (annotation::CHUNK_SIZE, "4294963200"),
+            (annotation::METADATA_SIZE, "18446744073709551615"),
+            (annotation::DATA_SPACE_SIZE, "18446744073709551615"),
         ] {
             let notes: Vec<_> = complete()
                 .into_iter()

@@ -49,11 +49,16 @@ struct Conn {
 }
 
 impl Conn {
-    fn ask(&mut self, cookie: &str) -> Result<Option<serde_json::Value>, HandoverError> {
+    fn ask(
+        &mut self,
+        domain: Option<&str>,
+        cookie: &str,
+    ) -> Result<Option<serde_json::Value>, HandoverError> {
         handover::write_line(
             &self.writer,
             &ToParent::Resolve {
                 cookie: cookie.to_owned(),
+                domain: domain.map(str::to_owned),
             },
         )?;
         Ok(match handover::read_line(&mut self.reader)? {
@@ -65,11 +70,15 @@ impl Conn {
 
 #[async_trait]
 impl Resolver for SupervisorResolver {
-    async fn resolve(&self, cookie: &str) -> Result<Option<serde_json::Value>, String> {
+    async fn resolve(
+        &self,
+        domain: Option<&str>,
+        cookie: &str,
+    ) -> Result<Option<serde_json::Value>, String> {
         let mut conn = self.conn.lock().await;
         // Blocking I/O on a local socket answered from memory: microseconds, and OPENs
         // are rare (one per layer mount).
-        tokio::task::block_in_place(|| conn.ask(cookie)).map_err(|e| e.to_string())
+        tokio::task::block_in_place(|| conn.ask(domain, cookie)).map_err(|e| e.to_string())
     }
 }
 

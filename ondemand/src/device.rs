@@ -143,9 +143,15 @@ impl Device {
     }
 
     fn decode(&self, buf: &[u8]) -> Result<Request, DeviceError> {
-        let anon = msg::open_fd(buf)
-            .and_then(sys::own_installed_fd)
-            .map(AnonFd::new);
+        let anon = msg::open_fd(buf).and_then(sys::own_installed_fd).map(|fd| {
+            // The kernel installs anon fds without O_CLOEXEC: a program the fetcher
+            // starts (a docker credential helper) would keep a dead fetcher's cache
+            // objects open and defeat failover.
+            if let Err(e) = set_cloexec(&fd) {
+                tracing::warn!(error = %e, "cannot mark a cache object fd close-on-exec");
+            }
+            AnonFd::new(fd)
+        });
         match msg::parse(buf) {
             Ok(Message::Open(open)) => match anon {
                 Some(anon) => Ok(Request::Open { open, anon }),
@@ -208,4 +214,10 @@ impl AnonFd {
     pub fn complete(&self, msg_id: u32) -> io::Result<()> {
         sys::read_complete(self.file.as_fd(), msg_id).map_err(io::Error::from)
     }
+}
+
+/// Sets `FD_CLOEXEC` on `fd`.
+pub(crate) fn set_cloexec(fd: &impl AsFd) -> nix::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    fcntl(fd.as_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map(drop)
 }

@@ -2,6 +2,7 @@
 //! cannot choose the instant a fetcher dies, so tests ask a fetcher to kill itself at a
 //! precise point. Set `LAZY_EROFS_FAULT=<point>[:<nth>]` in the supervisor's environment;
 //! the fault fires once across all fetcher generations (claimed in the shared stats).
+//! Compiled in only with the `fault-injection` feature, which the tests enable.
 
 use crate::stats::{Counter, Stats};
 
@@ -43,8 +44,14 @@ impl Fault {
     }
 
     /// From the environment; a malformed value is reported and ignored.
+    /// Only builds with the `fault-injection` feature (the tests') honour it: a release
+    /// daemon must not let its environment kill its fetchers.
     pub fn from_env() -> Option<Self> {
         let text = std::env::var(ENV).ok()?;
+        if !cfg!(feature = "fault-injection") {
+            tracing::warn!("{ENV} is set, but this build has no fault injection; ignored");
+            return None;
+        }
         match Self::parse(&text) {
             Ok(fault) => Some(fault),
             Err(err) => {

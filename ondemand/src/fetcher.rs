@@ -25,8 +25,12 @@ use crate::sys::PAGE_SIZE;
 /// Answers "which blob is this cookie?" — the supervisor's table, asked over the socket.
 #[async_trait]
 pub trait Resolver: Send + Sync {
-    /// The blob description for `cookie`, `None` if unknown.
-    async fn resolve(&self, cookie: &str) -> Result<Option<serde_json::Value>, String>;
+    /// The blob description for `cookie` in EROFS domain `domain`, `None` if unknown.
+    async fn resolve(
+        &self,
+        domain: Option<&str>,
+        cookie: &str,
+    ) -> Result<Option<serde_json::Value>, String>;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +159,13 @@ impl Fetcher {
                 tracing::error!(%err, "copen refusal failed");
             }
         };
-        let spec = match self.parts.resolver.resolve(&cookie).await {
+        let domain = erofs_domain(&open.volume_key);
+        let spec = match self
+            .parts
+            .resolver
+            .resolve(domain.as_deref(), &cookie)
+            .await
+        {
             Ok(Some(spec)) => spec,
             Ok(None) => return refuse(Errno::ENOENT, "no such blob registered".into()),
             Err(err) => return refuse(Errno::EIO, format!("cannot ask the supervisor: {err}")),
@@ -298,6 +308,15 @@ async fn fetch_and_write(
     Ok(())
 }
 
+/// The EROFS domain an OPEN's volume key names (`erofs,<domain>` and a NUL; without a
+/// `domain_id` the kernel uses the fsid there).
+fn erofs_domain(volume_key: &[u8]) -> Option<String> {
+    let key = volume_key.strip_suffix(b"\0").unwrap_or(volume_key);
+    key.strip_prefix(b"erofs,")
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .map(str::to_owned)
+}
+
 /// `base * 2^(attempt-1)`, plus up to 50 % jitter so retries of many READs spread out.
 fn backoff(base: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1 << attempt.saturating_sub(1).min(10));
@@ -308,6 +327,14 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_keys_name_their_domain() {
+        assert_eq!(erofs_domain(b"erofs,dom-1\0").as_deref(), Some("dom-1"));
+        assert_eq!(erofs_domain(b"erofs,x").as_deref(), Some("x"));
+        assert_eq!(erofs_domain(b"other,x\0"), None);
+        assert_eq!(erofs_domain(b"erofs,\xff\0"), None);
+    }
 
     #[test]
     fn backoff_doubles_with_bounded_jitter() {

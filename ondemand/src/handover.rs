@@ -7,15 +7,15 @@
 //!    OPEN and the supervisor answers [`ToChild`]. The child keeps no blob table of its own.
 
 use std::io::{self, BufRead, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use sendfd::{RecvWithFd, SendWithFd};
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::sys;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Handover {
     /// 1 for the first child, +1 per restart.
     pub generation: u64,
@@ -26,8 +26,16 @@ pub struct Handover {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToParent {
-    Ready { pid: u32, restored: bool },
-    Resolve { cookie: String },
+    Ready {
+        pid: u32,
+        restored: bool,
+    },
+    /// `domain`: the EROFS domain of the OPEN's volume (`erofs,<domain>`), if any.
+    Resolve {
+        cookie: String,
+        #[serde(default)]
+        domain: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +55,8 @@ pub enum HandoverError {
     Fds(usize),
     #[error("peer closed the hand-over socket")]
     Closed,
+    #[error("hand-over line longer than {0} bytes")]
+    TooLong(usize),
 }
 
 /// Supervisor side: sends the hand-over with the device and stats fds.
@@ -57,23 +67,43 @@ pub fn send_handover(
     stats: BorrowedFd<'_>,
 ) -> Result<(), HandoverError> {
     let bytes = serde_json::to_vec(&handover)?;
-    let sent = stream.send_with_fd(&bytes, &[device.as_raw_fd(), stats.as_raw_fd()])?;
+    let fds = [device.as_raw_fd(), stats.as_raw_fd()];
+    let sent = socket::sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[io::IoSlice::new(&bytes)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(io::Error::from)?;
     if sent != bytes.len() {
         return Err(HandoverError::Io(io::Error::other("short hand-over send")));
     }
     Ok(())
 }
 
-/// Child side: receives the hand-over and takes ownership of the two fds.
+/// Child side: receives the hand-over and takes ownership of the two fds, close-on-exec
+/// from the moment they arrive (a credential helper the fetcher starts must not hold
+/// the device).
 pub fn recv_handover(stream: &UnixStream) -> Result<(Handover, OwnedFd, OwnedFd), HandoverError> {
-    let mut buf = [0u8; 4096];
-    let mut fds = [-1; 4];
-    let (n, nfds) = stream.recv_with_fd(&mut buf, &mut fds)?;
+    let mut buf = [0u8; MAX_HANDOVER_LEN];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let message = socket::recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
     // Own every fd received, so extras are closed rather than leaked.
-    let mut owned: Vec<OwnedFd> = fds[..nfds]
-        .iter()
-        .filter_map(|&fd| sys::own_installed_fd(fd))
-        .collect();
+    let mut owned: Vec<OwnedFd> = Vec::new();
+    for cmsg in message.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            owned.extend(fds.into_iter().filter_map(sys::own_installed_fd));
+        }
+    }
+    let n = message.bytes;
     if n == 0 {
         return Err(HandoverError::Closed);
     }
@@ -95,15 +125,24 @@ pub fn write_line<T: Serialize>(mut out: impl Write, message: &T) -> Result<(), 
     Ok(())
 }
 
-/// Reads one JSON line; `Closed` at end of stream.
+/// Longest hand-over datagram and JSON line accepted: the peer is trusted, but a bug on
+/// either side must not make the other allocate without bound.
+pub const MAX_HANDOVER_LEN: usize = 4096;
+pub const MAX_LINE_LEN: usize = 1 << 20;
+
+/// Reads one JSON line of at most [`MAX_LINE_LEN`] bytes; `Closed` at end of stream.
 pub fn read_line<T: for<'de> Deserialize<'de>>(
     input: &mut impl BufRead,
 ) -> Result<T, HandoverError> {
-    let mut line = String::new();
-    if input.read_line(&mut line)? == 0 {
+    let mut line = Vec::new();
+    let n = io::Read::take(&mut *input, MAX_LINE_LEN as u64 + 1).read_until(b'\n', &mut line)?;
+    if n == 0 {
         return Err(HandoverError::Closed);
     }
-    Ok(serde_json::from_str(line.trim_end())?)
+    if line.len() > MAX_LINE_LEN {
+        return Err(HandoverError::TooLong(MAX_LINE_LEN));
+    }
+    Ok(serde_json::from_slice(line.trim_ascii_end())?)
 }
 
 #[cfg(test)]
@@ -140,6 +179,7 @@ mod tests {
             &child,
             &ToParent::Resolve {
                 cookie: "layer".into(),
+                domain: Some("d".into()),
             },
         )
         .expect("write");
@@ -147,7 +187,8 @@ mod tests {
         assert_eq!(
             got,
             ToParent::Resolve {
-                cookie: "layer".into()
+                cookie: "layer".into(),
+                domain: Some("d".into()),
             }
         );
     }
@@ -162,6 +203,30 @@ mod tests {
         assert!(matches!(recv_handover(&child), Err(HandoverError::Fds(0))));
         drop(parent);
         assert!(matches!(recv_handover(&child), Err(HandoverError::Closed)));
+    }
+
+    #[test]
+    fn received_fds_are_close_on_exec_and_long_lines_refused() {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        let (parent, child) = UnixStream::pair().expect("pair");
+        let stats = crate::stats::Stats::create().expect("memfd");
+        let dev = std::fs::File::open("/dev/null").expect("null");
+        use std::os::fd::AsFd;
+        send_handover(&parent, Handover::default(), dev.as_fd(), stats.fd()).expect("send");
+        let (_, dev, stats) = recv_handover(&child).expect("recv");
+        for fd in [&dev, &stats] {
+            let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFD).expect("F_GETFD");
+            assert!(
+                FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC),
+                "{fd:?} is inherited by exec"
+            );
+        }
+        let long = vec![b' '; MAX_LINE_LEN + 10];
+        let mut input = BufReader::new(&long[..]);
+        assert!(matches!(
+            read_line::<ToChild>(&mut input),
+            Err(HandoverError::TooLong(_))
+        ));
     }
 
     #[test]

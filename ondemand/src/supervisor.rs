@@ -25,31 +25,49 @@ use crate::device::Device;
 use crate::handover::{self, Handover, HandoverError, ToChild, ToParent};
 use crate::stats::{Counter, Stats, StatsSummary, monotonic_ns, quantile};
 
-/// Name → blob description, shared with the thread answering the child's questions.
+/// Where a blob is registered: an fscache cookie name, in one EROFS domain or in any.
+type BlobKey = (Option<String>, String);
+
+/// (domain, cookie) → blob description, shared with the thread answering the child's
+/// questions. A blob registered in a domain is served only to OPENs in that domain's
+/// volume, so a layer whose image names another layer's cookie cannot reach it.
 #[derive(Debug, Clone, Default)]
-pub struct BlobTable(Arc<RwLock<BTreeMap<String, serde_json::Value>>>);
+pub struct BlobTable(Arc<RwLock<BTreeMap<BlobKey, serde_json::Value>>>);
 
 impl BlobTable {
+    /// Registers `name` for OPENs in any volume (the `serve` command's blobs).
     pub fn insert(&self, name: impl Into<String>, spec: serde_json::Value) {
-        self.0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.into(), spec);
+        self.write().insert((None, name.into()), spec);
     }
 
-    pub fn remove(&self, name: &str) -> Option<serde_json::Value> {
-        self.0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name)
+    /// Registers `name` for OPENs in EROFS domain `domain` only.
+    pub fn insert_in(&self, domain: &str, name: impl Into<String>, spec: serde_json::Value) {
+        self.write()
+            .insert((Some(domain.to_owned()), name.into()), spec);
     }
 
-    pub fn get(&self, name: &str) -> Option<serde_json::Value> {
-        self.0
+    pub fn remove_in(&self, domain: &str, name: &str) -> Option<serde_json::Value> {
+        self.write()
+            .remove(&(Some(domain.to_owned()), name.to_owned()))
+    }
+
+    /// The blob for an OPEN of cookie `name` in `domain`: registered in that domain, or
+    /// in any.
+    pub fn get(&self, domain: Option<&str>, name: &str) -> Option<serde_json::Value> {
+        let table = self
+            .0
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        domain
+            .and_then(|d| table.get(&(Some(d.to_owned()), name.to_owned())))
+            .or_else(|| table.get(&(None, name.to_owned())))
             .cloned()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<BlobKey, serde_json::Value>> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -347,7 +365,8 @@ enum ChildEnd {
 fn answer_questions(mut reader: BufReader<UnixStream>, writer: UnixStream, blobs: &BlobTable) {
     loop {
         let answer = match handover::read_line::<ToParent>(&mut reader) {
-            Ok(ToParent::Resolve { cookie }) => match blobs.get(&cookie) {
+            Ok(ToParent::Resolve { cookie, domain }) => match blobs.get(domain.as_deref(), &cookie)
+            {
                 Some(spec) => ToChild::Blob { spec },
                 None => ToChild::Unknown,
             },

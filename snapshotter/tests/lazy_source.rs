@@ -18,17 +18,20 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
     let registry_proc = lazy_erofs_test_support::start_docker_registry(dir.path(), None)?;
     let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
     lazy_erofs_test_support::make_oci_layout(&src)?;
+    let image = format!("{}/lazy/source:1", registry_proc.host);
     convert_layout(
         &src,
         &dst,
         "linux/amd64",
-        &ConvertOptions::default(),
+        &ConvertOptions {
+            repository: Some(lazy_erofs_image::registry::repository_of(&image)?),
+            ..ConvertOptions::default()
+        },
         &mut |_, _, reader| reader,
     )?;
     let registry = Arc::new(Registry::new(&RegistryOptions::insecure(
         &registry_proc.host,
     )));
-    let image = format!("{}/lazy/source:1", registry_proc.host);
     registry.push_layout(&dst, &image).await?;
     let (manifest, _) = registry.pull_manifest(&image).await?;
     let factory = LazySourceFactory::new(registry.clone());

@@ -81,7 +81,8 @@ fn put_blob(layout: &Path, bytes: &[u8]) -> std::io::Result<String> {
     Ok(digest)
 }
 
-fn layer_tar(files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
+/// An uncompressed layer tar of regular files (mode 0644, root-owned, fixed mtime).
+pub fn layer_tar(files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, data) in files {
         let mut h = tar::Header::new_gnu();

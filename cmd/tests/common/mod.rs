@@ -52,12 +52,17 @@ pub fn oci_layout(work: &Path, tars: &[PathBuf], cmd: &[&str], image: &str) -> R
 }
 
 /// Converts the OCI layout `src` into a lazy one at `dst` (linux/amd64, defaults).
-pub fn convert(src: &Path, dst: &Path) -> Result<()> {
+/// Converts layout `src` into layout `dst` for `image` (the reference it is pushed as:
+/// the config binds the lazy layers to its repository).
+pub fn convert(src: &Path, dst: &Path, image: &str) -> Result<()> {
     lazy_erofs_image::convert::convert_layout(
         src,
         dst,
         "linux/amd64",
-        &lazy_erofs_image::convert::ConvertOptions::default(),
+        &lazy_erofs_image::convert::ConvertOptions {
+            repository: Some(lazy_erofs_image::registry::repository_of(image)?),
+            ..lazy_erofs_image::convert::ConvertOptions::default()
+        },
         &mut |_, _, r| r,
     )?;
     Ok(())

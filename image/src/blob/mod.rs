@@ -22,6 +22,17 @@ pub const VERSION: u32 = 1;
 pub const HEADER_SIZE: u64 = 4096;
 pub const ENTRY_SIZE: usize = 56;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+/// Largest chunk a reader accepts (and the converter writes): a chunk is decompressed
+/// into memory whole, and a tiny compressed chunk can claim gigabytes.
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Largest verified region (header, metadata, chunk table) a reader accepts: it is read
+/// into memory before its digest can be checked.
+pub const MAX_REGION_SIZE: u64 = 512 << 20;
+
+/// The most bytes a chunk of `chunk_size` may take stored: zstd's worst case.
+pub fn max_stored_len(chunk_size: u32) -> u64 {
+    zstd::zstd_safe::compress_bound(chunk_size as usize) as u64
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -133,8 +144,11 @@ impl Header {
         if self.compression_code > 1 {
             return Err(BlobError::Compression(self.compression_code));
         }
-        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(4096) {
-            return bad("chunk size must be a non-zero multiple of 4 KiB");
+        if self.chunk_size == 0
+            || !self.chunk_size.is_multiple_of(4096)
+            || self.chunk_size > MAX_CHUNK_SIZE
+        {
+            return bad("chunk size must be a non-zero multiple of 4 KiB, at most 64 MiB");
         }
         if self.metadata_offset != HEADER_SIZE
             || self.table_offset != self.metadata_offset.saturating_add(self.metadata_len)
@@ -147,8 +161,8 @@ impl Header {
             return bad("chunk table length does not match the data space size");
         }
         // The verified region is read into memory whole: refuse absurd sizes.
-        if self.data_offset > 1 << 32 {
-            return bad("metadata and chunk table larger than 4 GiB");
+        if self.data_offset > MAX_REGION_SIZE {
+            return bad("metadata and chunk table larger than 512 MiB");
         }
         Ok(())
     }
@@ -315,6 +329,11 @@ mod tests {
         let mut bad = bytes.clone();
         bad[48..56].copy_from_slice(&u64::MAX.to_le_bytes()); // table_len
         assert!(matches!(Header::decode(&bad), Err(BlobError::Header(_))));
+        // A chunk size a reader would have to decompress into gigabytes.
+        let mut bad = bytes.clone();
+        bad[16..20].copy_from_slice(&0xFFFF_F000u32.to_le_bytes());
+        let err = Header::decode(&bad).expect_err("4 GiB chunks accepted");
+        assert!(err.to_string().contains("at most 64 MiB"), "{err}");
         assert!(matches!(
             Header::decode(&bytes[..10]),
             Err(BlobError::Magic)

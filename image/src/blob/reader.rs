@@ -2,7 +2,9 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{BlobError, ChunkEntry, ENTRY_SIZE, HEADER_SIZE, Header, hex};
+use super::{
+    BlobError, ChunkEntry, ENTRY_SIZE, HEADER_SIZE, Header, MAX_REGION_SIZE, hex, max_stored_len,
+};
 
 /// Ranged access to a blob (a local file, or a registry with range requests).
 pub trait RangeRead {
@@ -57,7 +59,9 @@ impl<R: RangeRead> BlobReader<R> {
         verified_digest: &str,
         region_hint: u64,
     ) -> Result<Self, BlobError> {
-        let mut head = source.read_range(0, region_hint.max(HEADER_SIZE))?;
+        // The hint comes from a manifest: bounded like the region itself.
+        let hint = region_hint.clamp(HEADER_SIZE, MAX_REGION_SIZE);
+        let mut head = source.read_range(0, hint)?;
         let header = Header::decode(head.get(..HEADER_SIZE as usize).ok_or(BlobError::Magic)?)?;
         let region = usize::try_from(header.data_offset)
             .map_err(|_| BlobError::Header("verified region too large".into()))?;
@@ -88,7 +92,9 @@ impl<R: RangeRead> BlobReader<R> {
             let in_bounds = e
                 .stored_offset
                 .checked_add(u64::from(e.stored_len))
-                .is_some_and(|end| end <= header.data_len);
+                .and_then(|end| end.checked_add(header.data_offset).map(|_| end))
+                .is_some_and(|end| end <= header.data_len)
+                && u64::from(e.stored_len) <= max_stored_len(header.chunk_size);
             if e.offset != expected_offset || !in_bounds {
                 return Err(BlobError::Chunk {
                     index,
@@ -119,8 +125,9 @@ impl<R: RangeRead> BlobReader<R> {
             index,
             reason: "no such chunk".into(),
         })?;
+        // In bounds: checked when the table was read.
         let stored = self.source.read_range(
-            self.header.data_offset + entry.stored_offset,
+            self.header.data_offset.saturating_add(entry.stored_offset),
             u64::from(entry.stored_len),
         )?;
         let expected_len = (self.header.data_space_size - entry.offset)

@@ -10,7 +10,7 @@ use std::time::Instant;
 use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest, MediaType};
 
 use super::{ConvertError, ConvertOptions, convert_layer};
-use crate::manifest::{LAYER_MEDIA_TYPE, annotation};
+use crate::manifest::{LAYER_MEDIA_TYPE, LazyLayer, annotation};
 use crate::oci_layout::{DigestReader, LayoutError, OciLayout};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,16 @@ pub enum ImageError {
     },
     #[error("layer {digest}: the blob read does not match its digest ({actual}) or size")]
     LayerDigest { digest: String, actual: String },
+    #[error(
+        "no repository to bind the image to: a lazy image's config names its layers after \
+         the repository it is served from (give the destination as a registry reference, \
+         or --repository HOST/REPO)"
+    )]
+    NoRepository,
+    #[error("config {digest}: {reason}")]
+    Config { digest: String, reason: String },
+    #[error("lazy layer {digest}: {reason}")]
+    LazyAnnotations { digest: String, reason: String },
 }
 
 /// One line of the summary table.
@@ -139,11 +149,15 @@ pub fn convert_layout(
             reason: e.to_string(),
         })?;
 
+    let repository = options
+        .repository
+        .as_deref()
+        .ok_or(ImageError::NoRepository)?;
     let config = source.read_blob(manifest.config())?;
-    target.write_blob(&config)?;
 
     let mut reports = Vec::new();
     let mut layers = Vec::new();
+    let mut bindings = Vec::new();
     for (i, layer) in manifest.layers().iter().enumerate() {
         let digest = layer.digest().to_string();
         let media_type = layer.media_type().to_string();
@@ -158,6 +172,14 @@ pub fn convert_layout(
             })?;
             let size = check_source(reader, layer)?;
             target.adopt_blob(tmp.path(), &digest)?;
+            let lazy = LazyLayer::from_descriptor(layer)
+                .ok()
+                .flatten()
+                .ok_or_else(|| ImageError::LazyAnnotations {
+                    digest: digest.clone(),
+                    reason: "annotations missing or malformed".into(),
+                })?;
+            bindings.push(lazy.binding(repository));
             reports.push(LayerReport {
                 source_digest: digest.clone(),
                 source_size: size,
@@ -213,6 +235,10 @@ pub fn convert_layout(
             (annotation::SOURCE_DIGEST.to_owned(), digest.clone()),
         ])));
         layers.push(desc);
+        bindings.push(crate::manifest::layer_binding(
+            &blob.verified_digest,
+            repository,
+        ));
         reports.push(LayerReport {
             source_digest: digest,
             source_size: size,
@@ -224,6 +250,17 @@ pub fn convert_layout(
         });
     }
 
+    let config = bind_config(&config, manifest.config().digest().as_ref(), &bindings)?;
+    let config_digest = target.write_blob(&config)?;
+    let mut config_desc = manifest.config().clone();
+    config_desc.set_size(config.len() as u64);
+    config_desc.set_digest(
+        Digest::from_str(&config_digest).map_err(|e| ImageError::Json {
+            digest: config_digest.clone(),
+            reason: e.to_string(),
+        })?,
+    );
+    manifest.set_config(config_desc);
     manifest.set_layers(layers);
     let mut notes = manifest.annotations().clone().unwrap_or_default();
     notes.insert(annotation::FORMAT.to_owned(), "1".to_owned());
@@ -248,4 +285,32 @@ pub fn convert_layout(
     index.set_manifests(vec![desc]);
     target.write_index(&index)?;
     Ok(reports)
+}
+
+/// The source config with `rootfs.diff_ids` replaced by the lazy layers' bindings, so
+/// containerd's chain ids (its snapshot names) follow from verified content; everything
+/// else is kept as it was.
+fn bind_config(config: &[u8], digest: &str, bindings: &[String]) -> Result<Vec<u8>, ImageError> {
+    let bad = |reason: String| ImageError::Config {
+        digest: digest.to_owned(),
+        reason,
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| bad(e.to_string()))?;
+    let diff_ids = value
+        .pointer_mut("/rootfs/diff_ids")
+        .and_then(serde_json::Value::as_array_mut)
+        .ok_or_else(|| bad("no rootfs.diff_ids".into()))?;
+    if diff_ids.len() != bindings.len() {
+        return Err(bad(format!(
+            "{} diff_ids for {} layers",
+            diff_ids.len(),
+            bindings.len()
+        )));
+    }
+    *diff_ids = bindings
+        .iter()
+        .map(|b| serde_json::Value::String(b.clone()))
+        .collect();
+    serde_json::to_vec(&value).map_err(|e| bad(e.to_string()))
 }

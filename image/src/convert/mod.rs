@@ -34,6 +34,10 @@ pub struct ConvertOptions {
     /// Paths the image reads as it starts (see [`crate::manifest::parse_prefetch_list`]),
     /// stored on the manifest; empty keeps the source manifest's list, if any.
     pub prefetch: Vec<String>,
+    /// `registry/repository` the converted image will be served from: its config binds
+    /// every lazy layer to it ([`crate::manifest::layer_binding`]). Whole-image
+    /// conversion refuses to run without it.
+    pub repository: Option<String>,
 }
 
 impl Default for ConvertOptions {
@@ -43,6 +47,7 @@ impl Default for ConvertOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             data_tag: None,
             prefetch: Vec::new(),
+            repository: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! negotiated by oci-client. Pulls try each mirror once, then the origin with retries.
 
 mod auth;
+mod document;
 mod options;
 mod pull;
 mod range;
@@ -14,6 +15,7 @@ mod upload;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use document::MAX_DOCUMENT_BYTES;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::{Client, Reference, RegistryOperation};
 use oci_spec::image::{ImageIndex, ImageManifest};
@@ -65,6 +67,17 @@ pub fn parse_reference(text: &str) -> Result<Reference, RegistryError> {
             reference: text.to_owned(),
             reason: e.to_string(),
         })
+}
+
+/// `registry/repository` of an image reference (no tag or digest): the unit lazy layers
+/// are bound to and shared within (see [`crate::manifest::layer_binding`]).
+pub fn repository_of(text: &str) -> Result<String, RegistryError> {
+    let reference = parse_reference(text)?;
+    Ok(format!(
+        "{}/{}",
+        reference.registry(),
+        reference.repository()
+    ))
 }
 
 fn protocol_error(what: &str, reason: impl ToString) -> RegistryError {
@@ -306,19 +319,36 @@ impl Registry {
         accepted: &[&str],
     ) -> Result<(Vec<u8>, String), RegistryError> {
         let whole = image.whole();
+        let reference = image
+            .digest()
+            .or(image.tag())
+            .unwrap_or("latest")
+            .to_owned();
         self.on_first_endpoint(image, &whole, async |endpoint: &Endpoint| {
             let host = endpoint.reference.resolve_registry();
-            let auth = self.auth.registry_auth(host)?;
-            let (bytes, digest) = with_retries(&self.policy(endpoint), &whole, || async {
-                self.client
-                    .pull_manifest_raw(&endpoint.reference, &auth, accepted)
-                    .await
-                    .map_err(Failure::from_client)
+            let url = self
+                .repository_url(&endpoint.reference)?
+                .join(&format!("manifests/{reference}"))
+                .map_err(|e| protocol_error(&whole, e))?;
+            let bytes = with_retries(&self.policy(endpoint), &whole, || {
+                self.authorized(
+                    &endpoint.reference,
+                    RegistryOperation::Pull,
+                    |authorization| {
+                        let url = url.to_string();
+                        let whole = whole.clone();
+                        async move {
+                            document::attempt(&self.http, &url, &authorization, accepted, &whole)
+                                .await
+                        }
+                    },
+                )
             })
             .await?;
-            let bytes = bytes.to_vec();
+            // The digest of what was sent, whatever the registry's headers claim.
+            let digest = crate::oci_layout::sha256_digest(&bytes);
             if let Some(expected) = image.digest() {
-                let actual = crate::oci_layout::sha256_digest(&bytes);
+                let actual = digest.clone();
                 if actual != expected {
                     return Err(protocol_error(
                         &whole,

@@ -14,7 +14,10 @@ pub fn converted_layout(dir: &Path) -> Result<PathBuf> {
         &src,
         &dst,
         "linux/amd64",
-        &ConvertOptions::default(),
+        &ConvertOptions {
+            repository: Some("registry.test/lazy".into()),
+            ..ConvertOptions::default()
+        },
         &mut |_, _, r| r,
     )?;
     Ok(dst)

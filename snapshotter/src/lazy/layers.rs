@@ -2,9 +2,12 @@
 //! every snapshot and image holding that layer; overlay lowerdirs point at them.
 //!
 //! With ondemand mode the mount is EROFS over fscache (`fsid`, `domain_id`): the kernel
-//! asks the fetcher for bytes as they are read. A mount of the same fsid in the same
-//! domain is refused by the kernel, and a domain outlives a cachefiles fd for as long as
-//! any of its superblocks do. Unmounting a layer mount always succeeds, even under a
+//! asks the fetcher for bytes as they are read. Every layer gets an EROFS domain of its
+//! own (`<run domain>.<fsid>`), so its cache objects live in a volume named after its
+//! verified binding: a layer whose image names another layer's data tag opens an empty
+//! object of its own, never the other layer's (the kernel shares objects by tag within
+//! a domain). A mount of the same fsid in the same domain is refused by the kernel, and
+//! a domain outlives a cachefiles fd for as long as any of its superblocks do. Unmounting a layer mount always succeeds, even under a
 //! running container: overlayfs keeps private clones of its lower layers, so the
 //! superblock (and the cache behind it) lives until the container's overlay goes. Who
 //! still uses layers is therefore read from the overlay mounts' options; when a previous
@@ -36,9 +39,11 @@ pub struct LayerMounts {
     blob_dir: PathBuf,
     backend: Backend,
     registry: Arc<Registry>,
+    /// This run's domain prefix (see [`LayerMounts::domain`]).
     domain: String,
     /// fsids mounted by this process (anything else under `mnt/` is stale).
     mounted: Mutex<HashSet<String>>,
+    prefetch: super::prefetch::PrefetchQueue,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -162,6 +167,7 @@ impl LayerMounts {
             }
         };
         Ok(Self {
+            prefetch: super::prefetch::PrefetchQueue::new(mnt_dir.clone()),
             mnt_dir,
             blob_dir,
             backend,
@@ -173,6 +179,11 @@ impl LayerMounts {
 
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// The EROFS domain of a layer's mount: this run's prefix and the layer's fsid.
+    pub fn domain(&self, fsid: &str) -> String {
+        format!("{}.{fsid}", self.domain)
     }
 
     /// Where the layer is (or will be) mounted.
@@ -200,11 +211,12 @@ impl LayerMounts {
                     serde_json::to_value(layer.spec(view))
                         .map_err(|e| SnapshotError::Store(e.to_string()))
                 };
-                blobs.insert(layer.fsid.clone(), spec(View::Metadata)?);
+                let domain = self.domain(&layer.fsid);
+                blobs.insert_in(&domain, layer.fsid.clone(), spec(View::Metadata)?);
                 if layer.data_space_size > 0 {
-                    blobs.insert(layer.data_tag.clone(), spec(View::Data)?);
+                    blobs.insert_in(&domain, layer.data_tag.clone(), spec(View::Data)?);
                 }
-                let options = format!("fsid={},domain_id={}", layer.fsid, self.domain);
+                let options = format!("fsid={},domain_id={domain}", layer.fsid);
                 mount("none", &path, &options)?;
             }
             Backend::FileBacked => {
@@ -235,8 +247,9 @@ impl LayerMounts {
         }
         let _ = std::fs::remove_dir(&path);
         if let Backend::Fscache { blobs, .. } = &self.backend {
-            blobs.remove(&layer.fsid);
-            blobs.remove(&layer.data_tag);
+            let domain = self.domain(&layer.fsid);
+            blobs.remove_in(&domain, &layer.fsid);
+            blobs.remove_in(&domain, &layer.data_tag);
         }
     }
 
@@ -260,13 +273,7 @@ impl LayerMounts {
         if matches!(self.backend, Backend::FileBacked) {
             return;
         }
-        let mnt_dir = self.mnt_dir.clone();
-        let spawned = std::thread::Builder::new()
-            .name("prefetch".into())
-            .spawn(move || super::prefetch::run(&plan, &mnt_dir));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start prefetch");
-        }
+        self.prefetch.submit(plan);
     }
 
     /// How many containers' overlays stack our layers now.

@@ -35,22 +35,31 @@ pub struct LazyRecord {
     #[serde(default)]
     pub metadata_size: u64,
     pub data_space_size: u64,
-    /// The metadata image's fscache name (shared by every image holding this layer).
+    /// The layer's diff id in its image's config: its verified digest bound to the
+    /// repository it is read from (empty in records of older versions).
+    #[serde(default)]
+    pub binding: String,
+    /// The metadata image's fscache name, from `binding` (shared by every image from
+    /// this repository holding this layer, and by nothing else).
     pub fsid: String,
     /// The data device's tag inside the metadata image.
     pub data_tag: String,
 }
 
 impl LazyRecord {
-    pub fn new(image: &str, layer: &LazyLayer) -> Self {
+    /// `image` is the pinned reference the layer is read from; `repository` its
+    /// `registry/repository`.
+    pub fn new(image: &str, repository: &str, layer: &LazyLayer) -> Self {
+        let binding = layer.binding(repository);
         Self {
+            fsid: lazy_erofs_image::manifest::layer_fsid(&binding),
+            binding,
             image: image.to_owned(),
             digest: layer.digest.clone(),
             verified_digest: layer.verified_digest.clone(),
             region_len: layer.verified_region_len(),
             metadata_size: layer.metadata_size,
             data_space_size: layer.data_space_size,
-            fsid: layer.fsid(),
             data_tag: layer.data_tag(),
         }
     }

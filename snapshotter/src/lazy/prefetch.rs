@@ -6,9 +6,13 @@
 //! which may read files an upper layer hides — a few bytes more, never wrong ones.
 
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::sys::stat::{Mode, SFlag, fstat};
 
 use lazy_erofs_image::manifest::{annotation, parse_prefetch_list};
 use oci_spec::image::ImageManifest;
@@ -46,6 +50,60 @@ impl PrefetchPlan {
     }
 }
 
+/// Images prefetched at once; more wait in a queue of [`PREFETCH_QUEUE`] (a node pulling
+/// hundreds of images must not start hundreds of readers).
+pub const PREFETCH_WORKERS: usize = 2;
+pub const PREFETCH_QUEUE: usize = 64;
+
+/// A bounded pool of prefetch threads, started on first use.
+pub struct PrefetchQueue {
+    mnt_dir: PathBuf,
+    tx: std::sync::OnceLock<std::sync::mpsc::SyncSender<PrefetchPlan>>,
+}
+
+impl PrefetchQueue {
+    pub fn new(mnt_dir: PathBuf) -> Self {
+        Self {
+            mnt_dir,
+            tx: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Queues `plan`; when the queue is full the plan is dropped (prefetch is a hint).
+    pub fn submit(&self, plan: PrefetchPlan) {
+        let tx = self.tx.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<PrefetchPlan>(PREFETCH_QUEUE);
+            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+            for n in 0..PREFETCH_WORKERS {
+                let (rx, mnt_dir) = (rx.clone(), self.mnt_dir.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("prefetch-{n}"))
+                    .spawn(move || {
+                        loop {
+                            let next = rx
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .recv();
+                            let Ok(plan) = next else { return };
+                            run(&plan, &mnt_dir);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a prefetch thread");
+                }
+            }
+            tx
+        });
+        if let Err(e) = tx.try_send(plan) {
+            let image = match &e {
+                std::sync::mpsc::TrySendError::Full(p)
+                | std::sync::mpsc::TrySendError::Disconnected(p) => p.image.clone(),
+            };
+            tracing::warn!(%image, queued = PREFETCH_QUEUE, "prefetch queue full or stopped; skipped");
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PrefetchReport {
     pub files: u64,
@@ -56,31 +114,52 @@ pub struct PrefetchReport {
     pub failed: u64,
 }
 
-/// Reads `plan`'s paths through the layer mounts under `mnt_dir`.
+/// Reads `plan`'s paths through the layer mounts under `mnt_dir`. Paths resolve inside
+/// each layer, as the container would see them: a symlink on the way (`/x -> /`) leads
+/// to the layer's own root, never the host's; no mount is crossed; devices, fifos and
+/// sockets are never opened.
 pub fn run(plan: &PrefetchPlan, mnt_dir: &Path) -> PrefetchReport {
     let started = Instant::now();
     let mut report = PrefetchReport::default();
-    let roots: Vec<PathBuf> = plan.layers.iter().map(|fsid| mnt_dir.join(fsid)).collect();
+    let roots: Vec<(PathBuf, Option<OwnedFd>)> = plan
+        .layers
+        .iter()
+        .map(|fsid| {
+            let path = mnt_dir.join(fsid);
+            let fd = open_dir(AT_FDCWD, &path).ok();
+            (path, fd)
+        })
+        .collect();
     for path in &plan.paths {
-        let relative = path.trim_start_matches('/');
+        let relative = match path.trim_start_matches('/') {
+            "" => ".",
+            rest => rest,
+        };
         let mut found = false;
-        for root in &roots {
-            let target = root.join(relative);
-            let Ok(meta) = std::fs::symlink_metadata(&target) else {
+        for (root_path, root) in &roots {
+            let Some(root) = root else { continue };
+            let Ok(fd) = open_in_layer(root, relative, OFlag::O_PATH) else {
                 continue;
             };
-            let kind = meta.file_type();
-            // An overlay whiteout (0/0 character device) deletes the path below.
-            if kind.is_char_device() && std::os::unix::fs::MetadataExt::rdev(&meta) == 0 {
-                break;
-            }
-            found = true;
-            if kind.is_dir() {
-                read_tree(&target, &mut report);
-                continue;
-            }
-            if kind.is_file() {
-                read_file(&target, &mut report);
+            let Ok(stat) = fstat(&fd) else { continue };
+            let shown = root_path.join(relative);
+            match SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) {
+                // An overlay whiteout (0/0 character device) deletes the path below.
+                SFlag::S_IFCHR if stat.st_rdev == 0 => break,
+                SFlag::S_IFDIR => {
+                    found = true;
+                    match open_dir(&fd, Path::new(".")) {
+                        Ok(dir) => read_tree(dir, &shown, &mut report),
+                        Err(_) => report.failed += 1,
+                    }
+                    continue;
+                }
+                SFlag::S_IFREG => {
+                    found = true;
+                    let file = open_in_layer(root, relative, OFlag::O_RDONLY | OFlag::O_NONBLOCK);
+                    read_file(file, &shown, &mut report);
+                }
+                _ => found = true,
             }
             break;
         }
@@ -100,22 +179,85 @@ pub fn run(plan: &PrefetchPlan, mnt_dir: &Path) -> PrefetchReport {
     report
 }
 
-fn read_tree(dir: &Path, report: &mut PrefetchReport) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// Opens `relative` under the layer root `root` with the layer as `/`, not following
+/// the last component, crossing no mount.
+fn open_in_layer(root: &OwnedFd, relative: &str, flags: OFlag) -> nix::Result<OwnedFd> {
+    // openat2 refuses O_NOCTTY beside O_PATH.
+    let extra = if flags.contains(OFlag::O_PATH) {
+        OFlag::empty()
+    } else {
+        OFlag::O_NOCTTY
+    };
+    let how = OpenHow::new()
+        .flags(flags | extra | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_IN_ROOT
+                | ResolveFlag::RESOLVE_NO_XDEV
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    openat2(root, relative, how)
+}
+
+fn open_dir<Fd: AsFd>(at: Fd, path: &Path) -> nix::Result<OwnedFd> {
+    openat(
+        at,
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Reads every regular file below the open directory `dir` (shown as `path` in logs);
+/// entries are single names opened without following, so nothing leaves the tree.
+fn read_tree(dir: OwnedFd, path: &Path, report: &mut PrefetchReport) {
+    let Ok(mut listing) = nix::dir::Dir::from_fd(dir) else {
         report.failed += 1;
         return;
     };
-    for entry in entries.flatten() {
-        match entry.file_type() {
-            Ok(kind) if kind.is_dir() => read_tree(&entry.path(), report),
-            Ok(kind) if kind.is_file() => read_file(&entry.path(), report),
+    let names: Vec<std::ffi::CString> = listing
+        .iter()
+        .flatten()
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    read_entries(&listing, names, path, report);
+}
+
+fn read_entries(
+    listing: &nix::dir::Dir,
+    names: Vec<std::ffi::CString>,
+    path: &Path,
+    report: &mut PrefetchReport,
+) {
+    for name in names {
+        let shown = path.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+        let at = |flags: OFlag| {
+            openat(
+                listing,
+                name.as_c_str(),
+                flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+                Mode::empty(),
+            )
+        };
+        let Ok(stat) = at(OFlag::O_PATH).and_then(|fd| fstat(&fd)) else {
+            report.failed += 1;
+            continue;
+        };
+        match SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) {
+            SFlag::S_IFDIR => match at(OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+                Ok(dir) => read_tree(dir, &shown, report),
+                Err(_) => report.failed += 1,
+            },
+            SFlag::S_IFREG => read_file(at(OFlag::O_RDONLY | OFlag::O_NONBLOCK), &shown, report),
             _ => {}
         }
     }
 }
 
-fn read_file(path: &Path, report: &mut PrefetchReport) {
-    let result = std::fs::File::open(path).and_then(|mut f| io::copy(&mut f, &mut io::sink()));
+fn read_file(file: nix::Result<OwnedFd>, path: &Path, report: &mut PrefetchReport) {
+    let result = file
+        .map_err(io::Error::from)
+        .and_then(|fd| io::copy(&mut std::fs::File::from(fd), &mut io::sink()));
     match result {
         Ok(bytes) => {
             report.files += 1;
@@ -164,6 +306,37 @@ mod tests {
                 files: 3,
                 bytes: 10 + 100 + 7,
                 missing: 1,
+                failed: 0
+            }
+        );
+    }
+
+    #[test]
+    fn symlinks_on_the_way_resolve_inside_the_layer() {
+        let mnt = tempfile::tempdir().unwrap();
+        let layer = mnt.path().join("layer");
+        write(&layer, "bin/tool", &[2; 10]);
+        // A hostile layer: `/x -> /` and a list naming `/x/proc/...`, `/x/etc/...`.
+        std::os::unix::fs::symlink("/", layer.join("x")).unwrap();
+        std::os::unix::fs::symlink("../../..", layer.join("bin/up")).unwrap();
+        let plan = PrefetchPlan {
+            image: "test".into(),
+            paths: vec![
+                "/x/proc/self/status".into(),
+                "/x/bin/tool".into(),
+                "/bin/up/etc/passwd".into(),
+                "/x/etc".into(),
+            ],
+            layers: vec!["layer".into()],
+        };
+        let report = run(&plan, mnt.path());
+        // Only the layer's own /bin/tool is read; the host's /proc and /etc are not.
+        assert_eq!(
+            report,
+            PrefetchReport {
+                files: 1,
+                bytes: 10,
+                missing: 3,
                 failed: 0
             }
         );

@@ -67,6 +67,36 @@ impl RemoteLayerRef {
     }
 }
 
+/// The name containerd gave a snapshot: the backend key's last part (containerd passes
+/// `<namespace>/<n>/<name>` to a proxy snapshotter; tests and other clients may pass
+/// the name alone).
+fn name_of(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
+impl RemoteLayerRef {
+    /// Refuses a lazy layer whose target name is not the chain id its verified content
+    /// gives on top of `parent`: containerd takes a snapshot name as proof of content
+    /// and reuses it for every image with that chain, so a name must follow from what
+    /// was verified (`binding`: the layer's diff id, [`lazy_erofs_image::manifest::
+    /// layer_binding`]), never from an image's config alone.
+    pub fn check_chain(&self, parent: &str, binding: &str) -> Result<(), SnapshotError> {
+        let parent_chain = (!parent.is_empty()).then(|| name_of(parent));
+        let expected = lazy_erofs_image::manifest::chain_id(parent_chain, binding);
+        let claimed = name_of(&self.target);
+        if claimed == expected {
+            return Ok(());
+        }
+        Err(SnapshotError::InvalidArgument(format!(
+            "lazy layer {} of {}: containerd names its snapshot {claimed}, but its verified \
+             content from this repository makes it {expected} (the image's config does not \
+             bind this layer: a config claiming another layer's diff id, or an image \
+             converted for another repository; convert it again with lazy-erofs convert)",
+            self.layer_digest, self.image_ref
+        )))
+    }
+}
+
 fn is_sha256(value: &str) -> bool {
     value
         .strip_prefix("sha256:")
@@ -110,6 +140,36 @@ mod tests {
             .expect("remote");
         assert_eq!(r.target, "sha256:chain");
         assert_eq!(r.image_ref, "localhost:5000/py:1");
+    }
+
+    #[test]
+    fn only_the_verified_chain_is_accepted() {
+        let binding = lazy_erofs_image::manifest::layer_binding(DIGEST, "r.example/app");
+        let parent = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+        let on_parent = lazy_erofs_image::manifest::chain_id(Some(parent), &binding);
+        let remote = |target: &str| RemoteLayerRef {
+            target: target.into(),
+            image_ref: "r.example/app:1".into(),
+            manifest_digest: DIGEST.into(),
+            layer_digest: DIGEST.into(),
+        };
+        // As containerd passes them to a proxy snapshotter, and bare.
+        remote(&format!("default/7/{binding}"))
+            .check_chain("", &binding)
+            .expect("base layer");
+        remote(&on_parent)
+            .check_chain(&format!("k8s.io/3/{parent}"), &binding)
+            .expect("on a parent");
+        let err = remote(&format!("default/8/{parent}"))
+            .check_chain("", &binding)
+            .expect_err("claimed another name");
+        assert!(matches!(err, SnapshotError::InvalidArgument(_)));
+        let text = err.to_string();
+        for part in [parent, binding.as_str(), DIGEST, "r.example/app:1"] {
+            assert!(text.contains(part), "{part} missing from {text}");
+        }
+        // The right name on the wrong parent is refused too.
+        assert!(remote(&binding).check_chain(parent, &binding).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use lazy_erofs_image::manifest::LazyLayer;
+use lazy_erofs_image::manifest::{LazyLayer, layer_fsid};
 use lazy_erofs_image::registry::{Registry, parse_reference};
 use oci_spec::image::ImageManifest;
 
@@ -46,12 +46,8 @@ impl LayerResolver {
         let reference = parse_reference(&remote.image_ref).map_err(|e| {
             SnapshotError::InvalidArgument(format!("image reference {:?}: {e}", remote.image_ref))
         })?;
-        let pinned = format!(
-            "{}/{}@{}",
-            reference.registry(),
-            reference.repository(),
-            remote.manifest_digest
-        );
+        let repository = format!("{}/{}", reference.registry(), reference.repository());
+        let pinned = format!("{repository}@{}", remote.manifest_digest);
         let manifest = self.manifest(&pinned).await?;
         let descriptor = manifest
             .layers()
@@ -80,14 +76,19 @@ impl LayerResolver {
                 .layers()
                 .iter()
                 .rev()
-                .map(|d| lazy(d).ok().flatten().map(|l| l.fsid()))
+                .map(|d| {
+                    lazy(d)
+                        .ok()
+                        .flatten()
+                        .map(|l| layer_fsid(&l.binding(&repository)))
+                })
                 .collect();
             fsids.and_then(|fsids| PrefetchPlan::from_manifest(&pinned, &manifest, fsids))
         } else {
             None
         };
         Ok(Some(Resolved {
-            record: LazyRecord::new(&pinned, &layer),
+            record: LazyRecord::new(&pinned, &repository, &layer),
             prefetch,
         }))
     }

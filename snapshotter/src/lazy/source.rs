@@ -102,11 +102,15 @@ impl LazyBlob {
     }
 }
 
+/// Which blob a reader reads: its image (registry and repository: a layer is read from
+/// the repository it was pulled from, never another's), digest and trust anchor.
+type BlobKey = (String, String, String);
+
 /// Opens lazy layer views; the two views of one blob share a reader. Reads run on the
 /// blocking pool of the runtime that calls `open`.
 pub struct LazySourceFactory {
     registry: Arc<Registry>,
-    blobs: Mutex<HashMap<(String, String), Arc<LazyBlob>>>,
+    blobs: Mutex<HashMap<BlobKey, Arc<LazyBlob>>>,
 }
 
 impl LazySourceFactory {
@@ -118,7 +122,11 @@ impl LazySourceFactory {
     }
 
     fn blob(&self, spec: &LazyLayerSpec) -> Arc<LazyBlob> {
-        let key = (spec.digest.clone(), spec.verified_digest.clone());
+        let key = (
+            spec.image.clone(),
+            spec.digest.clone(),
+            spec.verified_digest.clone(),
+        );
         self.blobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -169,11 +177,32 @@ impl SourceFactory for LazySourceFactory {
                 View::Data => reader.header().data_space_size,
             }
         };
+        // The data device is opened after the mount read the (verified) superblock, so
+        // its size can be checked before the kernel is told it.
+        if let Some(reader) = blob.reader.get() {
+            check_size(reader, spec.view, size).map_err(|reason| unavailable(name, reason))?;
+        }
         Ok(Arc::new(LazyLayerSource {
             blob,
             view: spec.view,
             size,
         }))
+    }
+}
+
+/// A view's size as the manifest gave it must be what the verified header says: a
+/// smaller data space would let the kernel read past it as zeros, a larger one EIO.
+fn check_size(reader: &Reader, view: View, size: u64) -> Result<(), String> {
+    let (what, verified) = match view {
+        View::Metadata => ("metadata", reader.metadata().len() as u64),
+        View::Data => ("data space", reader.header().data_space_size),
+    };
+    if verified == size {
+        Ok(())
+    } else {
+        Err(format!(
+            "the verified {what} is {verified} bytes, the manifest says {size}"
+        ))
     }
 }
 
@@ -211,16 +240,11 @@ impl BlobSource for LazyLayerSource {
             .reader()
             .await
             .map_err(|e| read_error(std::io::Error::other(e.to_string())))?;
+        check_size(reader, self.view, self.size)
+            .map_err(|reason| read_error(std::io::Error::other(reason)))?;
         let bytes = match self.view {
             View::Metadata => {
                 let metadata = reader.metadata();
-                if metadata.len() as u64 != self.size {
-                    return Err(read_error(std::io::Error::other(format!(
-                        "metadata is {} bytes, the manifest says {}",
-                        metadata.len(),
-                        self.size
-                    ))));
-                }
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
                 metadata
                     .get(start..start.saturating_add(len))

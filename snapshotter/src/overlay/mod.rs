@@ -38,6 +38,10 @@ struct Inner {
     root: PathBuf,
     store: Store,
     lazy: Option<LazyLayers>,
+    /// Held shared by everything that makes or moves snapshot directories, exclusively
+    /// by orphan removal: containerd's GC calls Cleanup while pods are created, and a
+    /// directory being built (or just recorded) must not look like an orphan.
+    dirs: std::sync::RwLock<()>,
 }
 
 /// What serving lazy layers takes: the manifest lookup and the layer mounts.
@@ -93,6 +97,7 @@ impl OverlaySnapshotter {
             root: root.to_path_buf(),
             store,
             lazy,
+            dirs: std::sync::RwLock::default(),
         };
         let removed = inner.remove_orphans()?;
         if !removed.is_empty() {
@@ -159,6 +164,27 @@ impl OverlaySnapshotter {
 }
 
 impl Inner {
+    fn dirs_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.dirs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The directory for new snapshot `id`, cleared if a create whose store write then
+    /// failed (disk full, I/O error) left it: no record can own an id the store is only
+    /// now handing out, and a leftover would fail every later create.
+    fn unused_dir(&self, id: u64) -> Result<PathBuf, SnapshotError> {
+        let dir = self.dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                tracing::warn!(dir = %dir.display(), "removed a directory a failed create left")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("clearing {}", dir.display()))(e)),
+        }
+        Ok(dir)
+    }
+
     fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
     }
@@ -243,9 +269,10 @@ impl Inner {
             return Ok(false);
         }
         lazy.mounts.ensure(&layer)?;
+        let _dirs = self.dirs_shared();
         self.store
             .create_lazy(&remote.target, parent, labels, layer, |id| {
-                let dir = self.dir(id);
+                let dir = self.unused_dir(id)?;
                 std::fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))
             })?;
         tracing::info!(snapshot = %remote.target, layer = %remote.layer_digest, "lazy layer committed");
@@ -265,6 +292,7 @@ impl Inner {
             ));
         }
         labels::validate(&labels)?;
+        let _dirs = self.dirs_shared();
         let staging = tempfile::Builder::new()
             .prefix("new-")
             .tempdir_in(self.snapshots_dir())
@@ -283,7 +311,7 @@ impl Inner {
                 .map_err(io(format!("creating {}", work.display())))?;
         }
         let record = self.store.create(key, kind, parent, labels, |id| {
-            let target = self.dir(id);
+            let target = self.unused_dir(id)?;
             std::fs::rename(staging.path(), &target).map_err(io(format!(
                 "moving snapshot directory to {}",
                 target.display()
@@ -343,6 +371,10 @@ impl Inner {
     /// Deletes directories under `snapshots/` that no record names (interrupted
     /// creations and removals). Returns what it deleted.
     fn remove_orphans(&self) -> Result<Vec<PathBuf>, SnapshotError> {
+        let _dirs = self
+            .dirs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let ids = self.store.ids()?;
         let mut removed = Vec::new();
         let dir = self.snapshots_dir();
@@ -430,6 +462,7 @@ impl Snapshotter for OverlaySnapshotter {
             && let Some(remote) = RemoteLayerRef::from_labels(&labels)?
             && let Some(resolved) = lazy.resolver.resolve(&remote).await?
         {
+            remote.check_chain(&parent, &resolved.record.binding)?;
             let target = remote.target.clone();
             let record = resolved.record;
             let fresh = self
