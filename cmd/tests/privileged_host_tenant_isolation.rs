@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
+use common::{diff_ids, manifest_and_config};
 use containerd::Containerd;
 use daemon::Daemon;
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
@@ -51,60 +52,6 @@ fn push(layout: &Path, image: &str) -> Result<()> {
         .enable_all()
         .build()?
         .block_on(Registry::new(&RegistryOptions::insecure(host)).push_layout(layout, image))?;
-    Ok(())
-}
-
-/// JSON blob `digest` of layout `dir`.
-fn blob(dir: &Path, digest: &str) -> Result<serde_json::Value> {
-    let hex = digest.strip_prefix("sha256:").context("digest")?;
-    Ok(serde_json::from_slice(&std::fs::read(
-        dir.join("blobs/sha256").join(hex),
-    )?)?)
-}
-
-/// The manifest and config of the only image in layout `dir`.
-fn manifest_and_config(dir: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
-    let index = blob_file(dir, "index.json")?;
-    let manifest = blob(
-        dir,
-        index["manifests"][0]["digest"].as_str().context("index")?,
-    )?;
-    let config = blob(
-        dir,
-        manifest["config"]["digest"].as_str().context("config")?,
-    )?;
-    Ok((manifest, config))
-}
-
-fn blob_file(dir: &Path, name: &str) -> Result<serde_json::Value> {
-    Ok(serde_json::from_slice(&std::fs::read(dir.join(name))?)?)
-}
-
-fn diff_ids(config: &serde_json::Value) -> Result<Vec<String>> {
-    serde_json::from_value(config["rootfs"]["diff_ids"].clone()).context("diff_ids")
-}
-
-/// Writes `bytes` into layout `dir` as a blob; its digest and size.
-fn put(dir: &Path, bytes: &[u8]) -> Result<(String, usize)> {
-    let digest = lazy_erofs_test_support::sha256_digest(bytes);
-    std::fs::write(dir.join("blobs/sha256").join(&digest[7..]), bytes)?;
-    Ok((digest, bytes.len()))
-}
-
-/// What a hostile publisher does: gives its own converted image a config whose diff ids
-/// are another image's (public: anyone can read a config), so containerd names its
-/// layers' snapshots after the other image's.
-fn claim_diff_ids(dir: &Path, claimed: &[String]) -> Result<()> {
-    let (mut manifest, mut config) = manifest_and_config(dir)?;
-    config["rootfs"]["diff_ids"] = serde_json::json!(claimed);
-    let (digest, size) = put(dir, &serde_json::to_vec(&config)?)?;
-    manifest["config"]["digest"] = digest.into();
-    manifest["config"]["size"] = size.into();
-    let (digest, size) = put(dir, &serde_json::to_vec(&manifest)?)?;
-    let mut index = blob_file(dir, "index.json")?;
-    index["manifests"][0]["digest"] = digest.into();
-    index["manifests"][0]["size"] = size.into();
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
     Ok(())
 }
 
@@ -246,7 +193,12 @@ fn privileged_host_containerd_refuses_an_image_claiming_another_images_layers() 
         [("etc/motd", b"EVIL\n"), ("usr/bin/tool", b"evil tool\n")],
         &hostile,
     )?;
-    claim_diff_ids(&hostile_layout, &diff_ids(&victim_config)?)?;
+    // What a hostile publisher does: claims the victim's diff ids (public: anyone can
+    // read a config), so containerd names its layers' snapshots after the victim's.
+    let claimed = diff_ids(&victim_config)?;
+    common::edit_image(&hostile_layout, |_, config| {
+        config["rootfs"]["diff_ids"] = serde_json::json!(claimed);
+    })?;
     push(&hostile_layout, &hostile)?;
 
     let hostile_pull = node.containerd.lazy_pull(&hostile);

@@ -304,3 +304,54 @@ impl Drop for Serve {
         let _ = self.child.wait();
     }
 }
+
+/// JSON blob `digest` of OCI layout `dir`.
+fn layout_json(dir: &Path, digest: &str) -> Result<serde_json::Value> {
+    let hex = digest.strip_prefix("sha256:").context("digest")?;
+    Ok(serde_json::from_slice(&fs::read(
+        dir.join("blobs/sha256").join(hex),
+    )?)?)
+}
+
+/// The manifest and config of the only image in OCI layout `dir`, as JSON.
+pub fn manifest_and_config(dir: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json"))?)?;
+    let manifest = layout_json(
+        dir,
+        index["manifests"][0]["digest"].as_str().context("index")?,
+    )?;
+    let config = layout_json(
+        dir,
+        manifest["config"]["digest"].as_str().context("config")?,
+    )?;
+    Ok((manifest, config))
+}
+
+/// The config's `rootfs.diff_ids`.
+pub fn diff_ids(config: &serde_json::Value) -> Result<Vec<String>> {
+    serde_json::from_value(config["rootfs"]["diff_ids"].clone()).context("diff_ids")
+}
+
+/// What a hostile publisher can do to its own image: `edit` the manifest and config of
+/// the only image in layout `dir`, which is then written back with new digests.
+pub fn edit_image(
+    dir: &Path,
+    edit: impl FnOnce(&mut serde_json::Value, &mut serde_json::Value),
+) -> Result<()> {
+    let put = |bytes: &[u8]| -> Result<(String, usize)> {
+        let digest = lazy_erofs_test_support::sha256_digest(bytes);
+        fs::write(dir.join("blobs/sha256").join(&digest[7..]), bytes)?;
+        Ok((digest, bytes.len()))
+    };
+    let (mut manifest, mut config) = manifest_and_config(dir)?;
+    edit(&mut manifest, &mut config);
+    let (digest, size) = put(&serde_json::to_vec(&config)?)?;
+    manifest["config"]["digest"] = digest.into();
+    manifest["config"]["size"] = size.into();
+    let (digest, size) = put(&serde_json::to_vec(&manifest)?)?;
+    let mut index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json"))?)?;
+    index["manifests"][0]["digest"] = digest.into();
+    index["manifests"][0]["size"] = size.into();
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+    Ok(())
+}

@@ -28,6 +28,16 @@ impl Daemon {
     /// waits until it serves. Each root gets its own fscache tag (the kernel refuses a
     /// second cache with the same tag).
     pub fn start_with(root: &Path, config: &str) -> Result<Self> {
+        Self::start_with_env(root, config, &[])
+    }
+
+    /// Like [`start_with`](Self::start_with), with `env` added to the daemon's
+    /// environment (its fetcher inherits it).
+    pub fn start_with_env(
+        root: &Path,
+        config: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         let socket = root.join("run/snapshotter.sock");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -53,6 +63,7 @@ impl Daemon {
             .arg("--address")
             .arg(&socket)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
