@@ -22,12 +22,17 @@ pub struct RegistryArgs {
 
 impl RegistryArgs {
     pub fn registry(&self) -> Result<Registry> {
+        Ok(Registry::new(&self.options()?))
+    }
+
+    /// The registry options: the configuration file's, plus `--insecure` hosts.
+    pub fn options(&self) -> Result<lazy_erofs_image::registry::RegistryOptions> {
         let mut config = Config::load(self.config.as_deref())?;
         config
             .registry
             .insecure_hosts
             .extend(self.insecure.iter().cloned());
-        Ok(Registry::new(&config.registry))
+        Ok(config.registry)
     }
 
     /// The same options as command-line arguments, for the fetcher child.

@@ -13,7 +13,7 @@ use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::{
     BlobSource, Device, Event, LocalBlob, LocalSourceFactory, SourceError, SourceFactory,
-    Supervisor, SupervisorConfig, Throttle, child,
+    Supervisor, SupervisorConfig, Throttle, child, fetcher::FetcherConfig,
 };
 use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
 
@@ -248,10 +248,17 @@ impl SourceFactory for AnySourceFactory {
 
 /// The fetcher child: serves the blobs the supervisor describes.
 pub fn fetcher(args: &FetcherArgs) -> Result<()> {
+    let options = args.registry.options()?;
     let factory = AnySourceFactory {
         local: LocalSourceFactory,
-        lazy: LazySourceFactory::new(Arc::new(args.registry.registry()?)),
+        lazy: LazySourceFactory::new(Arc::new(Registry::new(&options))),
     };
-    child::run(&args.socket, Arc::new(factory))?;
+    // One budget: the registry's retries fit in the fetcher's deadline, and the reader
+    // gets its bytes or EIO within the configured budget (plus a second to write).
+    let config = FetcherConfig {
+        deadline: options.retry.budget + Duration::from_secs(1),
+        ..FetcherConfig::default()
+    };
+    child::run(&args.socket, Arc::new(factory), config)?;
     Ok(())
 }

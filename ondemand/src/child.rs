@@ -83,7 +83,11 @@ impl Resolver for SupervisorResolver {
 }
 
 /// Entry point of the hidden `fetcher` subcommand.
-pub fn run(socket: &Path, factory: Arc<dyn SourceFactory>) -> Result<(), ChildError> {
+pub fn run(
+    socket: &Path,
+    factory: Arc<dyn SourceFactory>,
+    config: FetcherConfig,
+) -> Result<(), ChildError> {
     // Die with the supervisor; if it is already gone, do not serve as an orphan.
     let parent = nix::unistd::getppid();
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
@@ -134,7 +138,7 @@ pub fn run(socket: &Path, factory: Arc<dyn SourceFactory>) -> Result<(), ChildEr
         factory,
         stats,
         faults,
-        config: FetcherConfig::default(),
+        config,
     }))?;
     Ok(())
 }

@@ -41,6 +41,9 @@ pub struct FetcherConfig {
     pub retries: u32,
     /// First retry delay; doubles per attempt, with jitter.
     pub retry_base: Duration,
+    /// Longest a chunk fetch may take, retries included: the reader gets its bytes or
+    /// EIO within this (plus the write). A registry source retries inside it too.
+    pub deadline: Duration,
 }
 
 impl Default for FetcherConfig {
@@ -49,6 +52,7 @@ impl Default for FetcherConfig {
             chunk_size: 1 << 20,
             retries: 4,
             retry_base: Duration::from_millis(50),
+            deadline: Duration::from_secs(30),
         }
     }
 }
@@ -100,7 +104,12 @@ pub async fn serve(parts: FetcherParts) -> Result<(), FetcherError> {
     while let Some(next) = rx.recv().await {
         let (request, received) = next?;
         match request {
-            Request::Open { open, anon } => fetcher.open(open, anon).await,
+            // Concurrent: one layer's OPEN waiting on its source must not hold up
+            // another's (the kernel sends no READ for an object before its copen).
+            Request::Open { open, anon } => {
+                let fetcher = fetcher.clone();
+                tokio::spawn(async move { fetcher.open(open, anon).await });
+            }
             Request::Read(read) => {
                 let fetcher = fetcher.clone();
                 tokio::spawn(async move { fetcher.read(read, received).await });
@@ -283,10 +292,22 @@ async fn fetch_and_write(
     let len = usize::try_from(config.chunk_size.min(size.saturating_sub(start)))
         .map_err(|e| e.to_string())?;
     let mut attempt = 0;
+    let deadline = tokio::time::Instant::now() + config.deadline;
     let buf = loop {
-        match object.source.read_at(start, len).await {
+        let read = tokio::time::timeout_at(deadline, object.source.read_at(start, len)).await;
+        let Ok(read) = read else {
+            return Err(format!(
+                "no bytes within the {:?} deadline ({attempt} retries)",
+                config.deadline
+            ));
+        };
+        match read {
             Ok(buf) => break buf,
-            Err(err) if attempt < config.retries => {
+            Err(err)
+                if attempt < config.retries
+                    && tokio::time::Instant::now() + backoff(config.retry_base, attempt + 1)
+                        < deadline =>
+            {
                 attempt += 1;
                 stats.add(Counter::FetchRetries, 1);
                 let delay = backoff(config.retry_base, attempt);

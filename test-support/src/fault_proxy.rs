@@ -16,7 +16,12 @@ pub enum Fault {
     ResetMidBody,
     TruncatedBody,
     FlipBit,
+    /// The headers, then one body byte every [`TRICKLE_EVERY`]: a registry that stalls
+    /// without ever closing.
+    Trickle,
 }
+
+pub const TRICKLE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct FaultProxy {
     /// `127.0.0.1:PORT`
@@ -126,6 +131,13 @@ fn serve(
         Fault::TruncatedBody => {
             client.write_all(headers)?;
             client.write_all(&body[..body.len().saturating_sub(100)])?;
+        }
+        Fault::Trickle => {
+            client.write_all(headers)?;
+            for byte in body {
+                std::thread::sleep(TRICKLE_EVERY);
+                client.write_all(std::slice::from_ref(byte))?;
+            }
         }
         Fault::FlipBit => {
             let mut body = body.to_vec();

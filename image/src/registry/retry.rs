@@ -97,9 +97,21 @@ where
     let mut tries = 0;
     loop {
         tries += 1;
-        let failure = match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(failure) => failure,
+        // Each attempt gets what is left of the budget, so a registry that trickles (a
+        // byte a minute never trips a read timeout) cannot hold a request past it.
+        let left = policy.budget.saturating_sub(started.elapsed());
+        let failure = match tokio::time::timeout(left, attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(failure)) => failure,
+            Err(_) => {
+                return Err(RegistryError::Protocol {
+                    what: what.to_owned(),
+                    reason: format!(
+                        "no complete answer within the {:?} retry budget (attempt {tries})",
+                        policy.budget
+                    ),
+                });
+            }
         };
         let mut delay = policy
             .base_delay
@@ -216,5 +228,22 @@ mod tests {
         assert!(result.is_err());
         assert_eq!(calls, 1);
         assert!(started.elapsed() < Duration::from_millis(400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_never_ends_is_cut_at_the_budget() {
+        let policy = RetryPolicy {
+            budget: Duration::from_secs(30),
+            ..quick(10)
+        };
+        let started = tokio::time::Instant::now();
+        let result: Result<(), _> = with_retries(&policy, "blob", || async {
+            // A registry sending a byte a minute: the attempt itself never finishes.
+            std::future::pending::<Result<(), Failure>>().await
+        })
+        .await;
+        let err = result.expect_err("a stalled attempt succeeded");
+        assert!(err.to_string().contains("retry budget"), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
 }

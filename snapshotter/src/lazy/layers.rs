@@ -13,7 +13,7 @@
 //! still uses layers is therefore read from the overlay mounts' options; when a previous
 //! run's containers do, this run takes a new domain.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,9 @@ pub struct LayerMounts {
     domain: String,
     /// fsids mounted by this process (anything else under `mnt/` is stale).
     mounted: Mutex<HashSet<String>>,
+    /// One lock per layer, held across its mount (and whole fetch): a layer whose
+    /// registry stalls holds up only Prepares of that layer.
+    mounting: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     prefetch: super::prefetch::PrefetchQueue,
 }
 
@@ -174,6 +177,7 @@ impl LayerMounts {
             registry,
             domain,
             mounted: Mutex::new(mounted),
+            mounting: Mutex::default(),
         })
     }
 
@@ -196,11 +200,12 @@ impl LayerMounts {
     /// download. Call on a blocking thread of a tokio runtime.
     pub fn ensure(&self, layer: &LazyRecord) -> Result<PathBuf, SnapshotError> {
         let path = self.path(&layer.fsid);
-        let mut mounted = self
-            .mounted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if mounted.contains(&layer.fsid) {
+        let layer_lock = lock(&self.mounting)
+            .entry(layer.fsid.clone())
+            .or_default()
+            .clone();
+        let _mounting = lock(&layer_lock);
+        if lock(&self.mounted).contains(&layer.fsid) {
             return Ok(path);
         }
         make_dir(&path)?;
@@ -228,7 +233,7 @@ impl LayerMounts {
             }
         }
         tracing::info!(fsid = %layer.fsid, layer = %layer.digest, elapsed = ?started.elapsed(), "lazy layer mounted");
-        mounted.insert(layer.fsid.clone());
+        lock(&self.mounted).insert(layer.fsid.clone());
         Ok(path)
     }
 
@@ -246,6 +251,7 @@ impl LayerMounts {
             tracing::warn!(path = %path.display(), error = %e, "cannot unmount a lazy layer");
         }
         let _ = std::fs::remove_dir(&path);
+        lock(&self.mounting).remove(&layer.fsid);
         if let Backend::Fscache { blobs, .. } = &self.backend {
             let domain = self.domain(&layer.fsid);
             blobs.remove_in(&domain, &layer.fsid);
@@ -280,6 +286,12 @@ impl LayerMounts {
     pub fn overlays_using(&self) -> usize {
         overlays_using(&self.mnt_dir)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn mount(source: &str, target: &Path, options: &str) -> Result<(), SnapshotError> {

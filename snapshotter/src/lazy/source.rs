@@ -64,7 +64,8 @@ impl RangeRead for BlockingRegistryBlob {
                 self.registry
                     .read_range(&self.image, &self.digest, offset, len),
             )
-            .map_err(std::io::Error::other)
+            // The log line a failed READ leaves names the registry that failed it.
+            .map_err(|e| std::io::Error::other(format!("registry {}: {e}", self.image)))
     }
 }
 

@@ -33,7 +33,10 @@ pub(crate) fn fetch(
     }
     let started = std::time::Instant::now();
     let unavailable = |e: lazy_erofs_image::blob::BlobError| {
-        SnapshotError::Unavailable(format!("fetching lazy layer {}: {e}", layer.digest))
+        SnapshotError::Unavailable(format!(
+            "fetching lazy layer {} from {}: {e}",
+            layer.digest, layer.image
+        ))
     };
     let blob = BlockingRegistryBlob {
         handle: tokio::runtime::Handle::current(),
