@@ -1,5 +1,7 @@
 //! `lazy-erofs convert` between OCI image layouts, as a user runs it.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::process::Command;
@@ -79,15 +81,7 @@ fn converts_every_layer_and_keeps_the_config() -> Result<()> {
     assert_eq!(manifest.config().size(), config_bytes.len() as u64);
     let mut config: serde_json::Value = serde_json::from_slice(&config_bytes)?;
     let source_config = config_of_layout(&src)?;
-    let bound: Vec<String> = manifest
-        .layers()
-        .iter()
-        .map(|d| {
-            Ok(LazyLayer::from_descriptor(d)?
-                .context("not lazy")?
-                .binding(REPOSITORY))
-        })
-        .collect::<Result<_>>()?;
+    let bound = common::bindings(&manifest, REPOSITORY)?;
     assert_eq!(config["rootfs"]["diff_ids"], serde_json::json!(bound));
     assert_ne!(bound, diff_ids);
     config["rootfs"]["diff_ids"] = source_config["rootfs"]["diff_ids"].clone();
@@ -130,15 +124,7 @@ fn converts_every_layer_and_keeps_the_config() -> Result<()> {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout.matches("already lazy").count(), 2, "{stdout}");
     let rebound = config_of_layout(&again)?;
-    let want: Vec<String> = manifest
-        .layers()
-        .iter()
-        .map(|d| {
-            Ok(LazyLayer::from_descriptor(d)?
-                .context("not lazy")?
-                .binding(other))
-        })
-        .collect::<Result<_>>()?;
+    let want = common::bindings(&manifest, other)?;
     assert_eq!(rebound["rootfs"]["diff_ids"], serde_json::json!(want));
     Ok(())
 }

@@ -15,7 +15,6 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, StatSnapshotRequest,
 };
 use daemon::Daemon;
-use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
 use lazy_erofs_snapshotter::lazy::remote;
 
@@ -82,15 +81,7 @@ async fn privileged_host_lazy_layers_fall_back_to_whole_file_backed_mounts() -> 
     // containerd's names for the layers: chain ids of the converted config's diff ids,
     // which bind each layer's verified digest to the repository.
     let repository = lazy_erofs_image::registry::repository_of(&image)?;
-    let bindings: Vec<String> = manifest
-        .layers()
-        .iter()
-        .map(|d| {
-            Ok(LazyLayer::from_descriptor(d)?
-                .context("not lazy")?
-                .binding(&repository))
-        })
-        .collect::<Result<_>>()?;
+    let bindings = common::bindings(&manifest, &repository)?;
     ensure!(bindings[0] != diff_ids[0], "the source diff id was kept");
     let chain = lazy_erofs_image::manifest::chain_ids(&bindings);
 
@@ -188,17 +179,7 @@ async fn privileged_host_lazy_layers_fall_back_to_whole_file_backed_mounts() -> 
         .mounts;
     let overlay = mounts.first().context("no mount")?;
     let target = work.path().join("rootfs");
-    std::fs::create_dir_all(&target)?;
-    let options = overlay.options.join(",");
-    nix::mount::mount(
-        Some(overlay.source.as_str()),
-        &target,
-        Some(overlay.r#type.as_str()),
-        nix::mount::MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .with_context(|| format!("mounting {overlay:?}"))?;
-    let _unmount = lazy_erofs_test_support::MountGuard(target.clone());
+    let _unmount = common::mount_snapshot(overlay, &target)?;
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(std::fs::read(target.join("usr/bin/big"))?, big);
     assert_eq!(std::fs::read(target.join("etc/hostname"))?, b"lazy\n");

@@ -76,6 +76,15 @@ fn verify_file(src: &Path, mnt: &Path, rel: &Path) -> Result<()> {
             rel.display()
         );
         if n == 0 {
+            // The source ended: the mounted file must end here too.
+            let extra = b
+                .read_at(&mut got[..1], offset)
+                .with_context(|| format!("{}: read at EOF {offset}", rel.display()))?;
+            ensure!(
+                extra == 0,
+                "{}: the mounted file runs past the source's end at {offset}",
+                rel.display()
+            );
             return Ok(());
         }
         offset += n as u64;

@@ -165,17 +165,8 @@ async fn privileged_vm_layers_claiming_one_cache_tag_read_their_own_bytes() -> R
     // Both layers are mounted before either is read.
     for (image, hash, mounts) in reads.iter().rev() {
         let mount = mounts.first().context("no mount")?;
-        let target = work.path().join(format!("rootfs-{}", hash));
-        std::fs::create_dir_all(&target)?;
-        nix::mount::mount(
-            Some(mount.source.as_str()),
-            &target,
-            Some(mount.r#type.as_str()),
-            nix::mount::MsFlags::empty(),
-            Some(mount.options.join(",").as_str()),
-        )
-        .with_context(|| format!("mounting {mount:?}"))?;
-        let _unmount = lazy_erofs_test_support::MountGuard(target.clone());
+        let target = work.path().join(format!("rootfs-{hash}"));
+        let _unmount = common::mount_snapshot(mount, &target)?;
         let bytes = std::fs::read(target.join("data/x"))
             .with_context(|| format!("reading {image}'s /data/x\n{}", daemon.log()))?;
         let got = lazy_erofs_image::blob::hex(&Sha256::digest(&bytes));

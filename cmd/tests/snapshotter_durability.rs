@@ -39,7 +39,28 @@ mod daemon_client {
 
 /// Prepare → commit layers on top of each other, removing the top now and then, until
 /// a call fails (the daemon was killed).
-async fn churn(c: &mut daemon_client::Client, model: &mut Model, round: usize) {
+/// Whether a failed call failed because the daemon died (the connection went), not
+/// because it refused the call: anything else is a bug this test must report.
+fn killed(status: &tonic::Status) -> Result<()> {
+    let message = status.message().to_lowercase();
+    let transport = [
+        "transport",
+        "connection",
+        "h2 protocol",
+        "broken pipe",
+        "reset",
+    ]
+    .iter()
+    .any(|m| message.contains(m));
+    ensure!(
+        status.code() == tonic::Code::Unavailable
+            || (matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal) && transport),
+        "a call failed, but not from the kill: {status:?}"
+    );
+    Ok(())
+}
+
+async fn churn(c: &mut daemon_client::Client, model: &mut Model, round: usize) -> Result<()> {
     for step in 0.. {
         let parent = model
             .committed
@@ -58,8 +79,8 @@ async fn churn(c: &mut daemon_client::Client, model: &mut Model, round: usize) {
                 labels: Default::default(),
             })
             .await;
-        if prepared.is_err() {
-            return;
+        if let Err(status) = &prepared {
+            return killed(status);
         }
         model.in_flight = Some(name.clone());
         let committed = c
@@ -70,8 +91,8 @@ async fn churn(c: &mut daemon_client::Client, model: &mut Model, round: usize) {
                 labels: Default::default(),
             })
             .await;
-        if committed.is_err() {
-            return;
+        if let Err(status) = &committed {
+            return killed(status);
         }
         model.committed.insert(name.clone(), parent);
         if step % 3 == 2 {
@@ -82,13 +103,14 @@ async fn churn(c: &mut daemon_client::Client, model: &mut Model, round: usize) {
                     key: name.clone(),
                 })
                 .await;
-            if removed.is_err() {
-                return;
+            if let Err(status) = &removed {
+                return killed(status);
             }
             model.committed.remove(&name);
         }
         model.in_flight = None;
     }
+    Ok(())
 }
 
 #[tokio::test]
@@ -164,7 +186,7 @@ async fn kill_9_during_prepare_commit_remove_leaves_a_consistent_store_and_tree(
                 nix::sys::signal::Signal::SIGKILL,
             )
         });
-        churn(&mut c, &mut model, round).await;
+        churn(&mut c, &mut model, round).await?;
         killer
             .join()
             .map_err(|_| anyhow::anyhow!("killer thread"))??;

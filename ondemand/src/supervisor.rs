@@ -494,27 +494,29 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
+        // Stop after six deaths, however long they take; then look at their spacing.
         let stop = AtomicBool::new(false);
         let mut events = Vec::new();
-        let started = Instant::now();
-        let summary = thread::scope(|scope| {
-            scope.spawn(|| {
-                thread::sleep(Duration::from_millis(700));
-                stop.store(true, Ordering::SeqCst);
-            });
-            supervisor.run(&stop, |event| events.push(event.clone()))
+        let mut deaths: Vec<Instant> = Vec::new();
+        let summary = supervisor.run(&stop, |event| {
+            if matches!(event, Event::StartFailed { .. }) {
+                deaths.push(Instant::now());
+                if deaths.len() == 6 {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+            events.push(event.clone());
         });
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "stop took {:?}",
-            started.elapsed()
-        );
-        // 10 + 20 + 40 + 80 + 160 + 320 ms of backoff fit in 700 ms: about 6 restarts.
-        assert!(
-            (3..=10).contains(&summary.restarts),
-            "{} restarts",
-            summary.restarts
-        );
+        assert_eq!(summary.restarts, 6, "{events:?}");
+        // Backoff 10, 20, 40, 80, 160 ms between the deaths: each wait at least the
+        // backoff before it (the child's own start-up only adds to it).
+        let gaps: Vec<Duration> = deaths.windows(2).map(|w| w[1] - w[0]).collect();
+        for (gap, backoff) in gaps.iter().zip([10u64, 20, 40, 80, 160]) {
+            assert!(
+                *gap >= Duration::from_millis(backoff),
+                "a restart came sooner than its {backoff} ms backoff: {gaps:?}"
+            );
+        }
         assert!(events.iter().any(|e| matches!(e, Event::StartFailed { reason, .. } if reason.contains("died before connecting"))), "{events:?}");
         assert!(
             events

@@ -8,9 +8,10 @@ use anyhow::{Context, Result};
 use lazy_erofs_image::blob::BlobReader;
 use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
+use lazy_erofs_image::registry::repository_of;
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
 use lazy_erofs_ondemand::{SourceError, SourceFactory};
-use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
+use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazyRecord, LazySourceFactory, View};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -> Result<()> {
@@ -84,6 +85,43 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
                 "range {offset}+{len}"
             );
         }
+
+        // The production path: the snapshotter's own spec, sizes from the manifest (no
+        // registry at OPEN); then a manifest lying about the data space's size.
+        let record = LazyRecord::new(&image, &repository_of(&image)?, &lazy);
+        // A layer whose files all live inline has no data space (and no data device).
+        let views: &[View] = if lazy.data_space_size > 0 {
+            &[View::Metadata, View::Data]
+        } else {
+            &[View::Metadata]
+        };
+        for &view in views {
+            let spec = record.spec(view);
+            assert_ne!(spec.size, 0, "{view:?}");
+            let source = factory
+                .open("production", &serde_json::to_value(&spec)?)
+                .await?;
+            assert_eq!(source.size(), spec.size);
+            let len = spec.size.min(8192) as usize;
+            let got = source.read_at(0, len).await?;
+            let want = match view {
+                View::Metadata => local.metadata()[..len].to_vec(),
+                View::Data => local.read_data(0, len as u64)?,
+            };
+            assert_eq!(&got[..len], &want[..], "{view:?}");
+        }
+        let mut lying = record.spec(views[views.len() - 1]);
+        lying.size += 4096;
+        let source = factory.open("lying", &serde_json::to_value(&lying)?).await;
+        let refused = match source {
+            Err(err) => err.to_string(),
+            Ok(source) => source
+                .read_at(0, 4096)
+                .await
+                .expect_err("a data space of the wrong size was served")
+                .to_string(),
+        };
+        assert!(refused.contains("the manifest says"), "{refused}");
 
         let wrong = format!("sha256:{}", "2".repeat(64));
         let err = factory

@@ -355,3 +355,36 @@ pub fn edit_image(
     fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
     Ok(())
 }
+
+/// The diff ids the lazy layers of `manifest` get in an image served from `repository`.
+pub fn bindings(
+    manifest: &oci_spec::image::ImageManifest,
+    repository: &str,
+) -> Result<Vec<String>> {
+    manifest
+        .layers()
+        .iter()
+        .map(|d| {
+            Ok(lazy_erofs_image::manifest::LazyLayer::from_descriptor(d)?
+                .context("not lazy")?
+                .binding(repository))
+        })
+        .collect()
+}
+
+/// Mounts what a snapshotter's Mounts reply says at `target` (unmounted on drop).
+pub fn mount_snapshot(
+    mount: &containerd_client::types::Mount,
+    target: &Path,
+) -> Result<lazy_erofs_test_support::MountGuard> {
+    fs::create_dir_all(target)?;
+    nix::mount::mount(
+        Some(mount.source.as_str()),
+        target,
+        Some(mount.r#type.as_str()),
+        nix::mount::MsFlags::empty(),
+        Some(mount.options.join(",").as_str()),
+    )
+    .with_context(|| format!("mounting {mount:?}"))?;
+    Ok(lazy_erofs_test_support::MountGuard(target.to_path_buf()))
+}

@@ -25,7 +25,7 @@ pub use pull::{Document, PlatformManifest};
 use crate::blob::RangeRead;
 use crate::oci_layout::{LayoutError, OciLayout};
 use auth::{Auth, Authorization};
-use retry::{Failure, with_retries};
+use retry::{Failure, with_retries, with_retries_within};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -330,21 +330,28 @@ impl Registry {
                 .repository_url(&endpoint.reference)?
                 .join(&format!("manifests/{reference}"))
                 .map_err(|e| protocol_error(&whole, e))?;
-            let bytes = with_retries(&self.policy(endpoint), &whole, || {
-                self.authorized(
-                    &endpoint.reference,
-                    RegistryOperation::Pull,
-                    |authorization| {
-                        let url = url.to_string();
-                        let whole = whole.clone();
-                        async move {
-                            document::attempt(&self.http, &url, &authorization, accepted, &whole)
+            let bytes =
+                with_retries_within(&self.policy(endpoint), &whole, MAX_DOCUMENT_BYTES, || {
+                    self.authorized(
+                        &endpoint.reference,
+                        RegistryOperation::Pull,
+                        |authorization| {
+                            let url = url.to_string();
+                            let whole = whole.clone();
+                            async move {
+                                document::attempt(
+                                    &self.http,
+                                    &url,
+                                    &authorization,
+                                    accepted,
+                                    &whole,
+                                )
                                 .await
-                        }
-                    },
-                )
-            })
-            .await?;
+                            }
+                        },
+                    )
+                })
+                .await?;
             // The digest of what was sent, whatever the registry's headers claim.
             let digest = crate::oci_layout::sha256_digest(&bytes);
             if let Some(expected) = image.digest() {
@@ -393,7 +400,7 @@ impl Registry {
         let image = parse_reference(image)?;
         self.on_first_endpoint(&image, digest, async |endpoint: &Endpoint| {
             let url = self.blob_url(endpoint, &image, digest)?;
-            with_retries(&self.policy(endpoint), digest, || {
+            with_retries_within(&self.policy(endpoint), digest, len, || {
                 self.authorized(
                     &endpoint.reference,
                     RegistryOperation::Pull,

@@ -83,10 +83,46 @@ impl Failure {
     }
 }
 
-/// Runs `attempt` until it succeeds, fails for good, or the policy is spent.
+/// Slowest transfer a bounded request tolerates once its budget is spent: a reply of
+/// `size` bytes gets the budget plus `size / MIN_RATE` in all.
+pub(super) const MIN_RATE: u64 = 1 << 20;
+
+/// Runs `attempt` until it succeeds, fails for good, or the policy is spent. Attempts
+/// run as long as they take (uploads and whole-blob pulls of any size).
 pub(super) async fn with_retries<T, F, Fut>(
     policy: &RetryPolicy,
     what: &str,
+    attempt: F,
+) -> Result<T, RegistryError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    retry_loop(policy, what, None, attempt).await
+}
+
+/// Like [`with_retries`] for a reply of at most `size` bytes (a range, a manifest),
+/// with the whole request — every attempt and wait — bounded by the budget plus
+/// `size / MIN_RATE`: a registry that trickles (a byte a minute never trips a read
+/// timeout) fails it then, with an error naming the budget.
+pub(super) async fn with_retries_within<T, F, Fut>(
+    policy: &RetryPolicy,
+    what: &str,
+    size: u64,
+    attempt: F,
+) -> Result<T, RegistryError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let deadline = policy.budget + Duration::from_secs(size / MIN_RATE);
+    retry_loop(policy, what, Some(deadline), attempt).await
+}
+
+async fn retry_loop<T, F, Fut>(
+    policy: &RetryPolicy,
+    what: &str,
+    deadline: Option<Duration>,
     mut attempt: F,
 ) -> Result<T, RegistryError>
 where
@@ -97,10 +133,14 @@ where
     let mut tries = 0;
     loop {
         tries += 1;
-        // Each attempt gets what is left of the budget, so a registry that trickles (a
-        // byte a minute never trips a read timeout) cannot hold a request past it.
-        let left = policy.budget.saturating_sub(started.elapsed());
-        let failure = match tokio::time::timeout(left, attempt()).await {
+        let outcome = match deadline {
+            None => Ok(attempt().await),
+            Some(total) => {
+                let left = total.saturating_sub(started.elapsed());
+                tokio::time::timeout(left, attempt()).await
+            }
+        };
+        let failure = match outcome {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(failure)) => failure,
             Err(_) => {
@@ -108,7 +148,7 @@ where
                     what: what.to_owned(),
                     reason: format!(
                         "no complete answer within the {:?} retry budget (attempt {tries})",
-                        policy.budget
+                        deadline.unwrap_or(policy.budget)
                     ),
                 });
             }
@@ -237,7 +277,7 @@ mod tests {
             ..quick(10)
         };
         let started = tokio::time::Instant::now();
-        let result: Result<(), _> = with_retries(&policy, "blob", || async {
+        let result: Result<(), _> = with_retries_within(&policy, "blob", 4096, || async {
             // A registry sending a byte a minute: the attempt itself never finishes.
             std::future::pending::<Result<(), Failure>>().await
         })
