@@ -68,14 +68,20 @@ fn big_files_layer(work: &Path) -> Result<BigFiles> {
     })
 }
 
-/// The Debian + python3 layers plus `extra`, converted and pushed as `image`; returns
-/// the lazy layers of the pushed manifest.
+/// The Debian + python3 layers plus `extra`, converted for `image` (the name it is
+/// pulled by: its repository is bound into the config) and pushed to `registry` under
+/// the same repository; returns the lazy layers of the pushed manifest.
 fn push_converted(
     work: &Path,
     registry: &DockerRegistry,
     image: &str,
     extra: &[PathBuf],
 ) -> Result<Vec<LazyLayer>> {
+    let pushed = format!(
+        "{}/{}",
+        registry.host,
+        image.split_once('/').context("image")?.1
+    );
     let layers = lazy_erofs_test_support::debian_layers()?;
     let mut tars = vec![
         layers.join("base.tar"),
@@ -93,8 +99,8 @@ fn push_converted(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(client.push_layout(&dst, image))?;
-    let (manifest, _) = runtime.block_on(client.pull_manifest(image))?;
+    runtime.block_on(client.push_layout(&dst, &pushed))?;
+    let (manifest, _) = runtime.block_on(client.pull_manifest(&pushed))?;
     manifest
         .layers()
         .iter()
@@ -125,15 +131,11 @@ fn privileged_vm_lazy_pull_runs_python_and_survives_fetcher_kills() -> Result<()
     std::fs::create_dir_all(&registry_dir)?;
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
     let big = big_files_layer(work)?;
-    let layers = push_converted(
-        work,
-        &registry,
-        &format!("{}/lazy/python:1", registry.host),
-        std::slice::from_ref(&big.tar),
-    )?;
-    // Everything after the push reaches the registry through the fault proxy.
+    // Everything after the push reaches the registry through the fault proxy, so the
+    // image is converted for the name it is pulled by.
     let proxy = FaultProxy::start(registry.host.clone())?;
     let image = format!("{}/lazy/python:1", proxy.addr);
+    let layers = push_converted(work, &registry, &image, std::slice::from_ref(&big.tar))?;
     let config = format!(
         "[registry]\ninsecure_hosts = [\"{}\"]\n[registry.retry]\nbudget = \"3s\"\n",
         proxy.addr
