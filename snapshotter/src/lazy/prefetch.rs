@@ -143,7 +143,7 @@ pub fn run(plan: &PrefetchPlan, mnt_dir: &Path) -> PrefetchReport {
             };
             let Ok(stat) = fstat(&fd) else { continue };
             let shown = root_path.join(relative);
-            match SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) {
+            match file_type(&stat) {
                 // An overlay whiteout (0/0 character device) deletes the path below.
                 SFlag::S_IFCHR if stat.st_rdev == 0 => break,
                 SFlag::S_IFDIR => {
@@ -243,7 +243,7 @@ fn read_entries(
             report.failed += 1;
             continue;
         };
-        match SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) {
+        match file_type(&stat) {
             SFlag::S_IFDIR => match at(OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
                 Ok(dir) => read_tree(dir, &shown, report),
                 Err(_) => report.failed += 1,
@@ -252,6 +252,11 @@ fn read_entries(
             _ => {}
         }
     }
+}
+
+/// The `S_IF*` type bits of `stat`.
+fn file_type(stat: &nix::sys::stat::FileStat) -> SFlag {
+    SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits())
 }
 
 fn read_file(file: nix::Result<OwnedFd>, path: &Path, report: &mut PrefetchReport) {
