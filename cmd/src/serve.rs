@@ -12,7 +12,7 @@ use clap::Args;
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::{
-    BlobSource, Device, Event, LocalBlob, LocalSourceFactory, SourceError, SourceFactory,
+    BlobSource, BlobSpec, Device, Event, LocalBlob, LocalSourceFactory, SourceError, SourceFactory,
     Supervisor, SupervisorConfig, Throttle, child, fetcher::FetcherConfig,
 };
 use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
@@ -57,7 +57,7 @@ pub struct ServeArgs {
 }
 
 /// The fsid and data-tag blob entries for every lazy layer of `image`.
-fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, serde_json::Value)>> {
+fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, BlobSpec)>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -74,7 +74,7 @@ fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, ser
             );
         };
         let spec = |view| {
-            serde_json::to_value(LazyLayerSpec {
+            BlobSpec::Registry(LazyLayerSpec {
                 image: image.to_owned(),
                 digest: lazy.digest.clone(),
                 verified_digest: lazy.verified_digest.clone(),
@@ -93,9 +93,9 @@ fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, ser
             lazy.data_tag(),
             lazy.digest
         );
-        blobs.push((fsid, spec(View::Metadata)?));
+        blobs.push((fsid, spec(View::Metadata)));
         if lazy.data_space_size > 0 {
-            blobs.push((lazy.data_tag(), spec(View::Data)?));
+            blobs.push((lazy.data_tag(), spec(View::Data)));
         }
     }
     Ok(blobs)
@@ -144,7 +144,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         };
         supervisor
             .blobs()
-            .insert(name.clone(), serde_json::to_value(blob)?);
+            .insert(name.clone(), BlobSpec::Local(blob));
     }
     for (name, spec) in &lazy_blobs {
         supervisor.blobs().insert(name.clone(), spec.clone());
@@ -236,12 +236,11 @@ impl SourceFactory for AnySourceFactory {
     async fn open(
         &self,
         name: &str,
-        spec: &serde_json::Value,
+        spec: &BlobSpec,
     ) -> std::result::Result<Arc<dyn BlobSource>, SourceError> {
-        if spec.get("verified_digest").is_some() {
-            self.lazy.open(name, spec).await
-        } else {
-            self.local.open(name, spec).await
+        match spec {
+            BlobSpec::Registry(_) => self.lazy.open(name, spec).await,
+            BlobSpec::Local(_) => self.local.open(name, spec).await,
         }
     }
 }

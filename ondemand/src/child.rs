@@ -13,7 +13,7 @@ use crate::device::Device;
 use crate::fault::{Fault, FaultTrigger};
 use crate::fetcher::{self, FetcherConfig, FetcherParts, Resolver};
 use crate::handover::{self, HandoverError, ToChild, ToParent};
-use crate::source::SourceFactory;
+use crate::source::{BlobSpec, SourceFactory};
 use crate::stats::{Counter, Stats};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,7 @@ impl Conn {
         &mut self,
         domain: Option<&str>,
         cookie: &str,
-    ) -> Result<Option<serde_json::Value>, HandoverError> {
+    ) -> Result<Option<BlobSpec>, HandoverError> {
         handover::write_line(
             &self.writer,
             &ToParent::Resolve {
@@ -74,7 +74,7 @@ impl Resolver for SupervisorResolver {
         &self,
         domain: Option<&str>,
         cookie: &str,
-    ) -> Result<Option<serde_json::Value>, String> {
+    ) -> Result<Option<BlobSpec>, String> {
         let mut conn = self.conn.lock().await;
         // Blocking I/O on a local socket answered from memory: microseconds, and OPENs
         // are rare (one per layer mount).

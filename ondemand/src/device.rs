@@ -39,10 +39,60 @@ pub enum DeviceError {
 
 /// A request read from the device, with the anon fd of an OPEN already owned.
 #[derive(Debug)]
-pub enum Request {
-    Open { open: Open, anon: AnonFd },
+pub enum Request<O = AnonFd> {
+    Open { open: Open, anon: O },
     Read(Read),
     Close(Close),
+}
+
+/// What a fetcher needs of the kernel: requests in, OPEN answers out. [`Device`] is the
+/// real one; the fetcher's tests drive a recording fake through the paths the kernel
+/// cannot be made to take on demand (a failing `copen`, a READ racing its CLOSE).
+pub trait Kernel: Send + Sync + 'static {
+    /// The per-object handle an OPEN brings.
+    type Object: CacheObject;
+    /// Waits up to `timeout` for the next request; `Ok(None)` if none came.
+    fn next_request(
+        &self,
+        buf: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Request<Self::Object>>, DeviceError>;
+    /// Answers an OPEN with the object's size, or refuses it with an errno.
+    fn copen(&self, msg_id: u32, size: Result<u64, Errno>) -> Result<(), DeviceError>;
+}
+
+/// One cache object: READ replies are written into it, then completed.
+pub trait CacheObject: Send + Sync + 'static {
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Tells the kernel READ `msg_id` is done (an unwritten range reads as EIO).
+    fn complete(&self, msg_id: u32) -> io::Result<()>;
+}
+
+impl Kernel for Device {
+    type Object = AnonFd;
+
+    fn next_request(
+        &self,
+        buf: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<Request>, DeviceError> {
+        Device::next_request(self, buf, timeout)
+    }
+
+    fn copen(&self, msg_id: u32, size: Result<u64, Errno>) -> Result<(), DeviceError> {
+        Device::copen(self, msg_id, size)
+    }
+}
+
+impl CacheObject for AnonFd {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        AnonFd::write_all_at(self, buf, offset)
+    }
+
+    fn complete(&self, msg_id: u32) -> io::Result<()> {
+        AnonFd::complete(self, msg_id)
+    }
 }
 
 /// `/dev/cachefiles`, opened and (once [`Device::bind`] succeeded) bound in ondemand mode.

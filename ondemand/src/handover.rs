@@ -13,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::source::BlobSpec;
 use crate::sys;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +42,7 @@ pub enum ToParent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToChild {
-    Blob { spec: serde_json::Value },
+    Blob { spec: BlobSpec },
     Unknown,
 }
 

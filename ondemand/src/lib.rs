@@ -24,9 +24,10 @@ pub mod stats;
 pub mod supervisor;
 mod sys;
 
-pub use device::{AnonFd, Device, DeviceError, Request};
+pub use device::{AnonFd, CacheObject, Device, DeviceError, Kernel, Request};
 pub use source::{
-    BlobSource, FileSource, LocalBlob, LocalSourceFactory, SourceError, SourceFactory, Throttle,
+    BlobSource, BlobSpec, FileSource, LazyLayerSpec, LocalBlob, LocalSourceFactory, SourceError,
+    SourceFactory, Throttle, View,
 };
 pub use supervisor::{BlobTable, Event, Summary, Supervisor, SupervisorConfig};
 pub use sys::AlignedBuf;

@@ -214,7 +214,47 @@ impl<S: BlobSource> BlobSource for Throttled<S> {
     }
 }
 
-/// How a blob is described to the fetcher: by the supervisor's table, as JSON.
+/// How the supervisor's table describes a blob to the fetcher (it crosses the hand-over
+/// socket as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobSpec {
+    /// A local file (tests, benchmarks, `lazy-erofs serve --blob`).
+    Local(LocalBlob),
+    /// One view of a lazy layer blob in a registry.
+    Registry(LazyLayerSpec),
+}
+
+/// Which view of a lazy layer blob an fscache object is (DESIGN.md: a layer is two
+/// objects, the EROFS metadata image and the data space, both views of one blob).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum View {
+    Metadata,
+    Data,
+}
+
+/// A lazy layer view in a registry. Holds no credentials: the fetcher's registry client
+/// has its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LazyLayerSpec {
+    /// Image reference the blob belongs to (repository and registry to read from).
+    pub image: String,
+    /// The lazy layer blob's digest.
+    pub digest: String,
+    /// The manifest's `dev.lazy-erofs.layer.verified-digest`: the trust anchor.
+    pub verified_digest: String,
+    /// Length of the verified region (0: unknown, found from the header).
+    #[serde(default)]
+    pub region_len: u64,
+    /// Size of this view in bytes (0: unknown, read from the blob at OPEN).
+    #[serde(default)]
+    pub size: u64,
+    pub view: View,
+}
+
+/// A local file blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalBlob {
     pub path: PathBuf,
@@ -227,11 +267,19 @@ pub struct LocalBlob {
 pub trait SourceFactory: Send + Sync {
     /// Opens the source `spec` describes; may fetch and verify (a registry source reads
     /// the layer's verified region here).
-    async fn open(
-        &self,
-        name: &str,
-        spec: &serde_json::Value,
-    ) -> Result<Arc<dyn BlobSource>, SourceError>;
+    async fn open(&self, name: &str, spec: &BlobSpec) -> Result<Arc<dyn BlobSource>, SourceError>;
+}
+
+/// The refusal of a factory handed a kind of blob it does not serve.
+pub fn wrong_kind(name: &str, spec: &BlobSpec) -> SourceError {
+    let kind = match spec {
+        BlobSpec::Local(_) => "a local file",
+        BlobSpec::Registry(_) => "a registry layer",
+    };
+    SourceError::BadSpec {
+        name: name.to_owned(),
+        reason: format!("this fetcher does not serve {kind}"),
+    }
 }
 
 /// Opens [`LocalBlob`] descriptions.
@@ -240,16 +288,10 @@ pub struct LocalSourceFactory;
 
 #[async_trait]
 impl SourceFactory for LocalSourceFactory {
-    async fn open(
-        &self,
-        name: &str,
-        spec: &serde_json::Value,
-    ) -> Result<Arc<dyn BlobSource>, SourceError> {
-        let blob: LocalBlob =
-            serde_json::from_value(spec.clone()).map_err(|e| SourceError::BadSpec {
-                name: name.to_owned(),
-                reason: e.to_string(),
-            })?;
+    async fn open(&self, name: &str, spec: &BlobSpec) -> Result<Arc<dyn BlobSource>, SourceError> {
+        let BlobSpec::Local(blob) = spec else {
+            return Err(wrong_kind(name, spec));
+        };
         let file = FileSource::open(&blob.path)?;
         Ok(match blob.throttle {
             Some(throttle) => Arc::new(Throttled::new(file, throttle)),

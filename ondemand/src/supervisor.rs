@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::device::Device;
 use crate::handover::{self, Handover, HandoverError, ToChild, ToParent};
+use crate::source::BlobSpec;
 use crate::stats::{Counter, Stats, StatsSummary, monotonic_ns, quantile};
 
 /// Where a blob is registered: an fscache cookie name, in one EROFS domain or in any.
@@ -32,28 +33,28 @@ type BlobKey = (Option<String>, String);
 /// questions. A blob registered in a domain is served only to OPENs in that domain's
 /// volume, so a layer whose image names another layer's cookie cannot reach it.
 #[derive(Debug, Clone, Default)]
-pub struct BlobTable(Arc<RwLock<BTreeMap<BlobKey, serde_json::Value>>>);
+pub struct BlobTable(Arc<RwLock<BTreeMap<BlobKey, BlobSpec>>>);
 
 impl BlobTable {
     /// Registers `name` for OPENs in any volume (the `serve` command's blobs).
-    pub fn insert(&self, name: impl Into<String>, spec: serde_json::Value) {
+    pub fn insert(&self, name: impl Into<String>, spec: BlobSpec) {
         self.write().insert((None, name.into()), spec);
     }
 
     /// Registers `name` for OPENs in EROFS domain `domain` only.
-    pub fn insert_in(&self, domain: &str, name: impl Into<String>, spec: serde_json::Value) {
+    pub fn insert_in(&self, domain: &str, name: impl Into<String>, spec: BlobSpec) {
         self.write()
             .insert((Some(domain.to_owned()), name.into()), spec);
     }
 
-    pub fn remove_in(&self, domain: &str, name: &str) -> Option<serde_json::Value> {
+    pub fn remove_in(&self, domain: &str, name: &str) -> Option<BlobSpec> {
         self.write()
             .remove(&(Some(domain.to_owned()), name.to_owned()))
     }
 
     /// The blob for an OPEN of cookie `name` in `domain`: registered in that domain, or
     /// in any.
-    pub fn get(&self, domain: Option<&str>, name: &str) -> Option<serde_json::Value> {
+    pub fn get(&self, domain: Option<&str>, name: &str) -> Option<BlobSpec> {
         let table = self
             .0
             .read()
@@ -64,7 +65,7 @@ impl BlobTable {
             .cloned()
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<BlobKey, serde_json::Value>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<BlobKey, BlobSpec>> {
         self.0
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

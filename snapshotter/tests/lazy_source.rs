@@ -10,7 +10,7 @@ use lazy_erofs_image::convert::{ConvertOptions, convert_layout};
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::repository_of;
 use lazy_erofs_image::registry::{Registry, RegistryOptions};
-use lazy_erofs_ondemand::{SourceError, SourceFactory};
+use lazy_erofs_ondemand::{BlobSpec, LocalBlob, SourceError, SourceFactory};
 use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazyRecord, LazySourceFactory, View};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,7 +42,7 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
         let local_bytes = std::fs::read(dst.join("blobs/sha256").join(&lazy.digest[7..]))?;
         let local = BlobReader::open(&local_bytes[..], &lazy.verified_digest)?;
         let spec = |view: View, anchor: &str| {
-            serde_json::to_value(LazyLayerSpec {
+            BlobSpec::Registry(LazyLayerSpec {
                 image: image.clone(),
                 digest: lazy.digest.clone(),
                 verified_digest: anchor.to_owned(),
@@ -53,14 +53,14 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
         };
 
         let metadata = factory
-            .open("meta", &spec(View::Metadata, &lazy.verified_digest)?)
+            .open("meta", &spec(View::Metadata, &lazy.verified_digest))
             .await?;
         assert_eq!(metadata.size(), local.metadata().len() as u64);
         let whole = metadata.read_at(0, local.metadata().len()).await?;
         assert_eq!(&whole[..local.metadata().len()], local.metadata());
 
         let data = factory
-            .open("data", &spec(View::Data, &lazy.verified_digest)?)
+            .open("data", &spec(View::Data, &lazy.verified_digest))
             .await?;
         let size = data.size();
         assert_eq!(size, lazy.data_space_size);
@@ -99,7 +99,7 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
             let spec = record.spec(view);
             assert_ne!(spec.size, 0, "{view:?}");
             let source = factory
-                .open("production", &serde_json::to_value(&spec)?)
+                .open("production", &BlobSpec::Registry(spec.clone()))
                 .await?;
             assert_eq!(source.size(), spec.size);
             let len = spec.size.min(8192) as usize;
@@ -112,7 +112,7 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
         }
         let mut lying = record.spec(views[views.len() - 1]);
         lying.size += 4096;
-        let source = factory.open("lying", &serde_json::to_value(&lying)?).await;
+        let source = factory.open("lying", &BlobSpec::Registry(lying)).await;
         let refused = match source {
             Err(err) => err.to_string(),
             Ok(source) => source
@@ -125,18 +125,25 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
 
         let wrong = format!("sha256:{}", "2".repeat(64));
         let err = factory
-            .open("bad", &spec(View::Metadata, &wrong)?)
+            .open("bad", &spec(View::Metadata, &wrong))
             .await
             .expect_err("a wrong anchor opened");
         assert!(
             matches!(&err, SourceError::Unavailable { reason, .. } if reason.contains(&lazy.digest)),
             "{err}"
         );
-        let bad_spec = serde_json::json!({"image": image, "digest": lazy.digest});
-        assert!(matches!(
-            factory.open("bad", &bad_spec).await,
-            Err(SourceError::BadSpec { .. })
-        ));
+        let local_file = BlobSpec::Local(LocalBlob {
+            path: "/etc/passwd".into(),
+            throttle: None,
+        });
+        let err = factory
+            .open("bad", &local_file)
+            .await
+            .expect_err("the registry factory served a local file");
+        assert!(
+            matches!(&err, SourceError::BadSpec { reason, .. } if reason.contains("local file")),
+            "{err}"
+        );
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use lazy_erofs_image::registry::Registry;
-use lazy_erofs_ondemand::BlobTable;
+use lazy_erofs_ondemand::{BlobSpec, BlobTable};
 use nix::mount::{MntFlags, MsFlags};
 
 use super::{LazyRecord, View, whole};
@@ -212,14 +212,11 @@ impl LayerMounts {
         let started = std::time::Instant::now();
         match &self.backend {
             Backend::Fscache { blobs, .. } => {
-                let spec = |view| {
-                    serde_json::to_value(layer.spec(view))
-                        .map_err(|e| SnapshotError::Store(e.to_string()))
-                };
+                let spec = |view| BlobSpec::Registry(layer.spec(view));
                 let domain = self.domain(&layer.fsid);
-                blobs.insert_in(&domain, layer.fsid.clone(), spec(View::Metadata)?);
+                blobs.insert_in(&domain, layer.fsid.clone(), spec(View::Metadata));
                 if layer.data_space_size > 0 {
-                    blobs.insert_in(&domain, layer.data_tag.clone(), spec(View::Data)?);
+                    blobs.insert_in(&domain, layer.data_tag.clone(), spec(View::Data));
                 }
                 let options = format!("fsid={},domain_id={domain}", layer.fsid);
                 mount("none", &path, &options)?;

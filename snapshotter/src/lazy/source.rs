@@ -17,36 +17,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use lazy_erofs_image::blob::{BlobReader, RangeRead};
 use lazy_erofs_image::registry::Registry;
-use lazy_erofs_ondemand::{AlignedBuf, BlobSource, SourceError, SourceFactory};
-use serde::{Deserialize, Serialize};
-
-/// Which view of a lazy layer blob an fscache object is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum View {
-    Metadata,
-    Data,
-}
-
-/// How the supervisor describes a lazy layer view to the fetcher (JSON in its blob
-/// table). Holds no credentials: the fetcher's registry client has its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LazyLayerSpec {
-    /// Image reference the blob belongs to (repository and registry to read from).
-    pub image: String,
-    /// The lazy layer blob's digest.
-    pub digest: String,
-    /// The manifest's `dev.lazy-erofs.layer.verified-digest`: the trust anchor.
-    pub verified_digest: String,
-    /// Length of the verified region (0: unknown, found from the header).
-    #[serde(default)]
-    pub region_len: u64,
-    /// Size of this view in bytes (0: unknown, read from the blob at OPEN).
-    #[serde(default)]
-    pub size: u64,
-    pub view: View,
-}
+use lazy_erofs_ondemand::{AlignedBuf, BlobSource, BlobSpec, SourceError, SourceFactory};
+pub use lazy_erofs_ondemand::{LazyLayerSpec, View};
 
 /// Blocking ranged reads for [`BlobReader`], run on the blocking pool of a runtime
 /// (never on one of its workers).
@@ -155,17 +127,11 @@ fn unavailable(name: &str, reason: String) -> SourceError {
 
 #[async_trait]
 impl SourceFactory for LazySourceFactory {
-    async fn open(
-        &self,
-        name: &str,
-        spec: &serde_json::Value,
-    ) -> Result<Arc<dyn BlobSource>, SourceError> {
-        let spec: LazyLayerSpec =
-            serde_json::from_value(spec.clone()).map_err(|e| SourceError::BadSpec {
-                name: name.to_owned(),
-                reason: e.to_string(),
-            })?;
-        let blob = self.blob(&spec);
+    async fn open(&self, name: &str, spec: &BlobSpec) -> Result<Arc<dyn BlobSource>, SourceError> {
+        let BlobSpec::Registry(spec) = spec else {
+            return Err(lazy_erofs_ondemand::source::wrong_kind(name, spec));
+        };
+        let blob = self.blob(spec);
         let size = if spec.size > 0 {
             spec.size
         } else {

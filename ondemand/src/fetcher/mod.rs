@@ -15,10 +15,10 @@ use futures::future::{BoxFuture, Shared};
 use nix::errno::Errno;
 use tokio::sync::mpsc;
 
-use crate::device::{AnonFd, Device, DeviceError, Request};
+use crate::device::{CacheObject, DeviceError, Kernel, Request};
 use crate::fault::{FaultPoint, FaultTrigger};
 use crate::msg::{Open, Read};
-use crate::source::{BlobSource, SourceFactory};
+use crate::source::{BlobSource, BlobSpec, SourceFactory};
 use crate::stats::{Counter, Stats, monotonic_ns};
 use crate::sys::PAGE_SIZE;
 
@@ -26,11 +26,8 @@ use crate::sys::PAGE_SIZE;
 #[async_trait]
 pub trait Resolver: Send + Sync {
     /// The blob description for `cookie` in EROFS domain `domain`, `None` if unknown.
-    async fn resolve(
-        &self,
-        domain: Option<&str>,
-        cookie: &str,
-    ) -> Result<Option<serde_json::Value>, String>;
+    async fn resolve(&self, domain: Option<&str>, cookie: &str)
+    -> Result<Option<BlobSpec>, String>;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,17 +60,17 @@ pub enum FetcherError {
     Device(#[from] DeviceError),
 }
 
-struct Object {
+struct Object<O> {
     cookie: String,
-    anon: AnonFd,
+    anon: O,
     source: Arc<dyn BlobSource>,
 }
 
 type ChunkFetch = Shared<BoxFuture<'static, Result<(), Arc<String>>>>;
 
 /// What a fetcher works with; the child process assembles it from the hand-over.
-pub struct FetcherParts {
-    pub device: Arc<Device>,
+pub struct FetcherParts<K> {
+    pub device: Arc<K>,
     pub resolver: Arc<dyn Resolver>,
     pub factory: Arc<dyn SourceFactory>,
     pub stats: Arc<Stats>,
@@ -81,25 +78,25 @@ pub struct FetcherParts {
     pub config: FetcherConfig,
 }
 
-struct Fetcher {
-    parts: FetcherParts,
-    objects: Mutex<HashMap<u32, Arc<Object>>>,
+struct Fetcher<K: Kernel> {
+    parts: FetcherParts<K>,
+    objects: Mutex<HashMap<u32, Arc<Object<K::Object>>>>,
     inflight: Arc<Mutex<HashMap<(u32, u64), ChunkFetch>>>,
 }
 
 /// Serves requests until the device fails (or is closed under us). Runs on the current
 /// tokio runtime.
-pub async fn serve(parts: FetcherParts) -> Result<(), FetcherError> {
+pub async fn serve<K: Kernel>(parts: FetcherParts<K>) -> Result<(), FetcherError> {
     let device = parts.device.clone();
     let fetcher = Arc::new(Fetcher {
         parts,
         objects: Mutex::new(HashMap::new()),
         inflight: Arc::new(Mutex::new(HashMap::new())),
     });
-    let (tx, mut rx) = mpsc::channel::<Result<(Request, Instant), DeviceError>>(1024);
+    let (tx, mut rx) = mpsc::channel::<Received<K::Object>>(1024);
     std::thread::Builder::new()
         .name("cachefiles-reader".into())
-        .spawn(move || read_requests(&device, &tx))
+        .spawn(move || read_requests(&*device, &tx))
         .map_err(|e| FetcherError::Device(DeviceError::Read(e)))?;
     while let Some(next) = rx.recv().await {
         let (request, received) = next?;
@@ -123,7 +120,9 @@ pub async fn serve(parts: FetcherParts) -> Result<(), FetcherError> {
     Ok(())
 }
 
-fn read_requests(device: &Device, tx: &mpsc::Sender<Result<(Request, Instant), DeviceError>>) {
+type Received<O> = Result<(Request<O>, Instant), DeviceError>;
+
+fn read_requests<K: Kernel>(device: &K, tx: &mpsc::Sender<Received<K::Object>>) {
     let mut buf = Vec::new();
     loop {
         match device.next_request(&mut buf, Duration::from_millis(500)) {
@@ -149,14 +148,14 @@ fn read_requests(device: &Device, tx: &mpsc::Sender<Result<(Request, Instant), D
     }
 }
 
-impl Fetcher {
-    fn lock_objects(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Object>>> {
+impl<K: Kernel> Fetcher<K> {
+    fn lock_objects(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Object<K::Object>>>> {
         self.objects
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn open(&self, open: Open, anon: AnonFd) {
+    async fn open(&self, open: Open, anon: K::Object) {
         self.parts
             .faults
             .hit(FaultPoint::CrashInOpen, &self.parts.stats);
@@ -250,7 +249,7 @@ impl Fetcher {
     }
 
     /// The shared fetch-and-write of chunk `index`, started if nobody has started it.
-    fn chunk(&self, object_id: u32, object: &Arc<Object>, index: u64) -> ChunkFetch {
+    fn chunk(&self, object_id: u32, object: &Arc<Object<K::Object>>, index: u64) -> ChunkFetch {
         let key = (object_id, index);
         let mut inflight = self
             .inflight
@@ -281,8 +280,8 @@ impl Fetcher {
     }
 }
 
-async fn fetch_and_write(
-    object: &Arc<Object>,
+async fn fetch_and_write<O: CacheObject>(
+    object: &Arc<Object<O>>,
     index: u64,
     stats: &Stats,
     config: FetcherConfig,
@@ -346,27 +345,6 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn volume_keys_name_their_domain() {
-        assert_eq!(erofs_domain(b"erofs,dom-1\0").as_deref(), Some("dom-1"));
-        assert_eq!(erofs_domain(b"erofs,x").as_deref(), Some("x"));
-        assert_eq!(erofs_domain(b"other,x\0"), None);
-        assert_eq!(erofs_domain(b"erofs,\xff\0"), None);
-    }
-
-    #[test]
-    fn backoff_doubles_with_bounded_jitter() {
-        let base = Duration::from_millis(50);
-        for attempt in 1..=4 {
-            let d = backoff(base, attempt);
-            let floor = base * (1 << (attempt - 1));
-            assert!(
-                d >= floor && d <= floor.mul_f64(1.5),
-                "attempt {attempt}: {d:?}"
-            );
-        }
-    }
-}
+mod fake;
+#[cfg(test)]
+mod tests;
