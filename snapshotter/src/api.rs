@@ -83,13 +83,31 @@ pub enum SnapshotError {
     },
     #[error("metadata store: {0}")]
     Store(String),
+    /// The disk is full (ENOSPC, EDQUOT): retry once space is freed.
+    #[error("{0}: no space left on the device")]
+    NoSpace(String),
 }
 
 impl SnapshotError {
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
-        move |source| SnapshotError::Io { context, source }
+        move |source| {
+            if is_no_space(&source) {
+                SnapshotError::NoSpace(context)
+            } else {
+                SnapshotError::Io { context, source }
+            }
+        }
     }
+}
+
+/// Whether `error` says the filesystem (or the caller's quota) is full.
+pub fn is_no_space(error: &std::io::Error) -> bool {
+    // By kind: wrapped errors (a path added) keep it, not the raw errno.
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 impl From<SnapshotError> for tonic::Status {
@@ -101,6 +119,7 @@ impl From<SnapshotError> for tonic::Status {
             SnapshotError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             SnapshotError::Unavailable(_) => tonic::Status::unavailable(message),
+            SnapshotError::NoSpace(_) => tonic::Status::resource_exhausted(message),
             SnapshotError::Io { .. } | SnapshotError::Store(_) => tonic::Status::internal(message),
         }
     }

@@ -1,14 +1,20 @@
 //! The metadata store (redb): every snapshot's key, internal id, kind, parent, labels,
 //! times and frozen usage; which snapshots are children of which. Each change is one
 //! redb transaction, so a kill -9 leaves either the old or the new state.
+//!
+//! After an I/O error (a full disk) redb refuses every later transaction until the
+//! database is closed and opened again; the store does that itself on the next call, so
+//! the daemon serves again once space is freed.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
-    ReadableTableMetadata, TableDefinition, WriteTransaction,
+    Database, MultimapTableDefinition, ReadTransaction, ReadableDatabase, ReadableMultimapTable,
+    ReadableTable, ReadableTableMetadata, StorageError, TableDefinition, TransactionError,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -54,19 +60,33 @@ impl Record {
 }
 
 pub struct Store {
-    db: Database,
+    path: PathBuf,
+    /// `None` between closing a failed handle and a successful reopen.
+    db: RwLock<Option<Arc<Database>>>,
 }
 
-fn store_err(e: impl std::fmt::Display) -> SnapshotError {
-    SnapshotError::Store(e.to_string())
+/// A redb error as the snapshotter reports it: a full disk as [`SnapshotError::NoSpace`].
+fn store_err(e: impl Into<redb::Error>) -> SnapshotError {
+    let e: redb::Error = e.into();
+    match &e {
+        redb::Error::Io(io) if crate::api::is_no_space(io) => {
+            SnapshotError::NoSpace("metadata store".into())
+        }
+        _ => SnapshotError::Store(e.to_string()),
+    }
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<Record, SnapshotError> {
-    serde_json::from_slice(bytes).map_err(|e| store_err(format!("record {key:?}: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| SnapshotError::Store(format!("record {key:?}: {e}")))
 }
 
 fn encode(record: &Record) -> Result<Vec<u8>, SnapshotError> {
-    serde_json::to_vec(record).map_err(store_err)
+    serde_json::to_vec(record).map_err(|e| SnapshotError::Store(e.to_string()))
+}
+
+/// Whether redb wants the database closed and opened again before it serves again.
+fn latched(error: &TransactionError) -> bool {
+    matches!(error, TransactionError::Storage(StorageError::PreviousIo))
 }
 
 fn get_in(txn: &WriteTransaction, key: &str) -> Result<Option<Record>, SnapshotError> {
@@ -86,19 +106,79 @@ fn put_in(txn: &WriteTransaction, key: &str, record: &Record) -> Result<(), Snap
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
-        let db =
-            Database::create(path).map_err(|e| store_err(format!("{}: {e}", path.display())))?;
+        let db = Self::open_db(path)?;
         // Create the tables so read transactions find them.
         let txn = db.begin_write().map_err(store_err)?;
         txn.open_table(SNAPSHOTS).map_err(store_err)?;
         txn.open_multimap_table(CHILDREN).map_err(store_err)?;
         txn.open_table(COUNTERS).map_err(store_err)?;
         txn.commit().map_err(store_err)?;
-        Ok(Self { db })
+        Ok(Self {
+            path: path.to_owned(),
+            db: RwLock::new(Some(Arc::new(db))),
+        })
+    }
+
+    fn open_db(path: &Path) -> Result<Database, SnapshotError> {
+        Database::create(path).map_err(|e| match store_err(e) {
+            SnapshotError::Store(e) => SnapshotError::Store(format!("{}: {e}", path.display())),
+            other => other,
+        })
+    }
+
+    /// The open database; reopened first if an earlier reopen failed.
+    fn db(&self) -> Result<Arc<Database>, SnapshotError> {
+        let current = self
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match current {
+            Some(db) => Ok(db),
+            None => self.reopen(None),
+        }
+    }
+
+    /// Closes and reopens the database after redb latched an I/O error on `failed` (it
+    /// repairs on open). Fails, and is tried again by the next call, while a transaction
+    /// of the old handle still keeps the file open.
+    fn reopen(&self, failed: Option<Arc<Database>>) -> Result<Arc<Database>, SnapshotError> {
+        let mut slot = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(current) = slot.as_ref()
+            && failed.as_ref().is_none_or(|f| !Arc::ptr_eq(current, f))
+        {
+            return Ok(current.clone()); // another call reopened it already
+        }
+        // Every handle of ours must go before the file can be opened again.
+        drop(failed);
+        *slot = None;
+        let db = Arc::new(Self::open_db(&self.path)?);
+        tracing::warn!(path = %self.path.display(), "metadata store reopened after an I/O error");
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction, SnapshotError> {
+        let db = self.db()?;
+        match db.begin_write() {
+            Err(e) if latched(&e) => self.reopen(Some(db))?.begin_write().map_err(store_err),
+            txn => txn.map_err(store_err),
+        }
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction, SnapshotError> {
+        let db = self.db()?;
+        match db.begin_read() {
+            Err(e) if latched(&e) => self.reopen(Some(db))?.begin_read().map_err(store_err),
+            txn => txn.map_err(store_err),
+        }
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Record>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(SNAPSHOTS).map_err(store_err)?;
         let value = table.get(key).map_err(store_err)?;
         value.map(|v| decode(key, v.value())).transpose()
@@ -111,7 +191,7 @@ impl Store {
 
     /// Every snapshot, by key.
     pub fn list(&self) -> Result<Vec<(String, Record)>, SnapshotError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(SNAPSHOTS).map_err(store_err)?;
         let mut out = Vec::with_capacity(table.len().map_err(store_err)? as usize);
         for entry in table.iter().map_err(store_err)? {
@@ -168,7 +248,7 @@ impl Store {
         lazy: Option<LazyRecord>,
         materialize: impl FnOnce(u64) -> Result<(), SnapshotError>,
     ) -> Result<Record, SnapshotError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
+        let txn = self.begin_write()?;
         if get_in(&txn, key)?.is_some() {
             return Err(SnapshotError::AlreadyExists(key.to_owned()));
         }
@@ -223,7 +303,7 @@ impl Store {
         labels: HashMap<String, String>,
         usage: Usage,
     ) -> Result<Record, SnapshotError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
+        let txn = self.begin_write()?;
         let mut record =
             get_in(&txn, key)?.ok_or_else(|| SnapshotError::NotFound(key.to_owned()))?;
         if record.kind != Kind::Active {
@@ -261,7 +341,7 @@ impl Store {
 
     /// Forgets `key`; refused while it has children. Returns what it was.
     pub fn remove(&self, key: &str) -> Result<Record, SnapshotError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
+        let txn = self.begin_write()?;
         let record = get_in(&txn, key)?.ok_or_else(|| SnapshotError::NotFound(key.to_owned()))?;
         {
             let mut children = txn.open_multimap_table(CHILDREN).map_err(store_err)?;
@@ -293,7 +373,7 @@ impl Store {
         key: &str,
         change: impl FnOnce(&mut HashMap<String, String>) -> Result<(), SnapshotError>,
     ) -> Result<Record, SnapshotError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
+        let txn = self.begin_write()?;
         let mut record =
             get_in(&txn, key)?.ok_or_else(|| SnapshotError::NotFound(key.to_owned()))?;
         change(&mut record.labels)?;
