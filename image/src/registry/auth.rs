@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference, RegistryOperation};
+use oci_client::{Reference, RegistryOperation};
 
-use super::{Credentials, RegistryError, RegistryOptions};
+use super::retry::Failure;
+use super::{Credentials, RegistryError, RegistryOptions, token};
 
 /// What goes into the `Authorization` header.
 #[derive(Clone)]
@@ -122,12 +123,14 @@ impl Auth {
 
     /// The header for a request to `endpoint`, and whether it was just negotiated (a
     /// fresh token refused means the credentials are wrong, not that it expired).
+    /// `base` is the registry's `scheme://host`.
     pub async fn authorization(
         &self,
-        client: &Client,
+        http: &reqwest::Client,
+        base: &str,
         endpoint: &Reference,
         operation: RegistryOperation,
-    ) -> Result<(Authorization, bool), RegistryError> {
+    ) -> Result<(Authorization, bool), Failure> {
         let host = endpoint.resolve_registry().to_owned();
         let key = (
             host.clone(),
@@ -137,10 +140,9 @@ impl Auth {
         if let Some(cached) = lock(&self.tokens).get(&key) {
             return Ok((cached.clone(), false));
         }
-        let credentials = self.credentials(&host)?;
-        let token = client
-            .auth(endpoint, &self.registry_auth(&host)?, operation)
-            .await?;
+        let credentials = self.credentials(&host).map_err(Failure::fatal)?;
+        let push = matches!(operation, RegistryOperation::Push);
+        let token = token::negotiate(http, base, endpoint.repository(), push, &credentials).await?;
         let authorization = match (token, credentials) {
             (Some(token), _) => Authorization::Bearer(token),
             (None, Credentials::Basic { username, password }) => {

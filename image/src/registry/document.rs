@@ -41,12 +41,21 @@ pub(super) async fn attempt(
         };
         return Err(failure);
     }
+    read_bounded(response, MAX_DOCUMENT_BYTES, what, "manifests").await
+}
+
+/// A reply's body, refused (for good) once it passes `max` bytes, declared or sent.
+pub(super) async fn read_bounded(
+    response: reqwest::Response,
+    max: u64,
+    what: &str,
+    kind: &str,
+) -> Result<Vec<u8>, Failure> {
     let too_large = |size: u64| {
         Failure::fatal(RegistryError::Protocol {
             what: what.to_owned(),
             reason: format!(
-                "the registry sent {size} bytes or more; manifests are limited to \
-                 {MAX_DOCUMENT_BYTES} bytes"
+                "the registry sent {size} bytes or more; {kind} are limited to {max} bytes"
             ),
         })
     };
@@ -55,7 +64,7 @@ pub(super) async fn attempt(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(size) = declared.filter(|&s| s > MAX_DOCUMENT_BYTES) {
+    if let Some(size) = declared.filter(|&s| s > max) {
         return Err(too_large(size));
     }
     let mut body = response.bytes_stream();
@@ -67,7 +76,7 @@ pub(super) async fn attempt(
                 reason: format!("body: {e}"),
             })
         })?;
-        if out.len() as u64 + chunk.len() as u64 > MAX_DOCUMENT_BYTES {
+        if out.len() as u64 + chunk.len() as u64 > max {
             return Err(too_large(out.len() as u64 + chunk.len() as u64));
         }
         out.extend_from_slice(&chunk);

@@ -10,6 +10,7 @@ mod options;
 mod pull;
 mod range;
 mod retry;
+mod token;
 mod upload;
 
 use std::path::Path;
@@ -21,6 +22,7 @@ use oci_client::{Client, Reference, RegistryOperation};
 use oci_spec::image::{ImageIndex, ImageManifest};
 pub use options::{Credentials, HostOptions, RegistryOptions, RetryPolicy};
 pub use pull::{Document, PlatformManifest};
+pub use token::MAX_TOKEN_REPLY_BYTES;
 
 use crate::blob::RangeRead;
 use crate::oci_layout::{LayoutError, OciLayout};
@@ -220,14 +222,12 @@ impl Registry {
         F: FnOnce(Authorization) -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure>>,
     {
+        let host = endpoint.resolve_registry();
+        let base = format!("{}://{host}", self.scheme(host));
         let (authorization, fresh) = self
             .auth
-            .authorization(&self.client, endpoint, operation)
-            .await
-            .map_err(|e| match e {
-                RegistryError::Client(e) => Failure::from_client(e),
-                other => Failure::fatal(other),
-            })?;
+            .authorization(&self.http, &base, endpoint, operation)
+            .await?;
         match attempt(authorization).await {
             Err(mut failure) if failure.unauthorized && !fresh => {
                 self.auth.forget(endpoint, operation);

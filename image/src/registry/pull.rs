@@ -11,7 +11,9 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use sha2::{Digest, Sha256};
 
 use super::retry::{Failure, with_retries};
-use super::{Endpoint, Registry, RegistryError, parse_reference, protocol_error};
+use super::{
+    Endpoint, MAX_DOCUMENT_BYTES, Registry, RegistryError, parse_reference, protocol_error,
+};
 use crate::convert::{is_index, platform_matches};
 use crate::oci_layout::OciLayout;
 
@@ -128,6 +130,17 @@ impl Registry {
         blob: &Descriptor,
     ) -> Result<Vec<u8>, RegistryError> {
         let digest = blob.digest().to_string();
+        // The size is the manifest's word: bounded before anything is read.
+        if blob.size() > MAX_DOCUMENT_BYTES {
+            return Err(protocol_error(
+                &digest,
+                format!(
+                    "the manifest gives it {} bytes; configs are limited to \
+                     {MAX_DOCUMENT_BYTES} bytes",
+                    blob.size()
+                ),
+            ));
+        }
         let bytes = self.read_range(image, &digest, 0, blob.size()).await?;
         let actual = crate::oci_layout::sha256_digest(&bytes);
         if actual != digest {
