@@ -252,10 +252,10 @@ pub fn fetcher(args: &FetcherArgs) -> Result<()> {
         local: LocalSourceFactory,
         lazy: LazySourceFactory::new(Arc::new(Registry::new(&options))),
     };
-    // One budget: the registry's retries fit in the fetcher's deadline, and the reader
-    // gets its bytes or EIO within the configured budget (plus a second to write).
+    // One budget: the registry's retries run inside the fetcher's deadline, and the
+    // reader gets its bytes or EIO within the configured budget (plus the write).
     let config = FetcherConfig {
-        deadline: options.retry.budget + Duration::from_secs(1),
+        deadline: options.retry.budget,
         ..FetcherConfig::default()
     };
     child::run(&args.socket, Arc::new(factory), config)?;

@@ -9,62 +9,14 @@ mod common;
 #[path = "snapshotter/daemon.rs"]
 mod daemon;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use containerd_client::services::v1::snapshots::PrepareSnapshotRequest;
 use daemon::Daemon;
-use lazy_erofs_image::manifest::LazyLayer;
-use lazy_erofs_image::registry::{Registry, RegistryOptions, repository_of};
-use lazy_erofs_snapshotter::lazy::remote;
 use lazy_erofs_test_support::fault_proxy::{Fault, FaultProxy};
 
 const BUDGET: Duration = Duration::from_secs(6);
-
-/// A one-layer image converted for `image` and pushed to `push_host` (the same
-/// repository); the remote-snapshot labels of its layer.
-async fn pushed(work: &Path, image: &str, push_host: &str) -> Result<HashMap<String, String>> {
-    let name = image.replace(['/', ':'], "_");
-    let dir = work.join(&name);
-    std::fs::create_dir_all(&dir)?;
-    let tar = dir.join("layer.tar");
-    let bytes = lazy_erofs_test_support::pseudo_random(2 << 20, name.len() as u64 * 2);
-    std::fs::write(
-        &tar,
-        lazy_erofs_test_support::layer_tar(&[("data/x", &bytes)])?,
-    )?;
-    let src = common::oci_layout(&dir, &[tar], &["sh"], image)?;
-    let dst = dir.join("dst");
-    common::convert(&src, &dst, image)?;
-    let path = image.split_once('/').context("image")?.1;
-    let client = Registry::new(&RegistryOptions::insecure(push_host));
-    client
-        .push_layout(&dst, &format!("{push_host}/{path}"))
-        .await?;
-    let (manifest, manifest_digest) = client.pull_manifest(&format!("{push_host}/{path}")).await?;
-    let layer = LazyLayer::from_descriptor(manifest.layers().first().context("no layer")?)?
-        .context("lazy")?;
-    Ok([
-        (remote::SNAPSHOT_REF, layer.binding(&repository_of(image)?)),
-        (remote::LAYER_DIGEST, layer.digest.clone()),
-        (remote::IMAGE_REF, image.to_owned()),
-        (remote::MANIFEST_DIGEST, manifest_digest),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect())
-}
-
-fn prepare(labels: HashMap<String, String>) -> PrepareSnapshotRequest {
-    PrepareSnapshotRequest {
-        snapshotter: "lazy-erofs".into(),
-        key: format!("extract-{}", labels[remote::SNAPSHOT_REF]),
-        parent: String::new(),
-        labels,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_host_a_trickling_registry_stalls_only_its_own_layer() -> Result<()> {
@@ -82,8 +34,8 @@ async fn privileged_host_a_trickling_registry_stalls_only_its_own_layer() -> Res
     let proxy = FaultProxy::start(slow_registry.host.clone())?;
     let slow_image = format!("{}/slow/app:1", proxy.addr);
     let fast_image = format!("{}/fast/app:1", fast.host);
-    let slow_labels = pushed(work.path(), &slow_image, &slow_registry.host).await?;
-    let fast_labels = pushed(work.path(), &fast_image, &fast.host).await?;
+    let slow_labels = common::pushed(work.path(), &slow_image, &slow_registry.host).await?;
+    let fast_labels = common::pushed(work.path(), &fast_image, &fast.host).await?;
     let daemon = Daemon::start_with(
         &work.path().join("snapshotter"),
         &format!(
@@ -100,14 +52,14 @@ async fn privileged_host_a_trickling_registry_stalls_only_its_own_layer() -> Res
     let slow = tokio::spawn({
         let mut client = client.clone();
         async move {
-            let result = client.prepare(prepare(slow_labels)).await;
+            let result = client.prepare(common::lazy_prepare(slow_labels)).await;
             (result, started.elapsed())
         }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let fast_started = Instant::now();
     let err = client
-        .prepare(prepare(fast_labels))
+        .prepare(common::lazy_prepare(fast_labels))
         .await
         .expect_err("a lazy Prepare answers AlreadyExists");
     let fast_latency = fast_started.elapsed();

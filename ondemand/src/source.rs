@@ -42,6 +42,8 @@ pub enum SourceError {
 pub trait BlobSource: Send + Sync + fmt::Debug {
     /// The blob's size: what the kernel is told in `copen`.
     fn size(&self) -> u64;
+    /// Where the bytes come from, for log lines (e.g. the registry and blob).
+    fn origin(&self) -> String;
     /// `len` bytes at `offset`, in a page-aligned buffer (ready for the anon fd). Must
     /// return exactly what the blob holds there, or an error: never partial bytes.
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError>;
@@ -51,6 +53,7 @@ pub trait BlobSource: Send + Sync + fmt::Debug {
 #[derive(Debug)]
 pub struct FileSource {
     file: Arc<File>,
+    path: PathBuf,
     size: u64,
 }
 
@@ -64,6 +67,7 @@ impl FileSource {
         let size = file.metadata().map_err(open_err)?.len();
         Ok(Self {
             file: Arc::new(file),
+            path: path.to_owned(),
             size,
         })
     }
@@ -73,6 +77,10 @@ impl FileSource {
 impl BlobSource for FileSource {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn origin(&self) -> String {
+        format!("file {}", self.path.display())
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
@@ -198,6 +206,10 @@ impl<S> Throttled<S> {
 impl<S: BlobSource> BlobSource for Throttled<S> {
     fn size(&self) -> u64 {
         self.inner.size()
+    }
+
+    fn origin(&self) -> String {
+        format!("{} (throttled)", self.inner.origin())
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {

@@ -1,6 +1,7 @@
 //! Helpers for the VM tests that drive `lazy-erofs serve` against the real kernel.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use containerd_client::services::v1::snapshots::PrepareSnapshotRequest;
+use lazy_erofs_image::manifest::LazyLayer;
+use lazy_erofs_image::registry::{Registry, RegistryOptions, repository_of};
+use lazy_erofs_snapshotter::lazy::remote;
 
 /// A fresh directory on the VM's ext4 scratch disk (the cache cannot be on tmpfs).
 pub fn scratch() -> Result<tempfile::TempDir> {
@@ -60,7 +65,7 @@ pub fn convert(src: &Path, dst: &Path, image: &str) -> Result<()> {
         dst,
         "linux/amd64",
         &lazy_erofs_image::convert::ConvertOptions {
-            repository: Some(lazy_erofs_image::registry::repository_of(image)?),
+            repository: Some(repository_of(image)?),
             ..lazy_erofs_image::convert::ConvertOptions::default()
         },
         &mut |_, _, r| r,
@@ -365,7 +370,7 @@ pub fn bindings(
         .layers()
         .iter()
         .map(|d| {
-            Ok(lazy_erofs_image::manifest::LazyLayer::from_descriptor(d)?
+            Ok(LazyLayer::from_descriptor(d)?
                 .context("not lazy")?
                 .binding(repository))
         })
@@ -387,4 +392,48 @@ pub fn mount_snapshot(
     )
     .with_context(|| format!("mounting {mount:?}"))?;
     Ok(lazy_erofs_test_support::MountGuard(target.to_path_buf()))
+}
+
+/// A one-layer image of a 2 MiB `/data/x` converted for `image` and pushed to
+/// `push_host` (the same repository); the remote-snapshot labels of its layer.
+pub async fn pushed(work: &Path, image: &str, push_host: &str) -> Result<HashMap<String, String>> {
+    let name = image.replace(['/', ':'], "_");
+    let dir = work.join(&name);
+    std::fs::create_dir_all(&dir)?;
+    let tar = dir.join("layer.tar");
+    let bytes = lazy_erofs_test_support::pseudo_random(2 << 20, name.len() as u64 * 2);
+    std::fs::write(
+        &tar,
+        lazy_erofs_test_support::layer_tar(&[("data/x", &bytes)])?,
+    )?;
+    let src = oci_layout(&dir, &[tar], &["sh"], image)?;
+    let dst = dir.join("dst");
+    convert(&src, &dst, image)?;
+    let path = image.split_once('/').context("image")?.1;
+    let client = Registry::new(&RegistryOptions::insecure(push_host));
+    client
+        .push_layout(&dst, &format!("{push_host}/{path}"))
+        .await?;
+    let (manifest, manifest_digest) = client.pull_manifest(&format!("{push_host}/{path}")).await?;
+    let layer = LazyLayer::from_descriptor(manifest.layers().first().context("no layer")?)?
+        .context("lazy")?;
+    Ok([
+        (remote::SNAPSHOT_REF, layer.binding(&repository_of(image)?)),
+        (remote::LAYER_DIGEST, layer.digest.clone()),
+        (remote::IMAGE_REF, image.to_owned()),
+        (remote::MANIFEST_DIGEST, manifest_digest),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect())
+}
+
+/// The Prepare containerd sends for a remote layer: `extract-<chain id>`, no parent.
+pub fn lazy_prepare(labels: HashMap<String, String>) -> PrepareSnapshotRequest {
+    PrepareSnapshotRequest {
+        snapshotter: "lazy-erofs".into(),
+        key: format!("extract-{}", labels[remote::SNAPSHOT_REF]),
+        parent: String::new(),
+        labels,
+    }
 }

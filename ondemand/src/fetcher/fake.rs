@@ -267,6 +267,10 @@ impl BlobSource for FakeSource {
         self.data.len() as u64
     }
 
+    fn origin(&self) -> String {
+        "fake source".into()
+    }
+
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;

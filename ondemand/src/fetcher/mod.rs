@@ -41,6 +41,10 @@ pub struct FetcherConfig {
     /// Longest a chunk fetch may take, retries included: the reader gets its bytes or
     /// EIO within this (plus the write). A registry source retries inside it too.
     pub deadline: Duration,
+    /// How long a chunk whose fetch failed fails again at once. After a failed
+    /// readahead the kernel asks at once for a page of the same range; without this the
+    /// reader would wait a second deadline for its EIO.
+    pub failure_memo: Duration,
 }
 
 impl Default for FetcherConfig {
@@ -50,6 +54,7 @@ impl Default for FetcherConfig {
             retries: 4,
             retry_base: Duration::from_millis(50),
             deadline: Duration::from_secs(30),
+            failure_memo: Duration::from_secs(2),
         }
     }
 }
@@ -62,11 +67,19 @@ pub enum FetcherError {
 
 struct Object<O> {
     cookie: String,
+    /// Where its bytes come from (the registry and blob), for log lines.
+    origin: String,
     anon: O,
     source: Arc<dyn BlobSource>,
 }
 
 type ChunkFetch = Shared<BoxFuture<'static, Result<(), Arc<String>>>>;
+
+/// Chunks whose fetch failed, when and why.
+type Failures = Arc<Mutex<HashMap<(u32, u64), (Instant, Arc<String>)>>>;
+
+/// Failed chunks remembered before old entries are pruned.
+const MAX_FAILURES_KEPT: usize = 4096;
 
 /// What a fetcher works with; the child process assembles it from the hand-over.
 pub struct FetcherParts<K> {
@@ -82,6 +95,7 @@ struct Fetcher<K: Kernel> {
     parts: FetcherParts<K>,
     objects: Mutex<HashMap<u32, Arc<Object<K::Object>>>>,
     inflight: Arc<Mutex<HashMap<(u32, u64), ChunkFetch>>>,
+    failures: Failures,
 }
 
 /// Serves requests until the device fails (or is closed under us). Runs on the current
@@ -92,6 +106,7 @@ pub async fn serve<K: Kernel>(parts: FetcherParts<K>) -> Result<(), FetcherError
         parts,
         objects: Mutex::new(HashMap::new()),
         inflight: Arc::new(Mutex::new(HashMap::new())),
+        failures: Arc::default(),
     });
     let (tx, mut rx) = mpsc::channel::<Received<K::Object>>(1024);
     std::thread::Builder::new()
@@ -113,6 +128,12 @@ pub async fn serve<K: Kernel>(parts: FetcherParts<K>) -> Result<(), FetcherError
             }
             Request::Close(close) => {
                 fetcher.lock_objects().remove(&close.object_id);
+                // The kernel may reuse the id for a new object.
+                fetcher
+                    .failures
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|(object, _), _| *object != close.object_id);
                 fetcher.parts.stats.add(Counter::Closes, 1);
             }
         }
@@ -187,6 +208,7 @@ impl<K: Kernel> Fetcher<K> {
             open.object_id,
             Arc::new(Object {
                 cookie: cookie.clone(),
+                origin: source.origin(),
                 anon,
                 source,
             }),
@@ -237,7 +259,7 @@ impl<K: Kernel> Fetcher<K> {
             self.parts.stats.add(Counter::ReadsFailed, 1);
             tracing::error!(
                 cookie = %object.cookie, offset = read.offset, len = read.len,
-                "READ failed after retries, the reader sees EIO: {first}"
+                "READ of {} failed after retries, the reader sees EIO: {first}", object.origin
             );
         } else {
             self.parts.stats.add(Counter::ReadsServed, 1);
@@ -258,16 +280,23 @@ impl<K: Kernel> Fetcher<K> {
         if let Some(fetch) = inflight.get(&key) {
             return fetch.clone();
         }
-        let (object, stats, config, map) = (
+        if let Some(why) = self.failed_recently(key) {
+            return futures::future::ready(Err(why)).boxed().shared();
+        }
+        let (object, stats, config, map, failures) = (
             object.clone(),
             self.parts.stats.clone(),
             self.parts.config,
             self.inflight.clone(),
+            self.failures.clone(),
         );
         let fetch = async move {
             let result = fetch_and_write(&object, index, &stats, config)
                 .await
                 .map_err(Arc::new);
+            if let Err(why) = &result {
+                remember_failure(&failures, key, why.clone(), config.failure_memo);
+            }
             map.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&key);
@@ -277,6 +306,38 @@ impl<K: Kernel> Fetcher<K> {
         .shared();
         inflight.insert(key, fetch.clone());
         fetch
+    }
+}
+
+impl<K: Kernel> Fetcher<K> {
+    /// Why chunk `key` failed, if it did within the failure memo.
+    fn failed_recently(&self, key: (u32, u64)) -> Option<Arc<String>> {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match failures.get(&key) {
+            Some((at, why)) if at.elapsed() < self.parts.config.failure_memo => {
+                Some(Arc::new(format!("failed {:?} ago: {why}", at.elapsed())))
+            }
+            Some(_) => {
+                failures.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+fn remember_failure(failures: &Failures, key: (u32, u64), why: Arc<String>, memo: Duration) {
+    let mut failures = failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if failures.len() >= MAX_FAILURES_KEPT {
+        failures.retain(|_, (at, _)| at.elapsed() < memo);
+    }
+    if failures.len() < MAX_FAILURES_KEPT {
+        failures.insert(key, (Instant::now(), why));
     }
 }
 

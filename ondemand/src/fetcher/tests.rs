@@ -177,6 +177,42 @@ async fn a_read_whose_retries_run_out_is_completed_unwritten() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_just_failed_fails_again_at_once_then_is_fetched_anew() {
+    let source = Arc::new(FakeSource::new(data(MIB as usize)));
+    source.failures.store(1, Ordering::SeqCst);
+    let config = FetcherConfig {
+        retries: 0,
+        failure_memo: Duration::from_millis(500),
+        ..fast_retries()
+    };
+    let run = start(&[("layer", source.clone())], &[], config);
+    run.open(1, "layer").await.expect("opened");
+    // A failed readahead, then the kernel's immediate retry of one page of it.
+    run.script.read(10, 1, 0, 128 << 10);
+    run.script
+        .recorder()
+        .wait_until(|a| completes(a) == [10])
+        .await;
+    run.script.read(11, 1, 0, 4096);
+    run.script
+        .recorder()
+        .wait_until(|a| completes(a) == [10, 11])
+        .await;
+    assert_eq!(source.reads(), 1, "the retry waited for a second fetch");
+    assert_eq!(run.stats.get(Counter::ReadsFailed), 2);
+    // Once the memo has passed, the chunk is fetched again (and now succeeds).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    run.script.read(12, 1, 0, 4096);
+    let answers = run
+        .script
+        .recorder()
+        .wait_until(|a| completes(a) == [10, 11, 12])
+        .await;
+    assert_eq!(source.reads(), 2);
+    assert_eq!(writes(&answers), vec![(0, MIB as usize)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_bounds_a_hanging_source() {
     let mut source = FakeSource::new(data(MIB as usize));
     source.delay = Duration::from_secs(60);

@@ -196,6 +196,10 @@ impl BlobSource for LazyLayerSource {
         self.size
     }
 
+    fn origin(&self) -> String {
+        format!("registry {} blob {}", self.blob.image, self.blob.digest)
+    }
+
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
         let read_error = |source: std::io::Error| SourceError::Read {
             offset,
