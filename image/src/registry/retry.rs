@@ -64,7 +64,7 @@ impl Failure {
             unauthorized: false,
             error: RegistryError::Protocol {
                 what: what.to_owned(),
-                reason: format!("request: {error}"),
+                reason: format!("request: {}", with_causes(&error)),
             },
         }
     }
@@ -81,6 +81,21 @@ impl Failure {
             },
         }
     }
+}
+
+/// `error` and its causes (reqwest's own message leaves out why, e.g. "connection
+/// refused").
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let said = e.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        cause = e.source();
+    }
+    text
 }
 
 /// Slowest transfer a bounded request tolerates once its budget is spent: a reply of
