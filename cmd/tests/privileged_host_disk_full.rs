@@ -4,6 +4,7 @@
 //! again without a restart (the store reopens itself after redb's I/O error latch), and
 //! nothing a call acknowledged is lost, before or after a kill -9.
 
+mod common;
 #[path = "snapshotter/daemon.rs"]
 mod daemon;
 
@@ -14,7 +15,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use containerd_client::services::v1::snapshots as pb;
-use daemon::Daemon;
+use daemon::{Daemon, commit, prepare};
 use tonic::Code;
 
 const SNAPSHOTTER: &str = "lazy-erofs";
@@ -31,14 +32,14 @@ impl SmallFs {
         let image = work.join("small.img");
         std::fs::File::create(&image)?.set_len(mib << 20)?;
         // No blocks reserved for root: the daemon runs as root and must see the disk full.
-        common_run(
+        common::run(
             Command::new("mkfs.ext4")
                 .args(["-q", "-m", "0"])
                 .arg(&image),
         )?;
         let mnt = work.join("fs");
         std::fs::create_dir(&mnt)?;
-        common_run(
+        common::run(
             Command::new("mount")
                 .args(["-o", "loop"])
                 .arg(&image)
@@ -52,16 +53,6 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mnt).status();
     }
-}
-
-fn common_run(command: &mut Command) -> Result<()> {
-    let out = command.output().with_context(|| format!("{command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// Writes `path` until the filesystem has no block left; returns the bytes written.
@@ -81,24 +72,6 @@ fn fill(path: &Path) -> Result<u64> {
     // Flushing may find the last delayed-allocation writes do not fit: still full.
     let _ = file.sync_all();
     Ok(written)
-}
-
-fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
-    pb::PrepareSnapshotRequest {
-        snapshotter: SNAPSHOTTER.into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    }
-}
-
-fn commit(name: &str, key: &str) -> pb::CommitSnapshotRequest {
-    pb::CommitSnapshotRequest {
-        snapshotter: SNAPSHOTTER.into(),
-        name: name.into(),
-        key: key.into(),
-        labels: HashMap::new(),
-    }
 }
 
 async fn set_label(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use daemon::Daemon;
-use lazy_erofs_test_support::fault_proxy::{Fault, FaultProxy};
+use lazy_erofs_test_support::fault_proxy::Fault;
 
 const BUDGET: Duration = Duration::from_secs(6);
 
@@ -25,26 +25,10 @@ async fn privileged_host_a_trickling_registry_stalls_only_its_own_layer() -> Res
         "written for a kernel without ondemand mode (file-backed lazy layers)"
     );
     let work = tempfile::tempdir_in("/var/tmp")?;
-    let registry = |name: &str| -> Result<lazy_erofs_test_support::DockerRegistry> {
-        let dir = work.path().join(name);
-        std::fs::create_dir_all(&dir)?;
-        lazy_erofs_test_support::start_docker_registry(&dir, None)
-    };
-    let (slow_registry, fast) = (registry("slow")?, registry("fast")?);
-    let proxy = FaultProxy::start(slow_registry.host.clone())?;
-    let slow_image = format!("{}/slow/app:1", proxy.addr);
-    let fast_image = format!("{}/fast/app:1", fast.host);
-    let slow_labels = common::pushed(work.path(), &slow_image, &slow_registry.host).await?;
-    let fast_labels = common::pushed(work.path(), &fast_image, &fast.host).await?;
-    let daemon = Daemon::start_with(
-        &work.path().join("snapshotter"),
-        &format!(
-            "[registry]\ninsecure_hosts = [\"{}\", \"{}\"]\nretry = {{ budget = \"{}s\" }}\n",
-            proxy.addr,
-            fast.host,
-            BUDGET.as_secs()
-        ),
-    )?;
+    let two = common::TwoRegistries::start(work.path()).await?;
+    let (proxy, slow_labels, fast_labels) =
+        (&two.proxy, two.slow_labels.clone(), two.fast_labels.clone());
+    let daemon = Daemon::start_with(&work.path().join("snapshotter"), &two.config(BUDGET))?;
     proxy.set_standing(Some(Fault::Trickle));
 
     let mut client = daemon.client().await?;

@@ -65,7 +65,7 @@ fn privileged_vm_truncated_source_fails_the_read_with_eio_and_serving_goes_on() 
     let log = serve.log();
     let stats = serve.stop()?;
     assert!(
-        log.contains("READ failed after retries") && log.contains("truncated"),
+        log.contains("failed after retries, the reader sees EIO") && log.contains("truncated"),
         "{log}"
     );
     assert!(stats["reads_failed"].as_u64() >= Some(1), "{stats}");

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, ensure};
 use containerd_client::services::v1::snapshots::PrepareSnapshotRequest;
 use daemon::Daemon;
 use lazy_erofs_snapshotter::lazy::remote;
-use lazy_erofs_test_support::fault_proxy::{Fault, FaultProxy};
+use lazy_erofs_test_support::fault_proxy::Fault;
 
 const BUDGET: Duration = Duration::from_secs(6);
 
@@ -54,26 +54,10 @@ async fn mounted(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_vm_a_trickling_registry_stalls_only_its_own_reads() -> Result<()> {
     let work = common::scratch()?;
-    let registry = |name: &str| -> Result<lazy_erofs_test_support::DockerRegistry> {
-        let dir = work.path().join(name);
-        std::fs::create_dir_all(&dir)?;
-        lazy_erofs_test_support::start_docker_registry(&dir, None)
-    };
-    let (slow_registry, fast) = (registry("slow")?, registry("fast")?);
-    let proxy = FaultProxy::start(slow_registry.host.clone())?;
-    let slow_image = format!("{}/slow/app:1", proxy.addr);
-    let fast_image = format!("{}/fast/app:1", fast.host);
-    let slow_labels = common::pushed(work.path(), &slow_image, &slow_registry.host).await?;
-    let fast_labels = common::pushed(work.path(), &fast_image, &fast.host).await?;
-    let daemon = Daemon::start_with(
-        &work.path().join("snapshotter"),
-        &format!(
-            "[registry]\ninsecure_hosts = [\"{}\", \"{}\"]\nretry = {{ budget = \"{}s\" }}\n",
-            proxy.addr,
-            fast.host,
-            BUDGET.as_secs()
-        ),
-    )?;
+    let two = common::TwoRegistries::start(work.path()).await?;
+    let (proxy, slow_labels, fast_labels) =
+        (&two.proxy, two.slow_labels.clone(), two.fast_labels.clone());
+    let daemon = Daemon::start_with(&work.path().join("snapshotter"), &two.config(BUDGET))?;
     let mut client = daemon.client().await?;
     // Mounting reads each layer's verified metadata; the data is fetched on first read.
     let slow_root = work.path().join("slow-root");

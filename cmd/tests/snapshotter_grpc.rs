@@ -5,24 +5,14 @@
 #[path = "snapshotter/daemon.rs"]
 mod daemon;
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 
 use anyhow::Result;
 use containerd_client::services::v1::snapshots as pb;
-use daemon::Daemon;
+use daemon::{Daemon, commit, prepare};
 use tonic::Code;
 
 const SNAPSHOTTER: &str = "lazy-erofs";
-
-fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
-    pb::PrepareSnapshotRequest {
-        snapshotter: SNAPSHOTTER.into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    }
-}
 
 /// `snapshotter` plus `key`: the shape of every key-only request.
 macro_rules! keyed {
@@ -32,15 +22,6 @@ macro_rules! keyed {
             key: $key.into(),
         }
     };
-}
-
-fn commit(name: &str, key: &str) -> pb::CommitSnapshotRequest {
-    pb::CommitSnapshotRequest {
-        snapshotter: SNAPSHOTTER.into(),
-        name: name.into(),
-        key: key.into(),
-        labels: HashMap::new(),
-    }
 }
 
 /// The status of a call that must fail: its code and that its message says `says`.

@@ -437,3 +437,48 @@ pub fn lazy_prepare(labels: HashMap<String, String>) -> PrepareSnapshotRequest {
         labels,
     }
 }
+
+/// Two registries on loopback, the first behind the fault proxy, each holding a
+/// one-layer lazy image ([`pushed`]): `slow/app:1` named by the proxy's address and
+/// `fast/app:1`.
+pub struct TwoRegistries {
+    pub slow_registry: lazy_erofs_test_support::DockerRegistry,
+    pub fast: lazy_erofs_test_support::DockerRegistry,
+    pub proxy: lazy_erofs_test_support::fault_proxy::FaultProxy,
+    pub slow_labels: HashMap<String, String>,
+    pub fast_labels: HashMap<String, String>,
+}
+
+impl TwoRegistries {
+    pub async fn start(work: &Path) -> Result<Self> {
+        let registry = |name: &str| -> Result<lazy_erofs_test_support::DockerRegistry> {
+            let dir = work.join(name);
+            fs::create_dir_all(&dir)?;
+            lazy_erofs_test_support::start_docker_registry(&dir, None)
+        };
+        let (slow_registry, fast) = (registry("slow")?, registry("fast")?);
+        let proxy =
+            lazy_erofs_test_support::fault_proxy::FaultProxy::start(slow_registry.host.clone())?;
+        let slow_image = format!("{}/slow/app:1", proxy.addr);
+        let fast_image = format!("{}/fast/app:1", fast.host);
+        let slow_labels = pushed(work, &slow_image, &slow_registry.host).await?;
+        let fast_labels = pushed(work, &fast_image, &fast.host).await?;
+        Ok(Self {
+            slow_registry,
+            fast,
+            proxy,
+            slow_labels,
+            fast_labels,
+        })
+    }
+
+    /// The daemon's configuration for both registries with retry budget `budget`.
+    pub fn config(&self, budget: Duration) -> String {
+        format!(
+            "[registry]\ninsecure_hosts = [\"{}\", \"{}\"]\nretry = {{ budget = \"{}s\" }}\n",
+            self.proxy.addr,
+            self.fast.host,
+            budget.as_secs()
+        )
+    }
+}

@@ -177,3 +177,29 @@ pub async fn snapshot_kinds(
     }
     Ok(out)
 }
+
+/// A Prepare of `key` on `parent`, no labels.
+pub fn prepare(
+    key: &str,
+    parent: &str,
+) -> containerd_client::services::v1::snapshots::PrepareSnapshotRequest {
+    containerd_client::services::v1::snapshots::PrepareSnapshotRequest {
+        snapshotter: "lazy-erofs".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: std::collections::HashMap::new(),
+    }
+}
+
+/// A Commit of active `key` as `name`, no labels.
+pub fn commit(
+    name: &str,
+    key: &str,
+) -> containerd_client::services::v1::snapshots::CommitSnapshotRequest {
+    containerd_client::services::v1::snapshots::CommitSnapshotRequest {
+        snapshotter: "lazy-erofs".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: std::collections::HashMap::new(),
+    }
+}

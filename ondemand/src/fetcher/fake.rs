@@ -236,12 +236,13 @@ impl Script {
     }
 }
 
-/// A blob in memory that counts its reads, fails the first `failures` of them, and
-/// takes `delay` per read.
+/// A blob in memory that counts its reads, hangs (a minute) in the first `hangs` of
+/// them, fails the next `failures`, and takes `delay` per read.
 #[derive(Debug)]
 pub struct FakeSource {
     pub data: Vec<u8>,
     pub reads: AtomicUsize,
+    pub hangs: AtomicU32,
     pub failures: AtomicU32,
     pub delay: Duration,
 }
@@ -251,6 +252,7 @@ impl FakeSource {
         Self {
             data,
             reads: AtomicUsize::new(0),
+            hangs: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             delay: Duration::ZERO,
         }
@@ -273,6 +275,12 @@ impl BlobSource for FakeSource {
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        let hang = self
+            .hangs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if hang.is_ok() {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
         tokio::time::sleep(self.delay).await;
         let failed = self
             .failures

@@ -41,9 +41,11 @@ pub struct FetcherConfig {
     /// Longest a chunk fetch may take, retries included: the reader gets its bytes or
     /// EIO within this (plus the write). A registry source retries inside it too.
     pub deadline: Duration,
-    /// How long a chunk whose fetch failed fails again at once. After a failed
-    /// readahead the kernel asks at once for a page of the same range; without this the
-    /// reader would wait a second deadline for its EIO.
+    /// How long a chunk whose fetch ran out of time fails again at once. After a failed
+    /// readahead the kernel asks at once (within milliseconds) for a page of the same
+    /// range; without this a stalled registry would make the reader wait a second
+    /// deadline for its EIO. Fast failures (corrupt bytes, 5xx) are not remembered: their
+    /// retry costs little, and the next read after a recovery must work.
     pub failure_memo: Duration,
 }
 
@@ -54,7 +56,7 @@ impl Default for FetcherConfig {
             retries: 4,
             retry_base: Duration::from_millis(50),
             deadline: Duration::from_secs(30),
-            failure_memo: Duration::from_secs(2),
+            failure_memo: Duration::from_secs(1),
         }
     }
 }
@@ -291,12 +293,11 @@ impl<K: Kernel> Fetcher<K> {
             self.failures.clone(),
         );
         let fetch = async move {
-            let result = fetch_and_write(&object, index, &stats, config)
-                .await
-                .map_err(Arc::new);
-            if let Err(why) = &result {
-                remember_failure(&failures, key, why.clone(), config.failure_memo);
+            let result = fetch_and_write(&object, index, &stats, config).await;
+            if let Err(ChunkError::OutOfTime(why)) = &result {
+                remember_failure(&failures, key, Arc::new(why.clone()), config.failure_memo);
             }
+            let result = result.map_err(|e| Arc::new(e.to_string()));
             map.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&key);
@@ -341,25 +342,35 @@ fn remember_failure(failures: &Failures, key: (u32, u64), why: Arc<String>, memo
     }
 }
 
+/// Why a chunk was not fetched.
+#[derive(Debug, thiserror::Error)]
+enum ChunkError {
+    /// The deadline passed: the source stalls.
+    #[error("{0}")]
+    OutOfTime(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
 async fn fetch_and_write<O: CacheObject>(
     object: &Arc<Object<O>>,
     index: u64,
     stats: &Stats,
     config: FetcherConfig,
-) -> Result<(), String> {
+) -> Result<(), ChunkError> {
     let size = object.source.size();
     let start = index * config.chunk_size;
     let len = usize::try_from(config.chunk_size.min(size.saturating_sub(start)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ChunkError::Failed(e.to_string()))?;
     let mut attempt = 0;
     let deadline = tokio::time::Instant::now() + config.deadline;
     let buf = loop {
         let read = tokio::time::timeout_at(deadline, object.source.read_at(start, len)).await;
         let Ok(read) = read else {
-            return Err(format!(
+            return Err(ChunkError::OutOfTime(format!(
                 "no bytes within the {:?} deadline ({attempt} retries)",
                 config.deadline
-            ));
+            )));
         };
         match read {
             Ok(buf) => break buf,
@@ -374,7 +385,7 @@ async fn fetch_and_write<O: CacheObject>(
                 tracing::warn!(cookie = %object.cookie, start, len, attempt, ?delay, "fetch failed, retrying: {err}");
                 tokio::time::sleep(delay).await;
             }
-            Err(err) => return Err(err.to_string()),
+            Err(err) => return Err(ChunkError::Failed(err.to_string())),
         }
     };
     stats.add(Counter::BytesFetched, len as u64);
@@ -383,8 +394,12 @@ async fn fetch_and_write<O: CacheObject>(
     let object = object.clone();
     tokio::task::spawn_blocking(move || object.anon.write_all_at(&buf[..write_len], start))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("writing {write_len} bytes at {start} into the cache file: {e}"))?;
+        .map_err(|e| ChunkError::Failed(e.to_string()))?
+        .map_err(|e| {
+            ChunkError::Failed(format!(
+                "writing {write_len} bytes at {start} into the cache file: {e}"
+            ))
+        })?;
     stats.add(Counter::BytesWritten, write_len as u64);
     Ok(())
 }

@@ -177,27 +177,33 @@ async fn a_read_whose_retries_run_out_is_completed_unwritten() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunk_that_just_failed_fails_again_at_once_then_is_fetched_anew() {
+async fn a_chunk_that_just_ran_out_of_time_fails_again_at_once_then_is_fetched_anew() {
     let source = Arc::new(FakeSource::new(data(MIB as usize)));
-    source.failures.store(1, Ordering::SeqCst);
+    source.hangs.store(1, Ordering::SeqCst);
     let config = FetcherConfig {
-        retries: 0,
+        deadline: Duration::from_millis(200),
         failure_memo: Duration::from_millis(500),
         ..fast_retries()
     };
     let run = start(&[("layer", source.clone())], &[], config);
     run.open(1, "layer").await.expect("opened");
-    // A failed readahead, then the kernel's immediate retry of one page of it.
+    // A readahead that runs out of time, then the kernel's immediate retry of one page.
     run.script.read(10, 1, 0, 128 << 10);
     run.script
         .recorder()
         .wait_until(|a| completes(a) == [10])
         .await;
+    let retried = Instant::now();
     run.script.read(11, 1, 0, 4096);
     run.script
         .recorder()
         .wait_until(|a| completes(a) == [10, 11])
         .await;
+    assert!(
+        retried.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        retried.elapsed()
+    );
     assert_eq!(source.reads(), 1, "the retry waited for a second fetch");
     assert_eq!(run.stats.get(Counter::ReadsFailed), 2);
     // Once the memo has passed, the chunk is fetched again (and now succeeds).
@@ -210,6 +216,33 @@ async fn a_chunk_that_just_failed_fails_again_at_once_then_is_fetched_anew() {
         .await;
     assert_eq!(source.reads(), 2);
     assert_eq!(writes(&answers), vec![(0, MIB as usize)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_failure_is_not_remembered_the_next_read_fetches_again() {
+    let source = Arc::new(FakeSource::new(data(MIB as usize)));
+    source.failures.store(1, Ordering::SeqCst);
+    let config = FetcherConfig {
+        retries: 0,
+        ..fast_retries()
+    };
+    let run = start(&[("layer", source.clone())], &[], config);
+    run.open(1, "layer").await.expect("opened");
+    run.script.read(10, 1, 0, 4096);
+    run.script
+        .recorder()
+        .wait_until(|a| completes(a) == [10])
+        .await;
+    // The registry recovered (one corrupt reply, say): the very next read works.
+    run.script.read(11, 1, 0, 4096);
+    let answers = run
+        .script
+        .recorder()
+        .wait_until(|a| completes(a) == [10, 11])
+        .await;
+    assert_eq!(source.reads(), 2);
+    assert_eq!(writes(&answers), vec![(0, MIB as usize)]);
+    assert_eq!(run.stats.get(Counter::ReadsFailed), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
