@@ -15,6 +15,7 @@ use futures::future::{BoxFuture, Shared};
 use nix::errno::Errno;
 use tokio::sync::mpsc;
 
+use self::memo::FailureMemo;
 use crate::device::{CacheObject, DeviceError, Kernel, Request};
 use crate::fault::{FaultPoint, FaultTrigger};
 use crate::msg::{Open, Read};
@@ -77,12 +78,6 @@ struct Object<O> {
 
 type ChunkFetch = Shared<BoxFuture<'static, Result<(), Arc<String>>>>;
 
-/// Chunks whose fetch failed, when and why.
-type Failures = Arc<Mutex<HashMap<(u32, u64), (Instant, Arc<String>)>>>;
-
-/// Failed chunks remembered before old entries are pruned.
-const MAX_FAILURES_KEPT: usize = 4096;
-
 /// What a fetcher works with; the child process assembles it from the hand-over.
 pub struct FetcherParts<K> {
     pub device: Arc<K>,
@@ -97,18 +92,19 @@ struct Fetcher<K: Kernel> {
     parts: FetcherParts<K>,
     objects: Mutex<HashMap<u32, Arc<Object<K::Object>>>>,
     inflight: Arc<Mutex<HashMap<(u32, u64), ChunkFetch>>>,
-    failures: Failures,
+    failures: Arc<FailureMemo>,
 }
 
 /// Serves requests until the device fails (or is closed under us). Runs on the current
 /// tokio runtime.
 pub async fn serve<K: Kernel>(parts: FetcherParts<K>) -> Result<(), FetcherError> {
     let device = parts.device.clone();
+    let failures = Arc::new(FailureMemo::new(parts.config.failure_memo));
     let fetcher = Arc::new(Fetcher {
         parts,
         objects: Mutex::new(HashMap::new()),
         inflight: Arc::new(Mutex::new(HashMap::new())),
-        failures: Arc::default(),
+        failures,
     });
     let (tx, mut rx) = mpsc::channel::<Received<K::Object>>(1024);
     std::thread::Builder::new()
@@ -130,12 +126,7 @@ pub async fn serve<K: Kernel>(parts: FetcherParts<K>) -> Result<(), FetcherError
             }
             Request::Close(close) => {
                 fetcher.lock_objects().remove(&close.object_id);
-                // The kernel may reuse the id for a new object.
-                fetcher
-                    .failures
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .retain(|(object, _), _| *object != close.object_id);
+                fetcher.failures.forget_object(close.object_id);
                 fetcher.parts.stats.add(Counter::Closes, 1);
             }
         }
@@ -282,8 +273,8 @@ impl<K: Kernel> Fetcher<K> {
         if let Some(fetch) = inflight.get(&key) {
             return fetch.clone();
         }
-        if let Some(why) = self.failed_recently(key) {
-            return futures::future::ready(Err(why)).boxed().shared();
+        if let Some(why) = self.failures.recent(key) {
+            return futures::future::ready(Err(Arc::new(why))).boxed().shared();
         }
         let (object, stats, config, map, failures) = (
             object.clone(),
@@ -295,7 +286,7 @@ impl<K: Kernel> Fetcher<K> {
         let fetch = async move {
             let result = fetch_and_write(&object, index, &stats, config).await;
             if let Err(ChunkError::OutOfTime(why)) = &result {
-                remember_failure(&failures, key, Arc::new(why.clone()), config.failure_memo);
+                failures.remember(key, why.clone());
             }
             let result = result.map_err(|e| Arc::new(e.to_string()));
             map.lock()
@@ -307,38 +298,6 @@ impl<K: Kernel> Fetcher<K> {
         .shared();
         inflight.insert(key, fetch.clone());
         fetch
-    }
-}
-
-impl<K: Kernel> Fetcher<K> {
-    /// Why chunk `key` failed, if it did within the failure memo.
-    fn failed_recently(&self, key: (u32, u64)) -> Option<Arc<String>> {
-        let mut failures = self
-            .failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match failures.get(&key) {
-            Some((at, why)) if at.elapsed() < self.parts.config.failure_memo => {
-                Some(Arc::new(format!("failed {:?} ago: {why}", at.elapsed())))
-            }
-            Some(_) => {
-                failures.remove(&key);
-                None
-            }
-            None => None,
-        }
-    }
-}
-
-fn remember_failure(failures: &Failures, key: (u32, u64), why: Arc<String>, memo: Duration) {
-    let mut failures = failures
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if failures.len() >= MAX_FAILURES_KEPT {
-        failures.retain(|_, (at, _)| at.elapsed() < memo);
-    }
-    if failures.len() < MAX_FAILURES_KEPT {
-        failures.insert(key, (Instant::now(), why));
     }
 }
 
@@ -419,6 +378,8 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
     let jitter_frac = (monotonic_ns() % 1000) as f64 / 2000.0;
     exp + exp.mul_f64(jitter_frac)
 }
+
+mod memo;
 
 #[cfg(test)]
 mod fake;
