@@ -1,5 +1,6 @@
-//! The fetcher child process: receives the device fd from the supervisor, writes
-//! `restore` when told to, and serves until the device or the supervisor goes away.
+//! The fetcher child process: receives its kernel-side fd from the supervisor (the
+//! cachefiles device, writing `restore` when told to; or a fanotify broker link) and
+//! serves until that fd or the supervisor goes away.
 
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
@@ -9,10 +10,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nix::sys::signal::Signal;
 
-use crate::device::Device;
+use crate::cachefiles::device::Device;
+use crate::fanotify::link::BrokerLink;
 use crate::fault::{Fault, FaultTrigger};
 use crate::fetcher::{self, FetcherConfig, FetcherParts, Resolver};
-use crate::handover::{self, HandoverError, ToChild, ToParent};
+use crate::handover::{self, Backend, HandoverError, ToChild, ToParent};
 use crate::source::{BlobSpec, SourceFactory};
 use crate::stats::{Counter, Stats};
 
@@ -29,7 +31,7 @@ pub enum ChildError {
     #[error("shared stats: {0}")]
     Stats(std::io::Error),
     #[error("writing restore: {0}")]
-    Restore(#[source] crate::device::DeviceError),
+    Restore(#[source] crate::cachefiles::device::DeviceError),
     #[error("the supervisor is gone")]
     Orphaned,
     #[error(transparent)]
@@ -98,13 +100,19 @@ pub fn run(
         path: socket.display().to_string(),
         source,
     })?;
-    let (handover, device_fd, stats_fd) = handover::recv_handover(&stream)?;
-    let device = Arc::new(Device::from_fd(device_fd));
+    let (handover, kernel_fd, stats_fd) = handover::recv_handover(&stream)?;
     let stats = Arc::new(Stats::from_fd(stats_fd).map_err(ChildError::Stats)?);
-    if handover.restore {
-        device.restore().map_err(ChildError::Restore)?;
-        stats.add(Counter::Restores, 1);
-    }
+    let device = match handover.backend {
+        Backend::Cachefiles => {
+            let device = Device::from_fd(kernel_fd);
+            if handover.restore {
+                device.restore().map_err(ChildError::Restore)?;
+                stats.add(Counter::Restores, 1);
+            }
+            Kernelside::Cachefiles(Arc::new(device))
+        }
+        Backend::Fanotify => Kernelside::Fanotify(Arc::new(BrokerLink::new(kernel_fd))),
+    };
     handover::write_line(
         &stream,
         &ToParent::Ready {
@@ -132,13 +140,29 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(ChildError::Runtime)?;
-    runtime.block_on(fetcher::serve(FetcherParts {
-        device,
-        resolver,
-        factory,
-        stats,
-        faults,
-        config,
-    }))?;
+    match device {
+        Kernelside::Cachefiles(device) => runtime.block_on(fetcher::serve(FetcherParts {
+            device,
+            resolver,
+            factory,
+            stats,
+            faults,
+            config,
+        }))?,
+        Kernelside::Fanotify(device) => runtime.block_on(fetcher::serve(FetcherParts {
+            device,
+            resolver,
+            factory,
+            stats,
+            faults,
+            config,
+        }))?,
+    }
     Ok(())
+}
+
+/// The kernel the fetcher serves, by backend.
+enum Kernelside {
+    Cachefiles(Arc<Device>),
+    Fanotify(Arc<BrokerLink>),
 }

@@ -1,7 +1,8 @@
 //! The supervisor ↔ fetcher protocol over a Unix socket.
 //!
 //! 1. The child connects; the supervisor sends one [`Handover`] datagram carrying, as
-//!    SCM_RIGHTS, the bound `/dev/cachefiles` fd and the shared stats memfd.
+//!    SCM_RIGHTS, the kernel-side fd (the bound `/dev/cachefiles` fd, or the child's end
+//!    of a fanotify broker link) and the shared stats memfd.
 //! 2. The child writes `restore` if told to, then a [`ToParent::Ready`] line.
 //! 3. From then on JSON lines: the child asks [`ToParent::Resolve`] for a cookie on each
 //!    OPEN and the supervisor answers [`ToChild`]. The child keeps no blob table of its own.
@@ -22,6 +23,20 @@ pub struct Handover {
     pub generation: u64,
     /// Write `restore` before serving (every child but the first on a fresh bind).
     pub restore: bool,
+    /// What the first fd is.
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+/// The kernel transport the hand-over's first fd belongs to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The bound `/dev/cachefiles` fd.
+    #[default]
+    Cachefiles,
+    /// The child's end of a fanotify broker link.
+    Fanotify,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +177,7 @@ mod tests {
             Handover {
                 generation: 3,
                 restore: true,
+                backend: Backend::Fanotify,
             },
             dev.as_fd(),
             stats.fd(),
@@ -172,7 +188,8 @@ mod tests {
             handover,
             Handover {
                 generation: 3,
-                restore: true
+                restore: true,
+                backend: Backend::Fanotify,
             }
         );
 

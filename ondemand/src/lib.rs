@@ -1,30 +1,34 @@
-//! The kernel side of lazy-erofs: everything that talks to `/dev/cachefiles` in
-//! "ondemand" mode.
+//! The kernel side of lazy-erofs: serving lazy layers' bytes to the kernel on demand.
 //!
-//! - [`msg`]: the cachefiles message codec (OPEN / CLOSE / READ), total over any input.
-//! - [`device`]: the bound `/dev/cachefiles` fd and its commands (`copen`, `restore`, …).
-//! - [`fetcher`]: serves OPEN / READ / CLOSE concurrently from a [`BlobSource`].
+//! Transport-neutral parts:
+//! - [`fetcher`]: serves OPEN / READ / CLOSE concurrently from a [`BlobSource`], over
+//!   any [`Kernel`] (chunk fetching, single-flight, verification, retries).
 //! - [`supervisor`]: holds the device fd, runs fetcher children, fails over with
 //!   `restore`; [`child`] is the child's side, [`handover`] the protocol between them.
 //! - [`source`]: blob sources (local file, throttled); [`stats`]: counters shared
 //!   across fetcher generations; [`fault`]: fault injection for failover tests.
 //! - [`reach`]: what the running kernel can do (`lazy-erofs check`).
 //!
+//! One module per backend:
+//! - [`cachefiles`]: EROFS over fscache, `/dev/cachefiles` in ondemand mode.
+//! - [`fanotify`]: file-backed EROFS whose data file is filled on fanotify pre-content
+//!   events, brokered by the supervisor.
+//!
 //! `unsafe` lives only in the private `sys` module: thin syscall and ioctl wrappers.
 
+pub mod cachefiles;
 pub mod child;
-pub mod device;
+pub mod fanotify;
 pub mod fault;
 pub mod fetcher;
 pub mod handover;
-pub mod msg;
 pub mod reach;
 pub mod source;
 pub mod stats;
 pub mod supervisor;
 mod sys;
 
-pub use device::{AnonFd, CacheObject, Device, DeviceError, Kernel, Request};
+pub use cachefiles::device::{AnonFd, CacheObject, Device, DeviceError, Kernel, Request};
 pub use source::{
     BlobSource, BlobSpec, FileSource, LazyLayerSpec, LocalBlob, LocalSourceFactory, SourceError,
     SourceFactory, Throttle, View,

@@ -264,6 +264,9 @@ pub struct LazyLayerSpec {
     #[serde(default)]
     pub size: u64,
     pub view: View,
+    /// Slow its fetches down (tests and benchmarks model a remote registry with it).
+    #[serde(default)]
+    pub throttle: Option<Throttle>,
 }
 
 /// A local file blob.

@@ -1,5 +1,6 @@
-//! The failover supervisor: holds the bound `/dev/cachefiles` fd (and never reads it),
-//! runs one fetcher child at a time, hands it the fd, and replaces it when it dies.
+//! The failover supervisor: holds the kernel side of a [`Transport`] (the bound
+//! `/dev/cachefiles` fd, never read; or the fanotify broker), runs one fetcher child at a
+//! time, hands it its fd, and replaces it when it dies.
 //!
 //! Order matters (see the kernel notes): a new child is spawned only after the old one
 //! is reaped, so `restore` is never written while a dead fetcher's fds linger; and the
@@ -21,8 +22,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::device::Device;
-use crate::handover::{self, Handover, HandoverError, ToChild, ToParent};
+use crate::cachefiles::device::Device;
+use crate::fanotify::Broker;
+use crate::fanotify::link;
+use crate::handover::{self, Backend, Handover, HandoverError, ToChild, ToParent};
 use crate::source::BlobSpec;
 use crate::stats::{Counter, Stats, StatsSummary, monotonic_ns, quantile};
 
@@ -147,8 +150,16 @@ pub struct Summary {
     pub fetcher_peak_rss_kib: u64,
 }
 
+/// What the fetcher children serve.
+pub enum Transport {
+    /// Each child gets the bound device fd and writes `restore` after a predecessor.
+    Cachefiles(Device),
+    /// Each child gets a fresh link to the broker, which re-sends what a dead child held.
+    Fanotify(Arc<Broker>),
+}
+
 pub struct Supervisor {
-    device: Device,
+    transport: Transport,
     stats: Stats,
     blobs: BlobTable,
     config: SupervisorConfig,
@@ -158,6 +169,13 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(device: Device, config: SupervisorConfig) -> Result<Self, SupervisorError> {
+        Self::with_transport(Transport::Cachefiles(device), config)
+    }
+
+    pub fn with_transport(
+        transport: Transport,
+        config: SupervisorConfig,
+    ) -> Result<Self, SupervisorError> {
         if config.fetcher.is_empty() {
             return Err(SupervisorError::NoFetcher);
         }
@@ -180,7 +198,7 @@ impl Supervisor {
         listener.set_nonblocking(true).map_err(run_dir_err)?;
         let stats = Stats::create().map_err(SupervisorError::Stats)?;
         Ok(Self {
-            device,
+            transport,
             stats,
             blobs: BlobTable::default(),
             config,
@@ -333,15 +351,32 @@ impl Supervisor {
             stream.set_nonblocking(false)?;
             stream.set_read_timeout(Some(self.config.start_timeout))?;
             let restore = self.config.restore && generation > 1;
-            handover::send_handover(
-                stream,
-                Handover {
-                    generation,
-                    restore,
-                },
-                self.device.as_fd(),
-                self.stats.fd(),
-            )?;
+            match &self.transport {
+                Transport::Cachefiles(device) => handover::send_handover(
+                    stream,
+                    Handover {
+                        generation,
+                        restore,
+                        backend: Backend::Cachefiles,
+                    },
+                    device.as_fd(),
+                    self.stats.fd(),
+                )?,
+                Transport::Fanotify(broker) => {
+                    let (ours, theirs) = link::pair()?;
+                    let handover = Handover {
+                        generation,
+                        restore: false,
+                        backend: Backend::Fanotify,
+                    };
+                    handover::send_handover(stream, handover, theirs.as_fd(), self.stats.fd())?;
+                    // Ours before the child can send anything; it holds only its end.
+                    drop(theirs);
+                    broker
+                        .attach(ours)
+                        .map_err(|e| HandoverError::Io(std::io::Error::other(e)))?;
+                }
+            }
             let mut reader = BufReader::new(stream.try_clone()?);
             let ToParent::Ready { restored, .. } = handover::read_line(&mut reader)? else {
                 return Err(HandoverError::Closed);

@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{self, Layout};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Page size the kernel's direct I/O on cachefiles anon fds needs buffers aligned to.
 pub const PAGE_SIZE: usize = 4096;
@@ -19,10 +19,11 @@ pub fn read_complete(anon_fd: BorrowedFd<'_>, msg_id: u32) -> nix::Result<()> {
 }
 
 /// Takes ownership of an fd number the kernel installed in this process (the anon fd of
-/// an OPEN message), so it is closed exactly once.
+/// a cachefiles OPEN, a fanotify event's fd, an SCM_RIGHTS fd), so it is closed
+/// exactly once.
 ///
-/// Only call this with a number read from an OPEN message just read from the device:
-/// the kernel installed that fd for us and nothing else owns it.
+/// Only call this with a number just read from such a message: the kernel installed
+/// that fd for us and nothing else owns it.
 pub fn own_installed_fd(fd: RawFd) -> Option<OwnedFd> {
     if fd < 0 {
         return None;
@@ -30,6 +31,27 @@ pub fn own_installed_fd(fd: RawFd) -> Option<OwnedFd> {
     // SAFETY: the kernel installed this fd in our table while answering our read() of the
     // device and handed its number to us alone; no other owner exists.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// nix's fanotify handle over a group fd we own (nix has no safe conversion).
+pub fn fanotify_from_fd(fd: OwnedFd) -> nix::sys::fanotify::Fanotify {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: `into_raw_fd` gives up our ownership; the Fanotify takes it over alone.
+    unsafe { nix::sys::fanotify::Fanotify::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// Whether nobody but us has the file open: a write lease (`F_SETLEASE`, `F_WRLCK`) is
+/// granted only then, counting opens inside the kernel too (a mount's backing file). The
+/// lease is dropped again at once. nix has no `F_SETLEASE`.
+pub fn nobody_else_has_open(fd: BorrowedFd<'_>) -> bool {
+    use nix::libc;
+    // SAFETY: fcntl on an fd we borrow, with integer arguments only.
+    let taken = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) } == 0;
+    if taken {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
+    taken
 }
 
 /// A zeroed, page-aligned heap buffer: writes to cachefiles anon fds are direct I/O and

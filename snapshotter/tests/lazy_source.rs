@@ -49,6 +49,7 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
                 region_len: lazy.verified_region_len(),
                 size: 0,
                 view,
+                throttle: None,
             })
         };
 

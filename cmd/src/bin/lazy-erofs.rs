@@ -33,12 +33,16 @@ enum Command {
     /// manifest and config into containerd's content store, every layer mounted lazily
     /// by the lazy-erofs snapshotter. Then `ctr run --snapshotter lazy-erofs IMAGE …`.
     Pull(PullArgs),
-    /// Serve local EROFS images lazily through /dev/cachefiles with fetcher failover,
-    /// so `mount -t erofs none -o fsid=NAME MNT` works. Root only; stops on SIGTERM.
+    /// Serve EROFS images lazily with fetcher failover: through /dev/cachefiles (so
+    /// `mount -t erofs none -o fsid=NAME MNT` works), or with `--backend fanotify` as
+    /// file-backed mounts under `--mount-dir`. Root only; stops on SIGTERM.
     Serve(ServeArgs),
     /// The fetcher child process (started by `serve` and the snapshotter).
     #[command(hide = true)]
     Fetcher(FetcherArgs),
+    /// Holds the fanotify group once its broker is gone (started by the broker).
+    #[command(hide = true, name = "fanotify-keeper")]
+    FanotifyKeeper(serve::keeper::KeeperArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,5 +64,6 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Pull(args) => pull::run(&args).map(|_| true),
         Command::Serve(args) => serve::run(&args).map(|()| true),
         Command::Fetcher(args) => serve::fetcher(&args).map(|()| true),
+        Command::FanotifyKeeper(args) => serve::keeper::run(&args).map(|()| true),
     }
 }

@@ -2,7 +2,7 @@
 //! whatever parses re-encodes consistently with the declared length.
 #![no_main]
 
-use lazy_erofs_ondemand::msg::{self, Message};
+use lazy_erofs_ondemand::cachefiles::msg::{self, Message};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

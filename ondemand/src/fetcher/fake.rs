@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use nix::errno::Errno;
 
 use super::Resolver;
-use crate::device::{CacheObject, DeviceError, Kernel, Request};
-use crate::msg::{Close, Open, Read};
+use crate::cachefiles::device::{CacheObject, DeviceError, Kernel, Request};
+use crate::cachefiles::msg::{Close, Open, Read};
 use crate::source::{BlobSource, BlobSpec, LocalBlob, SourceError, SourceFactory};
 use crate::sys::AlignedBuf;
 

@@ -16,9 +16,9 @@ use nix::errno::Errno;
 use tokio::sync::mpsc;
 
 use self::memo::FailureMemo;
-use crate::device::{CacheObject, DeviceError, Kernel, Request};
+use crate::cachefiles::device::{CacheObject, DeviceError, Kernel, Request};
+use crate::cachefiles::msg::{Open, Read};
 use crate::fault::{FaultPoint, FaultTrigger};
-use crate::msg::{Open, Read};
 use crate::source::{BlobSource, BlobSpec, SourceFactory};
 use crate::stats::{Counter, Stats, monotonic_ns};
 use crate::sys::PAGE_SIZE;

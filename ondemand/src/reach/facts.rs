@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::Path;
 
 use super::{Facts, KernelConfig, Trial};
-use crate::device::{Device, DeviceError};
+use crate::cachefiles::device::{Device, DeviceError};
 
 /// Gathers facts about the running kernel. A trial bind is attempted when running as
 /// root, in a fresh directory under `scratch_parent` (which must be on a disk
@@ -16,7 +16,7 @@ pub fn gather(scratch_parent: &Path) -> Facts {
         .unwrap_or_else(|_| "unknown".to_owned());
     Facts {
         config: read_config(&release),
-        device_node: Path::new(crate::device::DEVICE_PATH).exists(),
+        device_node: Path::new(crate::cachefiles::device::DEVICE_PATH).exists(),
         misc_registered: fs::read_to_string("/proc/misc")
             .map(|misc| {
                 misc.lines()
@@ -56,8 +56,11 @@ fn trial_bind(scratch_parent: &Path) -> Trial {
     if !nix::unistd::geteuid().is_root() {
         return Trial::NotRun("not root".to_owned());
     }
-    if !Path::new(crate::device::DEVICE_PATH).exists() {
-        return Trial::NotRun(format!("{} missing", crate::device::DEVICE_PATH));
+    if !Path::new(crate::cachefiles::device::DEVICE_PATH).exists() {
+        return Trial::NotRun(format!(
+            "{} missing",
+            crate::cachefiles::device::DEVICE_PATH
+        ));
     }
     let dir = scratch_parent.join(format!("lazy-erofs-check.{}", std::process::id()));
     if let Err(e) = fs::create_dir_all(&dir) {

@@ -76,6 +76,7 @@ impl LazyRecord {
                 View::Data => self.data_space_size,
             },
             view,
+            throttle: None,
         }
     }
 }

@@ -149,11 +149,17 @@ impl SourceFactory for LazySourceFactory {
         if let Some(reader) = blob.reader.get() {
             check_size(reader, spec.view, size).map_err(|reason| unavailable(name, reason))?;
         }
-        Ok(Arc::new(LazyLayerSource {
+        let source = LazyLayerSource {
             blob,
             view: spec.view,
             size,
-        }))
+        };
+        Ok(match spec.throttle {
+            Some(throttle) => Arc::new(lazy_erofs_ondemand::source::Throttled::new(
+                source, throttle,
+            )),
+            None => Arc::new(source),
+        })
     }
 }
 

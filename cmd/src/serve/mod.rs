@@ -1,7 +1,12 @@
-//! `lazy-erofs serve`: the failover supervisor and fetcher serving local EROFS images
-//! lazily through `/dev/cachefiles`, and the hidden `fetcher` child it runs.
+//! `lazy-erofs serve`: the failover supervisor and fetcher serving EROFS images lazily
+//! (through `/dev/cachefiles`, or as file-backed mounts filled on fanotify events), and
+//! the hidden `fetcher` child it runs.
+
+mod fanotify;
+pub mod keeper;
 
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,12 +24,29 @@ use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
 
 use crate::registry_args::RegistryArgs;
 
+/// The kernel transport `serve` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeBackend {
+    /// EROFS over fscache, `/dev/cachefiles` in ondemand mode (kernels up to 7.1 built
+    /// with CACHEFILES_ONDEMAND).
+    Cachefiles,
+    /// File-backed EROFS filled on fanotify pre-content events (6.14+).
+    Fanotify,
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Directory for the cachefiles cache. Must exist on a disk filesystem (ext4, xfs,
-    /// …): the kernel refuses tmpfs.
+    /// Kernel transport.
+    #[arg(long, value_enum, default_value_t = ServeBackend::Cachefiles)]
+    pub backend: ServeBackend,
+    /// Directory for the cache (created if missing). Must be on a disk filesystem (ext4,
+    /// xfs, btrfs): the kernel refuses tmpfs for both backends.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: PathBuf,
+    /// Mount each lazy layer of `--image` at DIR/0, DIR/1, … (manifest order) before
+    /// printing `ready`; unmounted on SIGTERM.
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub mount_dir: Option<PathBuf>,
     /// A blob to serve: NAME is the EROFS fsid (or device tag) the kernel asks for,
     /// PATH a local image file. Repeatable.
     #[arg(long = "blob", value_name = "NAME=PATH", value_parser = parse_blob, required_unless_present = "image")]
@@ -57,7 +79,11 @@ pub struct ServeArgs {
 }
 
 /// The fsid and data-tag blob entries for every lazy layer of `image`.
-fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, BlobSpec)>> {
+fn lazy_layer_blobs(
+    registry: &Registry,
+    image: &str,
+    throttle: Option<Throttle>,
+) -> Result<Vec<(String, BlobSpec)>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -84,6 +110,7 @@ fn lazy_layer_blobs(registry: &Registry, image: &str) -> Result<Vec<(String, Blo
                     View::Data => lazy.data_space_size,
                 },
                 view,
+                throttle,
             })
         };
         let fsid = lazy_erofs_image::manifest::layer_fsid(&lazy.binding(&repository));
@@ -125,16 +152,41 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
+    make_cache_dir(&args.cache_dir)?;
+    match args.backend {
+        ServeBackend::Fanotify => fanotify::run(args, &stop),
+        ServeBackend::Cachefiles => run_cachefiles(args, &stop),
+    }
+}
+
+/// Creates the cache directory (0700) if missing; an existing one keeps its mode.
+fn make_cache_dir(dir: &std::path::Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the cache directory {}", dir.display()))
+}
+
+/// Our own executable as the fetcher child, with the registry options.
+fn fetcher_command(args: &ServeArgs) -> Result<Vec<std::ffi::OsString>> {
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let mut command = vec![exe.into(), "fetcher".into()];
+    command.extend(args.registry.to_args());
+    Ok(command)
+}
+
+fn run_cachefiles(args: &ServeArgs, stop: &Arc<AtomicBool>) -> Result<()> {
     let device = Device::bind(&args.cache_dir, &args.tag)
         .with_context(|| format!("binding an ondemand cache in {}", args.cache_dir.display()))?;
     let lazy_blobs = match &args.image {
-        Some(image) => lazy_layer_blobs(&args.registry.registry()?, image)?,
+        Some(image) => lazy_layer_blobs(&args.registry.registry()?, image, args.throttle)?,
         None => Vec::new(),
     };
-    let exe = std::env::current_exe().context("finding our own executable")?;
-    let mut fetcher_command = vec![exe.into(), "fetcher".into()];
-    fetcher_command.extend(args.registry.to_args());
-    let mut config = SupervisorConfig::new(args.run_dir.clone(), fetcher_command);
+    let mut config = SupervisorConfig::new(args.run_dir.clone(), fetcher_command(args)?);
     config.restore = !args.no_restore;
     let supervisor = Supervisor::new(device, config)?;
     for (name, path) in &args.blobs {
@@ -166,7 +218,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 });
             }
             let mut announced = false;
-            supervisor.run(&stop, |event| match event {
+            supervisor.run(stop, |event| match event {
             Event::Started { pid, generation, restored } => {
                 tracing::info!(pid, generation, restored, "fetcher started");
                 if !announced {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::msg::{self, Close, Message, MsgError, Open, Read};
+use crate::cachefiles::msg::{self, Close, Message, MsgError, Open, Read};
 use crate::sys;
 
 pub const DEVICE_PATH: &str = "/dev/cachefiles";

@@ -1,0 +1,228 @@
+//! `lazy-erofs serve --backend fanotify`: every lazy layer of an image as a file-backed
+//! EROFS mount under `--mount-dir`, its data file filled on fanotify pre-content events
+//! that the broker (this process) hands to the fetcher child.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use lazy_erofs_image::manifest::LazyLayer;
+use lazy_erofs_image::registry::Registry;
+use lazy_erofs_ondemand::fanotify::{Broker, BrokerConfig, Group, layer};
+use lazy_erofs_ondemand::supervisor::Transport;
+use lazy_erofs_ondemand::{BlobSpec, Event, SourceFactory, Supervisor, SupervisorConfig};
+use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
+
+use super::{ServeArgs, fetcher_command, keeper, status_lines};
+
+/// How long a planned stop waits for in-flight reads before denying what is left.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// One lazy layer of the image, ready to mount.
+struct Prepared {
+    meta: PathBuf,
+    data: Option<PathBuf>,
+    digest: String,
+}
+
+pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
+    let Some(image) = &args.image else {
+        bail!("--backend fanotify serves registry images: give --image REF");
+    };
+    let Some(mount_dir) = &args.mount_dir else {
+        bail!("--backend fanotify mounts the image's layers: give --mount-dir DIR");
+    };
+    let group = Group::new()?;
+    let keeper = keeper::spawn(&group, &args.cache_dir).context("starting the group keeper")?;
+    let broker = Arc::new(Broker::start(
+        group,
+        BrokerConfig {
+            resend: !args.no_restore,
+            ..BrokerConfig::default()
+        },
+    )?);
+    let mut config = SupervisorConfig::new(args.run_dir.clone(), fetcher_command(args)?);
+    config.restore = false;
+    let supervisor = Supervisor::with_transport(Transport::Fanotify(broker.clone()), config)?;
+
+    let registry = Arc::new(args.registry.registry()?);
+    let layers = prepare_layers(
+        &registry,
+        image,
+        &args.cache_dir,
+        &broker,
+        &supervisor,
+        args,
+    )?;
+    let mut mounted = Vec::new();
+    for (index, prepared) in layers.iter().enumerate() {
+        let target = mount_dir.join(index.to_string());
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        layer::mount(&prepared.meta, prepared.data.as_deref(), &target)?;
+        tracing::info!(layer = %prepared.digest, target = %target.display(), "layer mounted");
+        mounted.push(target);
+    }
+
+    let stop = AtomicBool::new(false);
+    let pid_file = supervisor.pid_file();
+    let summary = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !term.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Planned stop: no new opens, in-flight reads finish, then the fetcher goes.
+            unmount_all(&mounted);
+            let left = broker.drain(DRAIN);
+            if left > 0 {
+                tracing::warn!(left, "reads still in flight at stop; they fail with EIO");
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        if args.status_interval > 0 {
+            let every = Duration::from_secs(args.status_interval);
+            let (stop, supervisor) = (&stop, &supervisor);
+            scope.spawn(move || status_lines(stop, supervisor, every));
+        }
+        let mut announced = false;
+        supervisor.run(&stop, |event| match event {
+            Event::Started { pid, generation, .. } => {
+                tracing::info!(pid, generation, "fetcher started");
+                if !announced {
+                    announced = true;
+                    println!(
+                        "ready: backend fanotify, {} layers of {image} mounted under {}, fetcher pid {pid} (also in {})",
+                        layers.len(),
+                        mount_dir.display(),
+                        pid_file.display()
+                    );
+                    let _ = std::io::stdout().flush();
+                }
+            }
+            Event::Exited { pid, generation, status, lived } => {
+                tracing::warn!(pid, generation, %status, ?lived, "fetcher exited; restarting");
+            }
+            Event::StartFailed { generation, reason } => {
+                tracing::error!(generation, %reason, "fetcher failed to start");
+            }
+        })
+    });
+    // The supervisor holds the other reference to the broker.
+    drop(supervisor);
+    let broker = Arc::into_inner(broker)
+        .map(|mut b| b.stop())
+        .unwrap_or_default();
+    keeper.release();
+    println!(
+        "stats {}",
+        serde_json::json!({ "supervisor": summary, "broker": broker })
+    );
+    Ok(())
+}
+
+/// Fetches each layer's verified metadata image whole, creates its sparse data file,
+/// registers it with the supervisor (for the fetcher) and the broker (marking it).
+fn prepare_layers(
+    registry: &Arc<Registry>,
+    image: &str,
+    cache_dir: &Path,
+    broker: &Broker,
+    supervisor: &Supervisor,
+    options: &ServeArgs,
+) -> Result<Vec<Prepared>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (manifest, digest) = runtime
+        .block_on(registry.pull_manifest(image))
+        .with_context(|| format!("pulling the manifest of {image}"))?;
+    let factory = LazySourceFactory::new(registry.clone());
+    let mut prepared = Vec::new();
+    for (index, descriptor) in manifest.layers().iter().enumerate() {
+        let Some(lazy) = LazyLayer::from_descriptor(descriptor)? else {
+            bail!(
+                "{image}@{digest}: layer {} is not lazy (convert it first)",
+                index + 1
+            );
+        };
+        let name = file_name(&lazy)?;
+        let (meta, files) = layer::files(cache_dir, &name);
+        let spec = |view| {
+            BlobSpec::Registry(LazyLayerSpec {
+                image: image.to_owned(),
+                digest: lazy.digest.clone(),
+                verified_digest: lazy.verified_digest.clone(),
+                region_len: lazy.verified_region_len(),
+                size: match view {
+                    View::Metadata => lazy.metadata_size,
+                    View::Data => lazy.data_space_size,
+                },
+                view,
+                throttle: options.throttle,
+            })
+        };
+        if !layer::has_metadata(&meta) {
+            let bytes = runtime.block_on(async {
+                let source = factory.open(&name, &spec(View::Metadata)).await?;
+                let len = usize::try_from(source.size())
+                    .map_err(|e| anyhow::anyhow!("metadata size: {e}"))?;
+                anyhow::Ok(source.read_at(0, len).await?)
+            });
+            let bytes = bytes.with_context(|| {
+                format!(
+                    "fetching the metadata of layer {} ({})",
+                    index + 1,
+                    lazy.digest
+                )
+            })?;
+            layer::write_metadata(&meta, &bytes[..lazy.metadata_size as usize])?;
+        }
+        if lazy.data_space_size > 0 {
+            // With the verified header loaded, this checks the manifest's data space size:
+            // a data file shorter than the image's blocks would read as zeros past its end.
+            runtime
+                .block_on(factory.open(&name, &spec(View::Data)))
+                .with_context(|| format!("layer {} ({})", index + 1, lazy.digest))?;
+        }
+        let data = if lazy.data_space_size > 0 {
+            layer::ensure_data_file(&files, lazy.data_space_size)?;
+            supervisor.blobs().insert(name.clone(), spec(View::Data));
+            broker.add_layer(files.clone())?;
+            Some(files.data.clone())
+        } else {
+            None
+        };
+        println!("layer {}: {} ({name})", index + 1, lazy.digest);
+        prepared.push(Prepared {
+            meta,
+            data,
+            digest: lazy.digest.clone(),
+        });
+    }
+    Ok(prepared)
+}
+
+/// The layer's file name stem: its verified digest, which names exactly this converted
+/// blob (a digest the manifest parser checked: `sha256:` and 64 hex digits).
+fn file_name(lazy: &LazyLayer) -> Result<String> {
+    let hex = lazy
+        .verified_digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .with_context(|| format!("layer {}: bad verified digest", lazy.digest))?;
+    Ok(format!("sha256-{hex}"))
+}
+
+/// Unmounts each layer; one still in use is detached (its readers keep reading, the
+/// group stays open for them in the keeper).
+fn unmount_all(mounted: &[PathBuf]) {
+    for target in mounted.iter().rev() {
+        if let Err(err) = layer::unmount(target) {
+            tracing::warn!(target = %target.display(), %err, "cannot unmount a layer");
+        }
+    }
+}
