@@ -26,6 +26,7 @@ fn check_report_is_complete_and_consistent_with_this_machine() -> Result<()> {
         "killable_reads",
         "fscache_removed",
         "file_backed_erofs",
+        "pre_content",
         "overlayfs",
     ] {
         let answer = report[key]["answer"]
@@ -40,7 +41,7 @@ fn check_report_is_complete_and_consistent_with_this_machine() -> Result<()> {
             "{key} without a reason"
         );
     }
-    let lazy = report["mode"] == "lazy-with-failover";
+    let lazy = report["mode"] == "lazy-with-failover" || report["mode"] == "lazy-fanotify";
     assert_eq!(
         code,
         Some(if lazy { 0 } else { 1 }),
@@ -49,18 +50,59 @@ fn check_report_is_complete_and_consistent_with_this_machine() -> Result<()> {
     if !Path::new("/dev/cachefiles").exists() {
         assert_ne!(report["ondemand"]["answer"], "yes");
         let (code, text) = check(&[])?;
-        assert_eq!(code, Some(1));
         let line = text
             .lines()
             .find(|l| l.starts_with("ondemand mode"))
             .context("no ondemand line")?;
         assert!(!line.contains(" yes "), "{line}");
+        // Without ondemand mode, lazy pulling needs the fanotify backend.
+        let verdict = if report["pre_content"]["answer"] == "yes" {
+            "fanotify pre-content"
+        } else {
+            "no lazy pulling"
+        };
         assert!(
             text.lines()
-                .any(|l| l.starts_with("verdict") && l.contains("no lazy pulling")),
+                .any(|l| l.starts_with("verdict") && l.contains(verdict)),
             "{text}"
         );
+        assert_eq!(code, Some(if verdict == "no lazy pulling" { 1 } else { 0 }));
     }
+    Ok(())
+}
+
+/// This host as root (6.18, no ondemand): the pre-content mark is tried on a file in the
+/// scratch directory — accepted on ext4, so the verdict is the fanotify backend and the
+/// exit 0; refused on tmpfs, with the reason, and the verdict falls back to whole layers.
+#[test]
+fn privileged_host_check_tries_a_pre_content_mark() -> Result<()> {
+    let (code, text) = check(&["--scratch-dir", "/var/tmp"])?;
+    print!("{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("fanotify pre-content"))
+        .context("no pre-content line")?;
+    assert!(
+        line.contains(" yes ") && line.contains("/var/tmp"),
+        "{line}"
+    );
+    assert!(
+        text.contains("verdict") && text.contains("fanotify"),
+        "{text}"
+    );
+    assert_eq!(code, Some(0), "{text}");
+
+    let (code, text) = check(&["--scratch-dir", "/dev/shm"])?;
+    print!("{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("fanotify pre-content"))
+        .context("no pre-content line")?;
+    assert!(
+        line.contains(" no ") && line.contains("refuses fanotify pre-content marks"),
+        "{line}"
+    );
+    assert_eq!(code, Some(1), "{text}");
     Ok(())
 }
 

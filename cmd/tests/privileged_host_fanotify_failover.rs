@@ -111,6 +111,7 @@ fn reader(
 #[test]
 fn privileged_host_fanotify_fetcher_killed_50_times_readers_see_every_byte() -> Result<()> {
     let work = tempfile::tempdir_in("/var/tmp")?;
+    let _mounts = fanotify::MountGuard(work.path());
     let image = fanotify::pushed_image(work.path(), FILES, FILE_SIZE)?;
     let serve = fanotify::serve(work.path(), &image, Some("latency=5ms,rate=24MiB"), true)?;
     let hogs = CpuHogs::start()?;
@@ -179,6 +180,7 @@ fn privileged_host_fanotify_fetcher_killed_50_times_readers_see_every_byte() -> 
 #[test]
 fn privileged_host_fanotify_without_resend_a_reader_hangs() -> Result<()> {
     let work = tempfile::tempdir_in("/var/tmp")?;
+    let _mounts = fanotify::MountGuard(work.path());
     let image = fanotify::pushed_image(work.path(), 1, 4 << 20)?;
     let serve = fanotify::serve(work.path(), &image, Some("latency=1s"), false)?;
     let path = fanotify::path(work.path(), &image.files[0].0);

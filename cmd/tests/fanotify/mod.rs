@@ -113,3 +113,17 @@ pub fn keeper_gone(work: &Path) -> Result<()> {
     })
     .with_context(|| format!("keepers still alive: {:?}", keepers(work)))
 }
+
+/// Detaches whatever `serve` left mounted under `work/mnt` when a test fails midway.
+pub struct MountGuard<'a>(pub &'a Path);
+
+impl Drop for MountGuard<'_> {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.0.join("mnt")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}

@@ -4,7 +4,7 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 
-use super::{Facts, KernelConfig, Trial};
+use super::{Facts, KernelConfig, MarkTrial, Trial};
 use crate::cachefiles::device::{Device, DeviceError};
 
 /// Gathers facts about the running kernel. A trial bind is attempted when running as
@@ -32,7 +32,39 @@ pub fn gather(scratch_parent: &Path) -> Facts {
             })
             .unwrap_or_default(),
         trial: trial_bind(scratch_parent),
+        mark_trial: trial_mark(scratch_parent),
         release,
+    }
+}
+
+/// Marks a fresh file in a scratch directory for pre-content events: the kernel (6.14+,
+/// CONFIG_FANOTIFY_ACCESS_PERMISSIONS) and the filesystem (ext4, xfs, btrfs) must agree.
+fn trial_mark(scratch_parent: &Path) -> MarkTrial {
+    if !nix::unistd::geteuid().is_root() {
+        return MarkTrial::NotRun("not root".to_owned());
+    }
+    let dir = match tempfile::Builder::new()
+        .prefix("lazy-erofs-check.")
+        .tempdir_in(scratch_parent)
+    {
+        Ok(dir) => dir,
+        Err(e) => {
+            return MarkTrial::NotRun(format!(
+                "cannot create a directory in {}: {e}",
+                scratch_parent.display()
+            ));
+        }
+    };
+    let file = dir.path().join("probe");
+    if let Err(e) = fs::write(&file, b"x") {
+        return MarkTrial::NotRun(format!("cannot create {}: {e}", file.display()));
+    }
+    let result = crate::fanotify::Group::new().and_then(|group| group.mark(&file));
+    match result {
+        Ok(()) => MarkTrial::Marked {
+            dir: scratch_parent.display().to_string(),
+        },
+        Err(e) => MarkTrial::Failed(e.to_string()),
     }
 }
 

@@ -91,6 +91,18 @@ pub enum Trial {
     },
 }
 
+/// The outcome of marking a scratch file for fanotify pre-content events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkTrial {
+    NotRun(String),
+    /// A pre-content group was created and the file in `dir` marked.
+    Marked {
+        dir: String,
+    },
+    /// The group or the mark was refused.
+    Failed(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Facts {
     pub release: String,
@@ -102,6 +114,8 @@ pub struct Facts {
     /// Filesystem types from `/proc/filesystems`.
     pub filesystems: Vec<String>,
     pub trial: Trial,
+    /// The fanotify pre-content trial, in the same scratch directory's filesystem.
+    pub mark_trial: MarkTrial,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -141,6 +155,9 @@ fn finding(answer: Answer, why: impl Into<String>) -> Finding {
 pub enum Mode {
     /// Lazy layers through fscache ondemand, fetcher crashes survived with `restore`.
     LazyWithFailover,
+    /// Lazy layers as file-backed EROFS filled on fanotify pre-content events, fetcher
+    /// crashes survived by the broker's re-send.
+    LazyFanotify,
     /// Lazy layers, but a fetcher crash leaves in-flight reads stuck.
     LazyWithoutFailover,
     /// Lazy-format layers fetched whole and mounted as file-backed EROFS.
@@ -160,6 +177,7 @@ pub struct Report {
     pub killable_reads: Finding,
     pub fscache_removed: Finding,
     pub file_backed_erofs: Finding,
+    pub pre_content: Finding,
     pub overlayfs: Finding,
     pub mode: Mode,
     pub verdict: String,
@@ -167,21 +185,22 @@ pub struct Report {
 
 impl Report {
     /// The findings in display order with their labels.
-    pub fn lines(&self) -> [(&'static str, &Finding); 6] {
+    pub fn lines(&self) -> [(&'static str, &Finding); 7] {
         [
             ("ondemand mode", &self.ondemand),
             ("restore (failover)", &self.restore),
             ("killable ondemand reads", &self.killable_reads),
             ("EROFS over fscache removed", &self.fscache_removed),
             ("file-backed EROFS", &self.file_backed_erofs),
+            ("fanotify pre-content", &self.pre_content),
             ("overlayfs", &self.overlayfs),
         ]
     }
 
-    /// Lazy mode with failover is what the project is for; anything less is a failure
-    /// of `check`.
+    /// Lazy mode with failover (either backend) is what the project is for; anything
+    /// less is a failure of `check`.
     pub fn lazy_with_failover(&self) -> bool {
-        self.mode == Mode::LazyWithFailover
+        matches!(self.mode, Mode::LazyWithFailover | Mode::LazyFanotify)
     }
 }
 
@@ -201,11 +220,19 @@ pub fn evaluate(facts: &Facts) -> Report {
     let killable_reads = by_version(version, KILLABLE_SINCE, "killable ondemand reads");
     let file_backed_erofs = file_backed(version, config, &facts.filesystems);
     let overlayfs = overlayfs(config, &facts.filesystems);
+    let pre_content = pre_content(&facts.mark_trial);
+    let fanotify_ready =
+        pre_content.answer == Answer::Yes && file_backed_erofs.answer == Answer::Yes;
 
     let (mode, verdict) = match (ondemand.answer, restore.answer) {
         (Answer::Yes, Answer::Yes) => (
             Mode::LazyWithFailover,
             "lazy pulling through EROFS over fscache, with fetcher failover (restore)",
+        ),
+        _ if fanotify_ready => (
+            Mode::LazyFanotify,
+            "lazy pulling through fanotify pre-content events on file-backed EROFS, with \
+             fetcher failover (the broker re-sends)",
         ),
         (Answer::Yes, _) => (
             Mode::LazyWithoutFailover,
@@ -229,9 +256,21 @@ pub fn evaluate(facts: &Facts) -> Report {
         killable_reads,
         fscache_removed,
         file_backed_erofs,
+        pre_content,
         overlayfs,
         mode,
         verdict: verdict.to_owned(),
+    }
+}
+
+fn pre_content(trial: &MarkTrial) -> Finding {
+    match trial {
+        MarkTrial::Marked { dir } => finding(
+            Answer::Yes,
+            format!("trial pre-content mark on a file in {dir} accepted"),
+        ),
+        MarkTrial::Failed(why) => finding(Answer::No, why.clone()),
+        MarkTrial::NotRun(why) => finding(Answer::Unknown, format!("trial not run: {why}")),
     }
 }
 

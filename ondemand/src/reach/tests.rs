@@ -24,6 +24,7 @@ fn facts(release: &str, config: Option<&str>, device: bool, trial: Trial) -> Fac
         misc_registered: device,
         filesystems: vec!["ext4".into(), "overlay".into(), "erofs".into()],
         trial,
+        mark_trial: MarkTrial::NotRun("not root".into()),
     }
 }
 
@@ -65,11 +66,14 @@ fn config_parsing_reads_unset_options_as_n() {
 
 #[test]
 fn test_vm_kernel_gets_lazy_with_failover() {
-    let report = evaluate(&facts("6.12.117", Some(VM_CONFIG), true, bound()));
+    let mut vm = facts("6.12.117", Some(VM_CONFIG), true, bound());
+    // 6.12 has no pre-content events (6.14+): the mark is refused.
+    vm.mark_trial = MarkTrial::Failed("EINVAL".into());
+    let report = evaluate(&vm);
     assert_eq!(report.mode, Mode::LazyWithFailover);
     assert!(report.lazy_with_failover());
     for (label, f) in report.lines() {
-        let expected = if label.contains("removed") {
+        let expected = if label.contains("removed") || label.contains("pre-content") {
             Answer::No
         } else {
             Answer::Yes
@@ -97,6 +101,31 @@ fn host_without_ondemand_says_no_and_why() {
     assert_eq!(report.file_backed_erofs.answer, Answer::Yes);
     assert_eq!(report.mode, Mode::WholeLayerFileBacked);
     assert!(!report.lazy_with_failover());
+}
+
+/// This host as root: no ondemand mode, but the pre-content mark is accepted, so the
+/// fanotify backend serves lazily; a refused mark (tmpfs, old kernel) falls back whole.
+#[test]
+fn host_with_pre_content_marks_pulls_lazily_through_fanotify() {
+    let mut host = facts(
+        "6.18.44-fc-v669",
+        Some(HOST_CONFIG),
+        false,
+        Trial::NotRun("/dev/cachefiles missing".into()),
+    );
+    host.mark_trial = MarkTrial::Marked {
+        dir: "/var/tmp".into(),
+    };
+    let report = evaluate(&host);
+    assert_eq!(report.pre_content.answer, Answer::Yes);
+    assert_eq!(report.mode, Mode::LazyFanotify);
+    assert!(report.lazy_with_failover());
+    assert!(report.verdict.contains("fanotify"), "{}", report.verdict);
+
+    host.mark_trial = MarkTrial::Failed("the filesystem refuses pre-content marks".into());
+    let report = evaluate(&host);
+    assert_eq!(report.pre_content.answer, Answer::No);
+    assert_eq!(report.mode, Mode::WholeLayerFileBacked);
 }
 
 #[test]
