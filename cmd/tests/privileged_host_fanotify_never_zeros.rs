@@ -2,8 +2,9 @@
 //! last fd closes, and unfetched ranges of the sparse data file read as zeros. Here the
 //! supervisor (which owns the group) is SIGKILLed, and in a second test SIGTERMed, while
 //! a reader holds a layer file open with a read of unfetched data in flight; every read
-//! before, during and after gets the right bytes or an error, never zeros, and the
-//! keeper that holds the group exits only once no layer file is in use.
+//! before, during and after gets the right bytes or an error, never zeros; the keeper
+//! that holds the group exits only once no layer file is in use, and hands the group to
+//! a restarted serve, under which the old reader's refused range reads right.
 
 mod common;
 mod fanotify;
@@ -91,14 +92,27 @@ fn privileged_host_fanotify_supervisor_sigkill_never_lets_zeros_through() -> Res
         during.is_some() && after.is_some(),
         "an unfetched range was read with no fetcher alive"
     );
-    drop(file);
     // Still mounted (nobody unmounted after the SIGKILL): the keeper stays for it.
     std::thread::sleep(Duration::from_secs(2));
     ensure!(
         !fanotify::keepers(work.path()).is_empty(),
         "the keeper left while the layer was still mounted"
     );
-    common::umount(&work.path().join("mnt/0"))?;
+    // A restarted serve adopts the group from the keeper: the reader that held its file
+    // open across the crash now gets the range it was refused, fetched and right.
+    let serve = fanotify::serve(work.path(), &image, None, true)?;
+    ensure!(
+        serve.log().contains("adopted the fanotify group"),
+        "the restart did not adopt the group:\n{}",
+        serve.log()
+    );
+    let recovered = read_checked(&file, 6 * MIB, want)?;
+    ensure!(
+        recovered.is_none(),
+        "after the restart the old reader still fails: {recovered:?}"
+    );
+    drop(file);
+    serve.stop()?;
     fanotify::keeper_gone(work.path())
 }
 

@@ -16,6 +16,8 @@ use lazy_erofs_ondemand::supervisor::Transport;
 use lazy_erofs_ondemand::{BlobSpec, Event, SourceFactory, Supervisor, SupervisorConfig};
 use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
 
+use lazy_erofs_ondemand::fanotify::keeper::adopt;
+
 use super::{ServeArgs, fetcher_command, keeper, status_lines};
 
 /// How long a planned stop waits for in-flight reads before denying what is left.
@@ -35,7 +37,14 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
     let Some(mount_dir) = &args.mount_dir else {
         bail!("--backend fanotify mounts the image's layers: give --mount-dir DIR");
     };
-    let group = Group::new()?;
+    // A keeper left by a previous run holds the group its mounts still use: adopt it.
+    let group = match adopt(&args.cache_dir) {
+        Some(group) => {
+            tracing::info!("adopted the fanotify group a previous run left");
+            group
+        }
+        None => Group::new()?,
+    };
     let keeper = keeper::spawn(&group, &args.cache_dir).context("starting the group keeper")?;
     let broker = Arc::new(Broker::start(
         group,
@@ -62,6 +71,9 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
         let target = mount_dir.join(index.to_string());
         std::fs::create_dir_all(&target)
             .with_context(|| format!("creating {}", target.display()))?;
+        // A killed predecessor's mount of this layer: replaced (its open files keep
+        // being answered through the adopted group).
+        let _ = layer::unmount(&target);
         layer::mount(&prepared.meta, prepared.data.as_deref(), &target)?;
         tracing::info!(layer = %prepared.digest, target = %target.display(), "layer mounted");
         mounted.push(target);

@@ -9,14 +9,18 @@
 //!    pending event carries are refused by the kernel, harmlessly);
 //! 2. from then on answers reads itself: pages in a layer's present record are let
 //!    through, anything else fails with EIO — correct bytes or an error, never zeros;
-//! 3. exits, closing the group, once no data file in the cache directory is open by
+//! 3. hands the group to a successor that asks on `<cache dir>/keeper.sock` (a
+//!    restarted broker adopts the group, marks and all, so the old mounts' readers and
+//!    the new ones are answered by one group), and exits;
+//! 4. or exits, closing the group, once no data file in the cache directory is open by
 //!    anyone (the kernel's open of a mount's backing file counts, detached or not).
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -73,8 +77,19 @@ pub fn run(socket: UnixStream, cache_dir: &Path) -> Result<(), KeeperError> {
         "broker gone; the keeper answers reads from what is present"
     );
     let mut layers = Layers::scan(cache_dir);
+    let adoption = listen(cache_dir);
     loop {
-        if link::wait_readable(group.as_fd(), Duration::from_millis(500))? {
+        if let Some(listener) = &adoption
+            && let Ok((successor, _)) = listener.accept()
+        {
+            let _ = successor.set_nonblocking(false);
+            if send_group(&successor, &group).is_ok() {
+                tracing::info!("the group is adopted by a successor; the keeper exits");
+                let _ = std::fs::remove_file(socket_path(cache_dir));
+                return Ok(());
+            }
+        }
+        if link::wait_readable(group.as_fd(), Duration::from_millis(200))? {
             let outcome = group.read_events().map_err(std::io::Error::other)?;
             for event in outcome.events {
                 let answer = if layers.present(&event) {
@@ -92,6 +107,35 @@ pub fn run(socket: UnixStream, cache_dir: &Path) -> Result<(), KeeperError> {
             return Ok(());
         }
         layers.rescan_if_due(cache_dir);
+    }
+}
+
+fn socket_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("keeper.sock")
+}
+
+/// The adoption socket (0600, in the 0700 cache directory), non-blocking.
+fn listen(cache_dir: &Path) -> Option<UnixListener> {
+    let path = socket_path(cache_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .and_then(|l| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .map_err(|e| tracing::warn!(path = %path.display(), %e, "no adoption socket; a successor makes a group of its own"))
+        .ok()?;
+    Some(listener)
+}
+
+/// A successor's side: the group a keeper of `cache_dir` holds, if one is alive.
+pub fn adopt(cache_dir: &Path) -> Option<Group> {
+    let stream = UnixStream::connect(socket_path(cache_dir)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    match link::recv::<ToKeeper>(stream.as_fd()) {
+        Ok(Some((ToKeeper::Group { .. }, Some(fd)))) => Some(Group::from_fd(fd)),
+        _ => None,
     }
 }
 
