@@ -32,6 +32,22 @@ pub struct SnapshotterConfig {
     pub log_level: String,
     /// cachefiles tag of the lazy layer cache and default fscache domain.
     pub fscache_tag: String,
+    /// How lazy layers reach the kernel.
+    pub backend: BackendChoice,
+}
+
+/// `snapshotter.backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// cachefiles ondemand where the cache binds, else fanotify pre-content where a mark
+    /// is accepted, else whole layers.
+    #[default]
+    Auto,
+    Cachefiles,
+    Fanotify,
+    /// Lazy layers fetched whole and mounted file-backed.
+    Whole,
 }
 
 impl Default for SnapshotterConfig {
@@ -41,6 +57,7 @@ impl Default for SnapshotterConfig {
             address: PathBuf::from("/run/lazy-erofs/snapshotter.sock"),
             log_level: "info".into(),
             fscache_tag: "lazy-erofs".into(),
+            backend: BackendChoice::Auto,
         }
     }
 }

@@ -2,10 +2,12 @@
 //! the root, the gRPC socket served as soon as the store is open, SIGTERM/SIGINT stop it
 //! after in-flight calls finish.
 //!
-//! Lazy layers: the daemon binds `/dev/cachefiles` (cache in `<root>/cache`) and hosts
-//! the failover supervisor, which runs the fetcher child (this binary's hidden
-//! `fetcher` subcommand) and restarts it when it dies. Without ondemand mode, lazy
-//! layers are fetched whole and mounted file-backed.
+//! Lazy layers: the daemon picks a backend (`snapshotter.backend`): it binds
+//! `/dev/cachefiles` (cache in `<root>/cache`), or owns a fanotify pre-content group
+//! (layer files in `<root>/layers/blobs`, a keeper process holding the group when the
+//! daemon is gone), and hosts the failover supervisor, which runs the fetcher child (this
+//! binary's hidden `fetcher` subcommand) and restarts it when it dies. Without either,
+//! lazy layers are fetched whole and mounted file-backed.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -15,13 +17,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use clap::Args;
 use lazy_erofs_image::registry::Registry;
+use lazy_erofs_ondemand::fanotify::{self, Broker};
+use lazy_erofs_ondemand::supervisor::Transport;
 use lazy_erofs_ondemand::{Device, Event, Supervisor, SupervisorConfig};
 use lazy_erofs_snapshotter::lazy::Backend;
 use lazy_erofs_snapshotter::overlay::OverlaySnapshotter;
 use lazy_erofs_snapshotter::server;
 
-use crate::config::Config;
+use crate::config::{BackendChoice, Config};
 use crate::registry_args::RegistryArgs;
+use crate::serve::keeper::Keeper;
 
 /// How long in-flight calls get to finish after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -68,23 +73,39 @@ pub fn run(config: &Config, args: &DaemonArgs) -> Result<()> {
 struct FetcherSupervisor {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
+    /// The fanotify backend's broker and group keeper.
+    fanotify: Option<(Arc<Broker>, Keeper)>,
 }
+
+/// How long a planned stop waits for the fanotify broker's in-flight reads.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl FetcherSupervisor {
     fn stop(self) {
+        if let Some((broker, _)) = &self.fanotify {
+            let left = broker.drain(DRAIN);
+            if left > 0 {
+                tracing::warn!(left, "reads still in flight at stop; they fail with EIO");
+            }
+        }
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.thread.join();
+        if let Some((broker, keeper)) = self.fanotify {
+            let summary = broker.stop();
+            tracing::info!(?summary, "fanotify broker stopped");
+            keeper.release();
+        }
     }
 }
 
-/// Binds the ondemand cache and starts the supervisor; without ondemand mode, says so
-/// and falls back to whole-layer fetches.
+/// Picks the lazy backend `snapshotter.backend` asks for (`auto`: cachefiles where the
+/// cache binds, else fanotify where a pre-content mark is accepted, else whole layers),
+/// and starts its supervisor. Logs which and why.
 fn lazy_backend(
     config: &Config,
     fetcher_registry: &RegistryArgs,
 ) -> Result<(Backend, Option<FetcherSupervisor>)> {
     let root = &config.snapshotter.root;
-    let tag = &config.snapshotter.fscache_tag;
     let cache = root.join("cache");
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -96,25 +117,47 @@ fn lazy_backend(
     // containers keep theirs alive regardless (overlayfs holds clones of its layers);
     // opening the layer mounts counts and logs those.
     lazy_erofs_snapshotter::lazy::layers::clear_stale_mounts(&root.join("layers/mnt"));
-    let device = match Device::bind(&cache, tag) {
-        Ok(device) => device,
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "no ondemand cachefiles here: lazy layers are fetched whole and mounted \
-                 file-backed (slower start; `lazy-erofs check` explains)"
-            );
-            return Ok((Backend::FileBacked, None));
+    let choice = config.snapshotter.backend;
+    if matches!(choice, BackendChoice::Auto | BackendChoice::Cachefiles) {
+        match Device::bind(&cache, &config.snapshotter.fscache_tag) {
+            Ok(device) => return cachefiles_backend(config, fetcher_registry, device),
+            Err(e) if choice == BackendChoice::Cachefiles => {
+                return Err(e)
+                    .context("backend = \"cachefiles\" but the ondemand cache does not bind");
+            }
+            Err(e) => tracing::info!(error = %e, "backend auto: no ondemand cachefiles here"),
         }
-    };
+    }
+    if matches!(choice, BackendChoice::Auto | BackendChoice::Fanotify) {
+        match fanotify_backend(root, fetcher_registry) {
+            Ok(started) => return Ok(started),
+            Err(e) if choice == BackendChoice::Fanotify => {
+                return Err(e.context("backend = \"fanotify\" cannot start"));
+            }
+            Err(e) => tracing::info!(
+                error = format!("{e:#}"),
+                "backend auto: no fanotify pre-content here"
+            ),
+        }
+    }
+    tracing::warn!(
+        ?choice,
+        "lazy layers are fetched whole and mounted file-backed (slower start; \
+         `lazy-erofs check` explains)"
+    );
+    Ok((Backend::FileBacked, None))
+}
+
+fn fetcher_command(fetcher_registry: &RegistryArgs) -> Result<Vec<std::ffi::OsString>> {
     let exe = std::env::current_exe().context("finding our own executable")?;
     let mut command = vec![exe.into(), "fetcher".into()];
     command.extend(fetcher_registry.to_args());
-    let supervisor = Supervisor::new(device, SupervisorConfig::new(root.join("fetcher"), command))?;
-    let backend = Backend::Fscache {
-        blobs: supervisor.blobs().clone(),
-        tag: tag.clone(),
-    };
+    Ok(command)
+}
+
+fn spawn_supervisor(
+    supervisor: Supervisor,
+) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let thread = std::thread::Builder::new()
         .name("supervisor".into())
@@ -125,8 +168,84 @@ fn lazy_backend(
                 tracing::info!(restarts = summary.restarts, "fetcher supervisor stopped");
             }
         })?;
-    tracing::info!(cache = %cache.display(), tag, "ondemand cache bound; fetcher supervised");
-    Ok((backend, Some(FetcherSupervisor { stop, thread })))
+    Ok((stop, thread))
+}
+
+fn cachefiles_backend(
+    config: &Config,
+    fetcher_registry: &RegistryArgs,
+    device: Device,
+) -> Result<(Backend, Option<FetcherSupervisor>)> {
+    let root = &config.snapshotter.root;
+    let tag = &config.snapshotter.fscache_tag;
+    let supervisor = Supervisor::new(
+        device,
+        SupervisorConfig::new(root.join("fetcher"), fetcher_command(fetcher_registry)?),
+    )?;
+    let backend = Backend::Fscache {
+        blobs: supervisor.blobs().clone(),
+        tag: tag.clone(),
+    };
+    let (stop, thread) = spawn_supervisor(supervisor)?;
+    tracing::info!(cache = %root.join("cache").display(), tag, "backend cachefiles: ondemand cache bound; fetcher supervised");
+    Ok((
+        backend,
+        Some(FetcherSupervisor {
+            stop,
+            thread,
+            fanotify: None,
+        }),
+    ))
+}
+
+/// The fanotify backend: the group (adopted from a previous run's keeper, or new), a
+/// trial mark in the layer directory, the keeper, the broker and the supervisor.
+fn fanotify_backend(
+    root: &Path,
+    fetcher_registry: &RegistryArgs,
+) -> Result<(Backend, Option<FetcherSupervisor>)> {
+    let dir = root.join("layers/blobs");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let group = match fanotify::keeper::adopt(&dir) {
+        Some(group) => {
+            tracing::info!("adopted the fanotify group a previous run left");
+            group
+        }
+        None => fanotify::Group::new()?,
+    };
+    // The filesystem must accept pre-content marks (ext4, xfs, btrfs; not tmpfs).
+    let probe = dir.join(".mark-probe");
+    std::fs::write(&probe, b"")?;
+    let marked = group.mark(&probe).and_then(|()| group.unmark(&probe));
+    let _ = std::fs::remove_file(&probe);
+    marked?;
+    let keeper = crate::serve::keeper::spawn(&group, &dir)?;
+    let broker = Arc::new(fanotify::Broker::start(
+        group,
+        fanotify::BrokerConfig::default(),
+    )?);
+    let mut config =
+        SupervisorConfig::new(root.join("fetcher"), fetcher_command(fetcher_registry)?);
+    config.restore = false;
+    let supervisor = Supervisor::with_transport(Transport::Fanotify(broker.clone()), config)?;
+    let backend = Backend::Fanotify {
+        blobs: supervisor.blobs().clone(),
+        broker: broker.clone(),
+    };
+    let (stop, thread) = spawn_supervisor(supervisor)?;
+    tracing::info!(dir = %dir.display(), "backend fanotify: pre-content group ready; fetcher supervised");
+    Ok((
+        backend,
+        Some(FetcherSupervisor {
+            stop,
+            thread,
+            fanotify: Some((broker, keeper)),
+        }),
+    ))
 }
 
 fn log_event(event: &Event) {

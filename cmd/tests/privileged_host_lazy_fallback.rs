@@ -1,5 +1,5 @@
-//! Lazy layers on a kernel without ondemand mode (this host: file-backed EROFS only):
-//! the daemon says so, a Prepare with the remote-snapshot labels fetches the layer whole
+//! Lazy layers fetched whole (`backend = "whole"`, what `auto` falls back to on a kernel
+//! with neither ondemand mode nor pre-content events): the daemon says so, a Prepare with the remote-snapshot labels fetches the layer whole
 //! (verified), mounts it file-backed, commits the target and answers AlreadyExists, and
 //! an active snapshot on top mounts the layers' files — byte for byte what the image
 //! holds. Bad labels get InvalidArgument and change nothing.
@@ -42,7 +42,10 @@ async fn privileged_host_lazy_layers_fall_back_to_whole_file_backed_mounts() -> 
     let root = work.path().join("snapshotter");
     let daemon = Daemon::start_with(
         &root,
-        &format!("[registry]\ninsecure_hosts = [\"{}\"]\n", registry.host),
+        &format!(
+            "backend = \"whole\"\n[registry]\ninsecure_hosts = [\"{}\"]\n",
+            registry.host
+        ),
     )?;
     let mut snapshots = daemon.client().await?;
     let labels = |target: &str, layer: &str| -> HashMap<String, String> {

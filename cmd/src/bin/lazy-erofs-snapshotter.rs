@@ -25,6 +25,9 @@ enum Command {
     /// The fetcher child the daemon runs (not for direct use).
     #[command(hide = true)]
     Fetcher(FetcherArgs),
+    /// Holds the fanotify group once the daemon is gone (not for direct use).
+    #[command(hide = true, name = "fanotify-keeper")]
+    FanotifyKeeper(serve::keeper::KeeperArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,16 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 tracing::error!("fetcher: {err:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Some(Command::FanotifyKeeper(args)) = &cli.command {
+        lazy_erofs_cmd::init_logging("info");
+        return match serve::keeper::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!("fanotify keeper: {err:#}");
                 ExitCode::from(2)
             }
         };

@@ -122,11 +122,7 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
             }
         })
     });
-    // The supervisor holds the other reference to the broker.
-    drop(supervisor);
-    let broker = Arc::into_inner(broker)
-        .map(|mut b| b.stop())
-        .unwrap_or_default();
+    let broker = broker.stop();
     keeper.release();
     println!(
         "stats {}",

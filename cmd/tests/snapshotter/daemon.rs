@@ -24,7 +24,8 @@ impl Daemon {
         Self::start_with(root, "")
     }
 
-    /// Starts the daemon on `root` with `config` (TOML) added to its configuration file,
+    /// Starts the daemon on `root` with `config` (TOML) added to its configuration file
+    /// (inside its `[snapshotter]` table until `config` opens another),
     /// waits until it serves. Each root gets its own fscache tag (the kernel refuses a
     /// second cache with the same tag).
     pub fn start_with(root: &Path, config: &str) -> Result<Self> {

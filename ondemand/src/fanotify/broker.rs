@@ -99,7 +99,15 @@ pub struct Broker {
     group: Arc<Group>,
     control: mpsc::Sender<Control>,
     wake: OwnedFd,
-    thread: Option<JoinHandle<BrokerSummary>>,
+    thread: std::sync::Mutex<Option<JoinHandle<BrokerSummary>>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Broker {
@@ -118,7 +126,7 @@ impl Broker {
             group,
             control,
             wake,
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 
@@ -159,13 +167,15 @@ impl Broker {
 
     /// Answers what is still pending (present: allowed; missing: EIO), saves the
     /// present-page records and stops the thread. The group fd stays open until the
-    /// broker is dropped.
-    pub fn stop(&mut self) -> BrokerSummary {
+    /// broker is dropped. Later calls return an empty summary.
+    pub fn stop(&self) -> BrokerSummary {
         let _ = self.send(Control::Stop);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        thread.and_then(|t| t.join().ok()).unwrap_or_default()
     }
 
     fn send(&self, control: Control) -> Result<(), BrokerError> {

@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use lazy_erofs_image::registry::Registry;
+use lazy_erofs_ondemand::fanotify::Broker;
 use lazy_erofs_ondemand::{BlobSpec, BlobTable};
 use nix::mount::{MntFlags, MsFlags};
 
-use super::{LazyRecord, View, whole};
+use super::{LazyRecord, View, fanotify, whole};
 use crate::api::SnapshotError;
 
 /// How lazy layers reach the kernel.
@@ -30,6 +31,12 @@ use crate::api::SnapshotError;
 pub enum Backend {
     /// EROFS over fscache, served by the fetcher from the supervisor's blob table.
     Fscache { blobs: BlobTable, tag: String },
+    /// File-backed EROFS whose data file the broker has the fetcher fill on fanotify
+    /// pre-content events.
+    Fanotify {
+        blobs: BlobTable,
+        broker: Arc<Broker>,
+    },
     /// Fetched whole and mounted file-backed (kernels without ondemand mode).
     FileBacked,
 }
@@ -136,7 +143,9 @@ impl LayerMounts {
                 }
                 0
             }
-            Backend::Fscache { .. } => {
+            // A previous run's mounts answer to its group (kept by its keeper, which
+            // this run adopts): mounted again, in this run's hands.
+            Backend::Fscache { .. } | Backend::Fanotify { .. } => {
                 let in_use = overlays_using(&mnt_dir);
                 clear_stale_mounts(&mnt_dir);
                 in_use
@@ -144,7 +153,7 @@ impl LayerMounts {
         };
         let domain_file = dir.join("domain");
         let domain = match &backend {
-            Backend::FileBacked => String::new(),
+            Backend::FileBacked | Backend::Fanotify { .. } => String::new(),
             Backend::Fscache { tag, .. } => {
                 let previous = std::fs::read_to_string(&domain_file).ok();
                 let domain = match previous {
@@ -228,6 +237,14 @@ impl LayerMounts {
                     .unwrap_or_default();
                 mount(&meta.display().to_string(), &path, &options)?;
             }
+            Backend::Fanotify { blobs, broker } => {
+                let (meta, data) =
+                    fanotify::prepare(&self.blob_dir, layer, &self.registry, blobs, broker)?;
+                let options = data
+                    .map(|d| format!("device={}", d.display()))
+                    .unwrap_or_default();
+                mount(&meta.display().to_string(), &path, &options)?;
+            }
         }
         tracing::info!(fsid = %layer.fsid, layer = %layer.digest, elapsed = ?started.elapsed(), "lazy layer mounted");
         lock(&self.mounted).insert(layer.fsid.clone());
@@ -249,10 +266,14 @@ impl LayerMounts {
         }
         let _ = std::fs::remove_dir(&path);
         lock(&self.mounting).remove(&layer.fsid);
-        if let Backend::Fscache { blobs, .. } = &self.backend {
-            let domain = self.domain(&layer.fsid);
-            blobs.remove_in(&domain, &layer.fsid);
-            blobs.remove_in(&domain, &layer.data_tag);
+        match &self.backend {
+            Backend::Fscache { blobs, .. } => {
+                let domain = self.domain(&layer.fsid);
+                blobs.remove_in(&domain, &layer.fsid);
+                blobs.remove_in(&domain, &layer.data_tag);
+            }
+            // The fetcher keeps serving the data file while a detached mount reads it.
+            Backend::Fanotify { .. } | Backend::FileBacked => {}
         }
     }
 

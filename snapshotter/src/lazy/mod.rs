@@ -2,10 +2,12 @@
 //! containerd. On Prepare with the remote-snapshot labels ([`remote`]) the snapshotter
 //! looks the layer up in its manifest ([`resolve`]), mounts its EROFS ([`layers`]) and
 //! commits the snapshot itself. The fetcher serves the kernel's reads of those mounts
-//! ([`source`]); without ondemand mode the layer is fetched whole and mounted
-//! file-backed ([`whole`]). Paths an image lists are read right after its top layer is
+//! ([`source`]) — through fscache, or as file-backed mounts filled on fanotify events
+//! ([`fanotify`]); without either the layer is fetched whole and mounted file-backed
+//! ([`whole`]). Paths an image lists are read right after its top layer is
 //! mounted ([`prefetch`]).
 
+mod fanotify;
 pub mod layers;
 pub mod prefetch;
 pub mod remote;

@@ -1,0 +1,76 @@
+//! The fanotify backend's layer files: the verified metadata image fetched whole, the
+//! data space a sparse file that the broker and fetcher fill as the mount reads it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lazy_erofs_image::blob::BlobReader;
+use lazy_erofs_image::registry::Registry;
+use lazy_erofs_ondemand::fanotify::{Broker, layer};
+use lazy_erofs_ondemand::{BlobSpec, BlobTable};
+
+use super::source::BlockingRegistryBlob;
+use super::{LazyRecord, View};
+use crate::api::SnapshotError;
+
+/// The layer's file stem: its verified digest, which names exactly this converted blob.
+pub(crate) fn name(layer: &LazyRecord) -> Result<String, SnapshotError> {
+    layer
+        .verified_digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|hex| format!("sha256-{hex}"))
+        .ok_or_else(|| {
+            SnapshotError::Unavailable(format!(
+                "lazy layer {}: malformed verified digest",
+                layer.digest
+            ))
+        })
+}
+
+/// Puts the layer's files in place under `dir` and registers its data view with the
+/// fetcher (`blobs`) and the broker (which marks the data file). Returns the metadata
+/// image and the data file to mount. Call on a blocking thread of a tokio runtime.
+pub(crate) fn prepare(
+    dir: &Path,
+    layer: &LazyRecord,
+    registry: &Arc<Registry>,
+    blobs: &BlobTable,
+    broker: &Broker,
+) -> Result<(PathBuf, Option<PathBuf>), SnapshotError> {
+    let name = name(layer)?;
+    let (meta, files) = layer::files(dir, &name);
+    let failed = |e: &dyn std::fmt::Display| {
+        SnapshotError::Unavailable(format!(
+            "lazy layer {} from {}: {e}",
+            layer.digest, layer.image
+        ))
+    };
+    if !layer::has_metadata(&meta) {
+        let blob = BlockingRegistryBlob {
+            handle: tokio::runtime::Handle::current(),
+            registry: registry.clone(),
+            image: layer.image.clone(),
+            digest: layer.digest.clone(),
+        };
+        let reader = BlobReader::open_region(blob, &layer.verified_digest, layer.region_len)
+            .map_err(|e| failed(&e))?;
+        // The data file's size comes from the record; it must be the verified one, or
+        // the image's blocks past a short file would read as zeros.
+        let verified = reader.header().data_space_size;
+        if verified != layer.data_space_size {
+            return Err(failed(&format!(
+                "the verified data space is {verified} bytes, the manifest says {}",
+                layer.data_space_size
+            )));
+        }
+        layer::write_metadata(&meta, reader.metadata()).map_err(|e| failed(&e))?;
+    }
+    if layer.data_space_size == 0 {
+        return Ok((meta, None));
+    }
+    layer::ensure_data_file(&files, layer.data_space_size).map_err(|e| failed(&e))?;
+    blobs.insert(name, BlobSpec::Registry(layer.spec(View::Data)));
+    broker.add_layer(files.clone()).map_err(|e| failed(&e))?;
+    Ok((meta, Some(files.data)))
+}
