@@ -12,7 +12,12 @@ convert_bench=$(cargo bench --locked -p lazy-erofs-image --bench convert --no-ru
 echo "=== snapshotter Prepare/Commit/Remove latency vs overlayfs (host, containerd's Go harness)"
 LAZY_EROFS_BENCH=1 bash packaging/conformance.sh "$CARGO_TARGET_DIR/release/lazy-erofs-snapshotter" \
     -run TestProxyLatency -v | grep -v -e '^=== RUN' -e '^--- PASS' -e '^PASS' -e '^ok '
-echo "=== lazy reads (test VM)"
+echo "=== lazy reads, fanotify backend (host kernel, registry on loopback)"
+fanotify_bench=$(cargo bench --locked -p lazy-erofs-cmd --bench fanotify --no-run --message-format json 2>/dev/null |
+    jq -r 'select(.profile.test == true and .target.name == "fanotify") | .executable' | tail -n1)
+[ -x "$fanotify_bench" ] || { echo "fanotify bench binary not found" >&2; exit 1; }
+"$fanotify_bench"
+echo "=== lazy reads, cachefiles backend (test VM)"
 bench=$(cargo bench --locked -p lazy-erofs-cmd --bench ondemand --no-run --message-format json 2>/dev/null |
     jq -r 'select(.profile.test == true and .target.name == "ondemand") | .executable' | tail -n1)
 [ -x "$bench" ] || { echo "bench binary not found" >&2; exit 1; }

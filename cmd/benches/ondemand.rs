@@ -148,5 +148,10 @@ fn main() -> Result<()> {
         "fetcher peak RSS       {} KiB (unthrottled run)   {} KiB (kill run)",
         stats["fetcher_peak_rss_kib"], failover["fetcher_peak_rss_kib"]
     );
+    let (lazy, limit) = (mb_per_s(bytes, lazy_cold), mb_per_s(bytes, limit_cold));
+    println!(
+        "cold_read backend=cachefiles lazy_mb_s={lazy:.1} limit_mb_s={limit:.1} ratio={:.2}",
+        lazy / limit
+    );
     Ok(())
 }
