@@ -130,3 +130,47 @@ fn privileged_vm_corrupt_registry_bytes_never_reach_the_reader() -> Result<()> {
     common::umount(&mnt)?;
     Ok(())
 }
+
+/// `--mount-dir` on the cachefiles backend: each layer mounted at MNT/<index> before
+/// `ready`, readable, and unmounted by SIGTERM. The cache directory did not exist: serve
+/// created it.
+#[test]
+fn privileged_vm_serve_mount_dir_mounts_every_layer() -> Result<()> {
+    let work = common::scratch()?;
+    let registry = pushed_image(work.path())?;
+    let serve_dir = work.path().join("serve");
+    fs::create_dir_all(&serve_dir)?;
+    let mnt = work.path().join("mnt");
+    let serve = Serve::start(
+        &serve_dir,
+        ServeOptions {
+            blobs: Vec::new(),
+            extra_args: vec![
+                "--image".into(),
+                format!("{}/{IMAGE_PATH}", registry.host),
+                "--insecure".into(),
+                registry.host.clone(),
+                "--mount-dir".into(),
+                mnt.display().to_string(),
+            ],
+            ..ServeOptions::blob("unused", work.path())
+        },
+    )?;
+    ensure!(
+        serve_dir.join("cache").is_dir(),
+        "cache directory not created"
+    );
+    assert_eq!(fs::read(mnt.join("0/etc/hostname"))?, b"lazy\n");
+    ensure!(
+        lazy_erofs_snapshotter::lazy::layers::is_mountpoint(&mnt.join("1")),
+        "layer 2 not mounted"
+    );
+    serve.stop()?;
+    for layer in ["0", "1"] {
+        ensure!(
+            !lazy_erofs_snapshotter::lazy::layers::is_mountpoint(&mnt.join(layer)),
+            "layer {layer} still mounted after SIGTERM"
+        );
+    }
+    Ok(())
+}

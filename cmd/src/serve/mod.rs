@@ -208,20 +208,59 @@ fn run_cachefiles(args: &ServeArgs, stop: &Arc<AtomicBool>) -> Result<()> {
         .chain(lazy_blobs.iter().map(|(n, _)| n.as_str()))
         .collect();
     let pid_file = supervisor.pid_file();
+    // The layers' fsids in manifest order, for --mount-dir.
+    let fsids: Vec<&str> = lazy_blobs
+        .iter()
+        .filter(|(_, spec)| matches!(spec, BlobSpec::Registry(s) if s.view == View::Metadata))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<u32>();
+    let mount_failed = std::sync::Mutex::new(None::<String>);
+    let mounted = std::sync::Mutex::new(Vec::<PathBuf>::new());
 
-    let status =
-        std::thread::scope(|scope| {
-            if args.status_interval > 0 {
-                let (stop, supervisor) = (&stop, &supervisor);
-                scope.spawn(move || {
-                    status_lines(stop, supervisor, Duration::from_secs(args.status_interval))
+    let status = std::thread::scope(|scope| {
+        if let Some(mount_dir) = &args.mount_dir {
+            let (fsids, mounted, mount_failed, pid_file) =
+                (&fsids, &mounted, &mount_failed, &pid_file);
+            let image = args.image.as_deref().unwrap_or_default();
+            scope.spawn(move || {
+                    // A mount waits for the fetcher's OPEN answer: only once one serves.
+                    let Ok(pid) = started_rx.recv() else { return };
+                    match mount_fsids(fsids, mount_dir, mounted) {
+                        Ok(()) => {
+                            println!(
+                                "ready: backend cachefiles, {} layers of {image} mounted under {}, fetcher pid {pid} (also in {})",
+                                fsids.len(),
+                                mount_dir.display(),
+                                pid_file.display()
+                            );
+                            let _ = std::io::stdout().flush();
+                        }
+                        Err(err) => {
+                            *lock(mount_failed) = Some(format!("{err:#}"));
+                            stop.store(true, Ordering::SeqCst);
+                        }
+                    }
                 });
-            }
-            let mut announced = false;
-            supervisor.run(stop, |event| match event {
-            Event::Started { pid, generation, restored } => {
+        }
+        if args.status_interval > 0 {
+            let (stop, supervisor) = (&stop, &supervisor);
+            scope.spawn(move || {
+                status_lines(stop, supervisor, Duration::from_secs(args.status_interval))
+            });
+        }
+        let mut announced = false;
+        supervisor.run(stop, |event| match event {
+            Event::Started {
+                pid,
+                generation,
+                restored,
+            } => {
                 tracing::info!(pid, generation, restored, "fetcher started");
-                if !announced {
+                if !announced && args.mount_dir.is_some() {
+                    announced = true;
+                    let _ = started_tx.send(*pid);
+                } else if !announced {
                     announced = true;
                     println!(
                         "ready: cache {} bound (tag {}), fetcher pid {pid} (also in {}), blobs: {}",
@@ -233,16 +272,56 @@ fn run_cachefiles(args: &ServeArgs, stop: &Arc<AtomicBool>) -> Result<()> {
                     let _ = std::io::stdout().flush();
                 }
             }
-            Event::Exited { pid, generation, status, lived } => {
+            Event::Exited {
+                pid,
+                generation,
+                status,
+                lived,
+            } => {
                 tracing::warn!(pid, generation, %status, ?lived, "fetcher exited; restarting");
             }
             Event::StartFailed { generation, reason } => {
                 tracing::error!(generation, %reason, "fetcher failed to start");
             }
         })
-        });
+    });
+    for target in lock(&mounted).iter().rev() {
+        if let Err(err) = lazy_erofs_ondemand::fanotify::layer::unmount(target) {
+            tracing::warn!(target = %target.display(), %err, "cannot unmount a layer");
+        }
+    }
+    if let Some(err) = lock(&mount_failed).take() {
+        bail!("{err}");
+    }
     println!("stats {}", serde_json::to_string(&status)?);
     Ok(())
+}
+
+/// Mounts each fsid at `mount_dir/<index>` (EROFS over fscache).
+fn mount_fsids(
+    fsids: &[&str],
+    mount_dir: &std::path::Path,
+    mounted: &std::sync::Mutex<Vec<PathBuf>>,
+) -> Result<()> {
+    for (index, fsid) in fsids.iter().enumerate() {
+        let target = mount_dir.join(index.to_string());
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        lazy_erofs_ondemand::cachefiles::mount(fsid, &target).with_context(|| {
+            format!(
+                "mounting layer {index} (fsid {fsid}) at {}",
+                target.display()
+            )
+        })?;
+        lock(mounted).push(target);
+    }
+    Ok(())
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn status_lines(stop: &AtomicBool, supervisor: &Supervisor, every: Duration) {

@@ -190,7 +190,7 @@ impl Serve {
     pub fn start(work: &Path, options: ServeOptions<'_>) -> Result<Self> {
         let cache = work.join("cache");
         let run_dir = work.join("run");
-        fs::create_dir_all(&cache)?;
+        // Not created here: serve creates a missing cache directory itself.
         let stderr_log = work.join("serve.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"));
         cmd.arg("serve")
