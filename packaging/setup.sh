@@ -14,14 +14,18 @@ sources=/etc/apt/sources.list.d/lazy-erofs.sources
 pins=/etc/apt/preferences.d/lazy-erofs
 want_sources='Types: deb
 URIs: http://deb.debian.org/debian
-Suites: bookworm-backports trixie
+Suites: bookworm-backports trixie trixie-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 '
-# trixie below bookworm's 500 so nothing moves there unless named; backports stays at
-# its usual 100.
+# trixie and trixie-backports below bookworm's 500 so nothing moves there unless named;
+# bookworm-backports stays at its usual 100.
 want_pins='Package: *
 Pin: release n=trixie
+Pin-Priority: 50
+
+Package: *
+Pin: release n=trixie-backports
 Pin-Priority: 50
 '
 changed=0
@@ -58,8 +62,9 @@ default_packages=(
 )
 # QEMU 10 (matches the qemu-utils that Debian 12 images carry from backports)
 backports_packages=(qemu-system-x86)
-# containerd 1.7.24 (bookworm has 1.6), named singly: its dependencies stay bookworm's
-trixie_packages=(containerd/trixie)
+# containerd 1.7.24 (bookworm has 1.6), named singly: its dependencies stay bookworm's;
+# the 7.x test VM kernel's source (a tarball; its dependencies are bookworm's)
+trixie_packages=(containerd/trixie linux-source-7.3/trixie-backports)
 
 missing_of() {
     local spec name

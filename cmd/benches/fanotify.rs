@@ -75,7 +75,7 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(()); // cargo bench --list
     }
-    let work = tempfile::tempdir_in("/var/tmp")?;
+    let work = fanotify::work_dir()?;
     let _mounts = fanotify::MountGuard(work.path());
     let image = fanotify::pushed_image(work.path(), 1, IMAGE_MIB << 20)?;
     let name = &image.files[0].0;

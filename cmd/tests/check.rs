@@ -136,3 +136,28 @@ fn privileged_vm_check_says_lazy_with_failover() -> Result<()> {
     assert!(removed.contains(" no "), "{removed}");
     Ok(())
 }
+
+/// In the 7.x test VM (root, no fscache): EROFS over fscache is reported removed, the
+/// pre-content mark is accepted on the scratch disk, and the verdict is the fanotify
+/// backend, exit 0.
+#[test]
+fn privileged_vm7_check_says_lazy_through_fanotify() -> Result<()> {
+    let scratch = std::env::var("LAZY_EROFS_SCRATCH").context("run in the test VM")?;
+    let (code, text) = check(&["--scratch-dir", &scratch])?;
+    print!("{text}");
+    let line = |label: &str| -> Result<String> {
+        text.lines()
+            .find(|l| l.starts_with(label))
+            .map(str::to_owned)
+            .with_context(|| format!("no line {label}"))
+    };
+    assert!(
+        line("EROFS over fscache removed")?.contains(" yes "),
+        "{text}"
+    );
+    assert!(line("ondemand mode")?.contains(" no "), "{text}");
+    assert!(line("fanotify pre-content")?.contains(" yes "), "{text}");
+    assert!(line("verdict")?.contains("fanotify pre-content"), "{text}");
+    assert_eq!(code, Some(0), "{text}");
+    Ok(())
+}

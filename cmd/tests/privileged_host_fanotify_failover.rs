@@ -110,7 +110,7 @@ fn reader(
 
 #[test]
 fn privileged_host_fanotify_fetcher_killed_50_times_readers_see_every_byte() -> Result<()> {
-    let work = tempfile::tempdir_in("/var/tmp")?;
+    let work = fanotify::work_dir()?;
     let _mounts = fanotify::MountGuard(work.path());
     let image = fanotify::pushed_image(work.path(), FILES, FILE_SIZE)?;
     let serve = fanotify::serve(work.path(), &image, Some("latency=5ms,rate=24MiB"), true)?;
@@ -179,7 +179,7 @@ fn privileged_host_fanotify_fetcher_killed_50_times_readers_see_every_byte() -> 
 /// completes — the failover above is what keeps readers going.
 #[test]
 fn privileged_host_fanotify_without_resend_a_reader_hangs() -> Result<()> {
-    let work = tempfile::tempdir_in("/var/tmp")?;
+    let work = fanotify::work_dir()?;
     let _mounts = fanotify::MountGuard(work.path());
     let image = fanotify::pushed_image(work.path(), 1, 4 << 20)?;
     let serve = fanotify::serve(work.path(), &image, Some("latency=1s"), false)?;

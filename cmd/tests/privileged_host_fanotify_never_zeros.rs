@@ -67,7 +67,7 @@ fn join(
 
 #[test]
 fn privileged_host_fanotify_supervisor_sigkill_never_lets_zeros_through() -> Result<()> {
-    let work = tempfile::tempdir_in("/var/tmp")?;
+    let work = fanotify::work_dir()?;
     let _mounts = fanotify::MountGuard(work.path());
     let image = fanotify::pushed_image(work.path(), 1, SIZE)?;
     let mut serve = fanotify::serve(work.path(), &image, Some("latency=1s"), true)?;
@@ -119,7 +119,7 @@ fn privileged_host_fanotify_supervisor_sigkill_never_lets_zeros_through() -> Res
 #[test]
 fn privileged_host_fanotify_supervisor_sigterm_finishes_reads_then_never_lets_zeros_through()
 -> Result<()> {
-    let work = tempfile::tempdir_in("/var/tmp")?;
+    let work = fanotify::work_dir()?;
     let _mounts = fanotify::MountGuard(work.path());
     let image = fanotify::pushed_image(work.path(), 1, SIZE)?;
     let serve = fanotify::serve(work.path(), &image, Some("latency=1s"), true)?;

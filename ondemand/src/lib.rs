@@ -1,6 +1,7 @@
 //! The kernel side of lazy-erofs: serving lazy layers' bytes to the kernel on demand.
 //!
 //! Transport-neutral parts:
+//! - [`kernel`]: the [`Kernel`] trait a transport implements for the fetcher.
 //! - [`fetcher`]: serves OPEN / READ / CLOSE concurrently from a [`BlobSource`], over
 //!   any [`Kernel`] (chunk fetching, single-flight, verification, retries).
 //! - [`supervisor`]: holds the device fd, runs fetcher children, fails over with
@@ -22,13 +23,15 @@ pub mod fanotify;
 pub mod fault;
 pub mod fetcher;
 pub mod handover;
+pub mod kernel;
 pub mod reach;
 pub mod source;
 pub mod stats;
 pub mod supervisor;
 mod sys;
 
-pub use cachefiles::device::{AnonFd, CacheObject, Device, DeviceError, Kernel, Request};
+pub use cachefiles::device::{AnonFd, Device, DeviceError};
+pub use kernel::{CacheObject, Kernel, Request};
 pub use source::{
     BlobSource, BlobSpec, FileSource, LazyLayerSpec, LocalBlob, LocalSourceFactory, SourceError,
     SourceFactory, Throttle, View,

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Prints the path of a test VM kernel (bzImage) whose config satisfies kernel.config.
-#   kernel.sh           first match of: $LAZY_EROFS_KERNEL, the cache, ../shared/testvm/bzImage,
-#                       else build from Debian's linux-source-6.12 and cache it
+# Prints the path of a test VM kernel (bzImage) whose config satisfies its fragment:
+# series 6 (default) kernel.config from linux-source-6.12, series 7 (LAZY_EROFS_KERNEL_SERIES=7)
+# kernel-7.config from linux-source-7.3.
+#   kernel.sh           first match of: $LAZY_EROFS_KERNEL, the cache, the prebuilt kernel in
+#                       ../shared/testvm (bzImage, bzImage-7.3), else build and cache it
 #   kernel.sh --build   always build (into the cache), ignoring prebuilt kernels
-# The cache key is the fragment's hash plus the linux-source version, so editing
-# kernel.config or upgrading linux-source-6.12 triggers a rebuild.
+# The cache key is the fragment's hash plus the linux-source version, so editing the
+# fragment or upgrading the source package triggers a rebuild.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -35,8 +37,8 @@ if [ -n "${LAZY_EROFS_KERNEL:-}" ] && [ $force_build = 0 ]; then
     echo "$LAZY_EROFS_KERNEL"; exit 0
 fi
 
-src_tar=/usr/src/linux-source-6.12.tar.xz
-src_version=$(dpkg-query -W -f='${Version}' linux-source-6.12 2>/dev/null || echo none)
+src_tar=/usr/src/$KERNEL_SOURCE.tar.xz
+src_version=$(dpkg-query -W -f='${Version}' "$KERNEL_SOURCE" 2>/dev/null || echo none)
 cached=$LAZY_EROFS_CACHE/kernel/$(fragment_hash)-$src_version/bzImage
 if [ $force_build = 0 ]; then
     [ -f "$cached" ] && { echo "$cached"; exit 0; }
@@ -45,9 +47,9 @@ if [ $force_build = 0 ]; then
     fi
 fi
 
-[ -f "$src_tar" ] || testvm_die "$src_tar missing: run packaging/setup.sh (installs linux-source-6.12)"
-build=$LAZY_EROFS_CACHE/kernel-build
-tree=$build/linux-source-6.12
+[ -f "$src_tar" ] || testvm_die "$src_tar missing: run packaging/setup.sh (installs $KERNEL_SOURCE)"
+build=$LAZY_EROFS_CACHE/kernel-build-$KERNEL_SERIES
+tree=$build/$KERNEL_SOURCE
 if [ ! -f "$build/.unpacked-$src_version" ]; then
     testvm_log "unpacking $src_tar"
     rm -rf "$build"; mkdir -p "$build"

@@ -21,6 +21,9 @@ options:
                         RUST_BACKTRACE, CARGO_TARGET_DIR, NEXTEST_* and LAZY_EROFS_*
                         pass on their own
   -k, --kernel PATH     kernel to boot (default: what kernel.sh picks)
+      --kernel-series N 6 (default: 6.12, cachefiles ondemand) or 7 (7.3: no fscache;
+                        fanotify pre-content, file-backed EROFS); the guest sees
+                        LAZY_EROFS_KERNEL_SERIES=N
       --console         also stream the kernel console to stderr
       --keep            keep the run directory (console log, scratch disk) and print it
 
@@ -42,6 +45,7 @@ while [ $# -gt 0 ]; do
         -s|--share) shares+=("$(cd "$2" && pwd)") || testvm_die "no such directory: $2"; shift 2 ;;
         -e|--env) envs+=("$2"); shift 2 ;;
         -k|--kernel) kernel=$2; shift 2 ;;
+        --kernel-series) export LAZY_EROFS_KERNEL_SERIES=$2; shift 2 ;;
         --console) console=1; shift ;;
         --keep) keep=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -63,7 +67,7 @@ mkdir "$run/ctl"
 # The command, with the caller's environment essentials, as a bash script for the guest.
 {
     echo 'set -e'
-    printf 'export PATH=%q HOME=%q LAZY_EROFS_SCRATCH=/scratch LAZY_EROFS_IN_VM=1\n' "$PATH" "$HOME"
+    printf 'export PATH=%q HOME=%q LAZY_EROFS_SCRATCH=/scratch LAZY_EROFS_IN_VM=1 LAZY_EROFS_KERNEL_SERIES=%q\n' "$PATH" "$HOME" "${LAZY_EROFS_KERNEL_SERIES:-6}"
     for name in $(compgen -e | grep -E '^(RUST_LOG|RUST_BACKTRACE|CARGO_TARGET_DIR|NEXTEST_.*|LAZY_EROFS_.*)$' || true); do
         printf 'export %s=%q\n' "$name" "${!name}"
     done

@@ -14,6 +14,13 @@ use lazy_erofs_test_support::DockerRegistry;
 
 use crate::common::{self, Serve, ServeOptions};
 
+/// A fresh directory on a filesystem that takes pre-content marks: the VM's ext4 scratch
+/// disk when these tests run in the 7.x test VM, else `/var/tmp` (the host's ext4 root).
+pub fn work_dir() -> Result<tempfile::TempDir> {
+    let parent = std::env::var_os("LAZY_EROFS_SCRATCH").unwrap_or_else(|| "/var/tmp".into());
+    Ok(tempfile::tempdir_in(parent)?)
+}
+
 pub struct Image {
     pub registry: DockerRegistry,
     pub reference: String,

@@ -11,7 +11,8 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::cachefiles::msg::{self, Close, Message, MsgError, Open, Read};
+use crate::cachefiles::msg::{self, Message, MsgError};
+pub use crate::kernel::{CacheObject, Kernel, Request};
 use crate::sys;
 
 pub const DEVICE_PATH: &str = "/dev/cachefiles";
@@ -35,38 +36,9 @@ pub enum DeviceError {
     Malformed(#[from] MsgError),
     #[error("cache directory path is not valid UTF-8 or contains a newline: {0:?}")]
     BadPath(std::path::PathBuf),
-}
-
-/// A request read from the device, with the anon fd of an OPEN already owned.
-#[derive(Debug)]
-pub enum Request<O = AnonFd> {
-    Open { open: Open, anon: O },
-    Read(Read),
-    Close(Close),
-}
-
-/// What a fetcher needs of the kernel: requests in, OPEN answers out. [`Device`] is the
-/// real one; the fetcher's tests drive a recording fake through the paths the kernel
-/// cannot be made to take on demand (a failing `copen`, a READ racing its CLOSE).
-pub trait Kernel: Send + Sync + 'static {
-    /// The per-object handle an OPEN brings.
-    type Object: CacheObject;
-    /// Waits up to `timeout` for the next request; `Ok(None)` if none came.
-    fn next_request(
-        &self,
-        buf: &mut Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Option<Request<Self::Object>>, DeviceError>;
-    /// Answers an OPEN with the object's size, or refuses it with an errno.
-    fn copen(&self, msg_id: u32, size: Result<u64, Errno>) -> Result<(), DeviceError>;
-}
-
-/// One cache object: READ replies are written into it, then completed.
-pub trait CacheObject: Send + Sync + 'static {
-    /// Writes all of `buf` at `offset`.
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
-    /// Tells the kernel READ `msg_id` is done (an unwritten range reads as EIO).
-    fn complete(&self, msg_id: u32) -> io::Result<()>;
+    /// The fanotify backend's broker link failed (the broker is gone).
+    #[error("fanotify broker link: {0}")]
+    Link(#[source] io::Error),
 }
 
 impl Kernel for Device {

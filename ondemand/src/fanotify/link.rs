@@ -17,8 +17,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::cachefiles::device::{CacheObject, DeviceError, Kernel, Request};
+use crate::cachefiles::device::DeviceError;
 use crate::cachefiles::msg::{Open, Read};
+use crate::kernel::{CacheObject, Kernel, Request};
 use crate::sys;
 
 /// Longest packet either side sends or accepts.
@@ -161,7 +162,7 @@ impl BrokerLink {
 }
 
 fn link_error(e: io::Error) -> DeviceError {
-    DeviceError::Read(e)
+    DeviceError::Link(e)
 }
 
 impl Kernel for BrokerLink {

@@ -14,8 +14,9 @@ use async_trait::async_trait;
 use nix::errno::Errno;
 
 use super::Resolver;
-use crate::cachefiles::device::{CacheObject, DeviceError, Kernel, Request};
+use crate::cachefiles::device::DeviceError;
 use crate::cachefiles::msg::{Close, Open, Read};
+use crate::kernel::{CacheObject, Kernel, Request};
 use crate::source::{BlobSource, BlobSpec, LocalBlob, SourceError, SourceFactory};
 use crate::sys::AlignedBuf;
 

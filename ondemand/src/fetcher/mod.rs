@@ -16,9 +16,10 @@ use nix::errno::Errno;
 use tokio::sync::mpsc;
 
 use self::memo::FailureMemo;
-use crate::cachefiles::device::{CacheObject, DeviceError, Kernel, Request};
+use crate::cachefiles::device::DeviceError;
 use crate::cachefiles::msg::{Open, Read};
 use crate::fault::{FaultPoint, FaultTrigger};
+use crate::kernel::{CacheObject, Kernel, Request};
 use crate::source::{BlobSource, BlobSpec, SourceFactory};
 use crate::stats::{Counter, Stats, monotonic_ns};
 use crate::sys::PAGE_SIZE;
