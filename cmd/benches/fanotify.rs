@@ -12,35 +12,18 @@
 mod common;
 #[path = "../tests/fanotify/mod.rs"]
 mod fanotify;
+#[path = "util/mod.rs"]
+mod util;
 
 use std::fs::{self, File};
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use util::{mb_per_s, read_all};
 
 const IMAGE_MIB: usize = 256;
-
-fn read_all(path: &Path) -> Result<(u64, Duration)> {
-    let start = Instant::now();
-    let mut file = File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    Ok((total, start.elapsed()))
-}
-
-fn mb_per_s(bytes: u64, took: Duration) -> f64 {
-    bytes as f64 / 1e6 / took.as_secs_f64()
-}
 
 /// p50 and p99 of 4 KiB reads at spread offsets, each after the page cache is dropped
 /// (so every read reaches the backing file), in microseconds.

@@ -19,7 +19,7 @@ use clap::Args;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::fanotify::{self, Broker};
 use lazy_erofs_ondemand::supervisor::Transport;
-use lazy_erofs_ondemand::{Device, Event, Supervisor, SupervisorConfig};
+use lazy_erofs_ondemand::{Device, Supervisor, SupervisorConfig};
 use lazy_erofs_snapshotter::lazy::Backend;
 use lazy_erofs_snapshotter::overlay::OverlaySnapshotter;
 use lazy_erofs_snapshotter::server;
@@ -27,6 +27,7 @@ use lazy_erofs_snapshotter::server;
 use crate::config::{BackendChoice, Config};
 use crate::registry_args::RegistryArgs;
 use crate::serve::keeper::Keeper;
+use crate::serve::log_event;
 
 /// How long in-flight calls get to finish after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -246,29 +247,6 @@ fn fanotify_backend(
             fanotify: Some((broker, keeper)),
         }),
     ))
-}
-
-fn log_event(event: &Event) {
-    match event {
-        Event::Started {
-            pid,
-            generation,
-            restored,
-        } => {
-            tracing::info!(pid, generation, restored, "fetcher started");
-        }
-        Event::Exited {
-            pid,
-            generation,
-            status,
-            lived,
-        } => {
-            tracing::warn!(pid, generation, %status, ?lived, "fetcher exited; restarting");
-        }
-        Event::StartFailed { generation, reason } => {
-            tracing::error!(generation, %reason, "fetcher failed to start");
-        }
-    }
 }
 
 fn open_snapshotter(

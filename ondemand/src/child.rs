@@ -140,25 +140,34 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(ChildError::Runtime)?;
+    let shared: Shared = (resolver, factory, stats, faults, config);
     match device {
-        Kernelside::Cachefiles(device) => runtime.block_on(fetcher::serve(FetcherParts {
-            device,
-            resolver,
-            factory,
-            stats,
-            faults,
-            config,
-        }))?,
-        Kernelside::Fanotify(device) => runtime.block_on(fetcher::serve(FetcherParts {
-            device,
-            resolver,
-            factory,
-            stats,
-            faults,
-            config,
-        }))?,
+        Kernelside::Cachefiles(device) => {
+            runtime.block_on(fetcher::serve(parts(device, shared)))?
+        }
+        Kernelside::Fanotify(device) => runtime.block_on(fetcher::serve(parts(device, shared)))?,
     }
     Ok(())
+}
+
+/// What a fetcher is given besides its kernel.
+type Shared = (
+    Arc<dyn Resolver>,
+    Arc<dyn SourceFactory>,
+    Arc<Stats>,
+    Arc<FaultTrigger>,
+    FetcherConfig,
+);
+
+fn parts<K>(device: Arc<K>, (resolver, factory, stats, faults, config): Shared) -> FetcherParts<K> {
+    FetcherParts {
+        device,
+        resolver,
+        factory,
+        stats,
+        faults,
+        config,
+    }
 }
 
 /// The kernel the fetcher serves, by backend.

@@ -13,12 +13,12 @@ use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::fanotify::{Broker, BrokerConfig, Group, layer};
 use lazy_erofs_ondemand::supervisor::Transport;
-use lazy_erofs_ondemand::{BlobSpec, Event, SourceFactory, Supervisor, SupervisorConfig};
-use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
+use lazy_erofs_ondemand::{Event, SourceFactory, Supervisor, SupervisorConfig};
+use lazy_erofs_snapshotter::lazy::{LazySourceFactory, View};
 
 use lazy_erofs_ondemand::fanotify::keeper::adopt;
 
-use super::{ServeArgs, fetcher_command, keeper, status_lines};
+use super::{ServeArgs, fetcher_command, keeper, layer_spec, log_event, status_lines};
 
 /// How long a planned stop waits for in-flight reads before denying what is left.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -100,10 +100,11 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
             scope.spawn(move || status_lines(stop, supervisor, every));
         }
         let mut announced = false;
-        supervisor.run(&stop, |event| match event {
-            Event::Started { pid, generation, .. } => {
-                tracing::info!(pid, generation, "fetcher started");
-                if !announced {
+        supervisor.run(&stop, |event| {
+            log_event(event);
+            if let Event::Started { pid, .. } = event
+                && !announced
+            {
                     announced = true;
                     println!(
                         "ready: backend fanotify, {} layers of {image} mounted under {}, fetcher pid {pid} (also in {})",
@@ -112,13 +113,6 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
                         pid_file.display()
                     );
                     let _ = std::io::stdout().flush();
-                }
-            }
-            Event::Exited { pid, generation, status, lived } => {
-                tracing::warn!(pid, generation, %status, ?lived, "fetcher exited; restarting");
-            }
-            Event::StartFailed { generation, reason } => {
-                tracing::error!(generation, %reason, "fetcher failed to start");
             }
         })
     });
@@ -159,20 +153,7 @@ fn prepare_layers(
         };
         let name = file_name(&lazy)?;
         let (meta, files) = layer::files(cache_dir, &name);
-        let spec = |view| {
-            BlobSpec::Registry(LazyLayerSpec {
-                image: image.to_owned(),
-                digest: lazy.digest.clone(),
-                verified_digest: lazy.verified_digest.clone(),
-                region_len: lazy.verified_region_len(),
-                size: match view {
-                    View::Metadata => lazy.metadata_size,
-                    View::Data => lazy.data_space_size,
-                },
-                view,
-                throttle: options.throttle,
-            })
-        };
+        let spec = |view| layer_spec(image, &lazy, view, options.throttle);
         if !layer::has_metadata(&meta) {
             let bytes = runtime.block_on(async {
                 let source = factory.open(&name, &spec(View::Metadata)).await?;

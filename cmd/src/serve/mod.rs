@@ -99,20 +99,7 @@ fn lazy_layer_blobs(
                 index + 1
             );
         };
-        let spec = |view| {
-            BlobSpec::Registry(LazyLayerSpec {
-                image: image.to_owned(),
-                digest: lazy.digest.clone(),
-                verified_digest: lazy.verified_digest.clone(),
-                region_len: lazy.verified_region_len(),
-                size: match view {
-                    View::Metadata => lazy.metadata_size,
-                    View::Data => lazy.data_space_size,
-                },
-                view,
-                throttle,
-            })
-        };
+        let spec = |view| layer_spec(image, &lazy, view, throttle);
         let fsid = lazy_erofs_image::manifest::layer_fsid(&lazy.binding(&repository));
         println!(
             "layer {}: fsid={fsid} data-tag={} ({})",
@@ -126,6 +113,22 @@ fn lazy_layer_blobs(
         }
     }
     Ok(blobs)
+}
+
+/// How the fetcher is told about one view of a lazy layer of `image`.
+fn layer_spec(image: &str, lazy: &LazyLayer, view: View, throttle: Option<Throttle>) -> BlobSpec {
+    BlobSpec::Registry(LazyLayerSpec {
+        image: image.to_owned(),
+        digest: lazy.digest.clone(),
+        verified_digest: lazy.verified_digest.clone(),
+        region_len: lazy.verified_region_len(),
+        size: match view {
+            View::Metadata => lazy.metadata_size,
+            View::Data => lazy.data_space_size,
+        },
+        view,
+        throttle,
+    })
 }
 
 fn parse_blob(text: &str) -> Result<(String, PathBuf), String> {
@@ -250,38 +253,26 @@ fn run_cachefiles(args: &ServeArgs, stop: &Arc<AtomicBool>) -> Result<()> {
             });
         }
         let mut announced = false;
-        supervisor.run(stop, |event| match event {
-            Event::Started {
-                pid,
-                generation,
-                restored,
-            } => {
-                tracing::info!(pid, generation, restored, "fetcher started");
-                if !announced && args.mount_dir.is_some() {
-                    announced = true;
-                    let _ = started_tx.send(*pid);
-                } else if !announced {
-                    announced = true;
-                    println!(
-                        "ready: cache {} bound (tag {}), fetcher pid {pid} (also in {}), blobs: {}",
-                        args.cache_dir.display(),
-                        args.tag,
-                        pid_file.display(),
-                        names.join(", ")
-                    );
-                    let _ = std::io::stdout().flush();
-                }
+        supervisor.run(stop, |event| {
+            log_event(event);
+            let Event::Started { pid, .. } = event else {
+                return;
+            };
+            if announced {
+                return;
             }
-            Event::Exited {
-                pid,
-                generation,
-                status,
-                lived,
-            } => {
-                tracing::warn!(pid, generation, %status, ?lived, "fetcher exited; restarting");
-            }
-            Event::StartFailed { generation, reason } => {
-                tracing::error!(generation, %reason, "fetcher failed to start");
+            announced = true;
+            if args.mount_dir.is_some() {
+                let _ = started_tx.send(*pid);
+            } else {
+                println!(
+                    "ready: cache {} bound (tag {}), fetcher pid {pid} (also in {}), blobs: {}",
+                    args.cache_dir.display(),
+                    args.tag,
+                    pid_file.display(),
+                    names.join(", ")
+                );
+                let _ = std::io::stdout().flush();
             }
         })
     });
@@ -322,6 +313,30 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The supervisor's events in the log.
+pub fn log_event(event: &Event) {
+    match event {
+        Event::Started {
+            pid,
+            generation,
+            restored,
+        } => {
+            tracing::info!(pid, generation, restored, "fetcher started");
+        }
+        Event::Exited {
+            pid,
+            generation,
+            status,
+            lived,
+        } => {
+            tracing::warn!(pid, generation, %status, ?lived, "fetcher exited; restarting");
+        }
+        Event::StartFailed { generation, reason } => {
+            tracing::error!(generation, %reason, "fetcher failed to start");
+        }
+    }
 }
 
 fn status_lines(stop: &AtomicBool, supervisor: &Supervisor, every: Duration) {

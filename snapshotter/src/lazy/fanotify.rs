@@ -47,12 +47,7 @@ pub(crate) fn prepare(
         ))
     };
     if !layer::has_metadata(&meta) {
-        let blob = BlockingRegistryBlob {
-            handle: tokio::runtime::Handle::current(),
-            registry: registry.clone(),
-            image: layer.image.clone(),
-            digest: layer.digest.clone(),
-        };
+        let blob = BlockingRegistryBlob::of_layer(layer, registry);
         let reader = BlobReader::open_region(blob, &layer.verified_digest, layer.region_len)
             .map_err(|e| failed(&e))?;
         // The data file's size comes from the record; it must be the verified one, or

@@ -29,6 +29,18 @@ pub(crate) struct BlockingRegistryBlob {
     pub digest: String,
 }
 
+impl BlockingRegistryBlob {
+    /// The layer's blob, read on the current tokio runtime (call on a blocking thread).
+    pub(crate) fn of_layer(layer: &super::LazyRecord, registry: &Arc<Registry>) -> Self {
+        Self {
+            handle: tokio::runtime::Handle::current(),
+            registry: registry.clone(),
+            image: layer.image.clone(),
+            digest: layer.digest.clone(),
+        }
+    }
+}
+
 impl RangeRead for BlockingRegistryBlob {
     fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
         self.handle

@@ -38,12 +38,7 @@ pub(crate) fn fetch(
             layer.digest, layer.image
         ))
     };
-    let blob = BlockingRegistryBlob {
-        handle: tokio::runtime::Handle::current(),
-        registry: registry.clone(),
-        image: layer.image.clone(),
-        digest: layer.digest.clone(),
-    };
+    let blob = BlockingRegistryBlob::of_layer(layer, registry);
     let reader = BlobReader::open_region(blob, &layer.verified_digest, layer.region_len)
         .map_err(unavailable)?;
     if let Some(data) = &data {
