@@ -48,6 +48,11 @@ packaging/testvm/run.sh --kernel "$kernel" -- bash -c 'mkdir -p /scratch/nextest
     cargo nextest run --profile vm --archive-file "$archive" --workspace-remap "$checkout" \
     --extract-to /scratch/nextest-archive
 
+stage "test VM with systemd as PID 1: the packaged unit restarted under readers"
+packaging/testvm/run.sh --init systemd --kernel "$kernel" -- bash -c 'mkdir -p /scratch/nextest-archive && exec "$@"' - \
+    cargo nextest run --profile vm-systemd --archive-file "$archive" --workspace-remap "$checkout" \
+    --extract-to /scratch/nextest-archive
+
 stage "test VM 7.3 (no fscache): the fanotify backend's tests on that kernel"
 kernel7=$(LAZY_EROFS_KERNEL_SERIES=7 packaging/testvm/kernel.sh)
 echo "kernel: $kernel7"

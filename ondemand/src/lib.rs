@@ -21,6 +21,7 @@ pub mod cachefiles;
 pub mod child;
 pub mod fanotify;
 pub mod fault;
+pub mod fdstore;
 pub mod fetcher;
 pub mod handover;
 pub mod kernel;

@@ -84,6 +84,9 @@ pub struct SupervisorConfig {
     /// Have each replacement child write `restore`. Off only to prove, in tests, that
     /// failover needs it.
     pub restore: bool,
+    /// The kernel holds a previous process's requests (the device outlived it): the
+    /// first child restores too.
+    pub adopted: bool,
     /// Longest wait between restarts of a child that keeps dying young.
     pub max_backoff: Duration,
     /// How long a starting child may take to connect and report ready.
@@ -96,6 +99,7 @@ impl SupervisorConfig {
             run_dir,
             fetcher,
             restore: true,
+            adopted: false,
             max_backoff: Duration::from_secs(2),
             start_timeout: Duration::from_secs(10),
         }
@@ -266,7 +270,11 @@ impl Supervisor {
         on_event: &mut impl FnMut(&Event),
         summary: &mut Summary,
     ) -> ChildEnd {
-        let child = match Command::new(&self.config.fetcher[0])
+        let mut command = Command::new(&self.config.fetcher[0]);
+        for name in crate::fdstore::SYSTEMD_ENV {
+            command.env_remove(name);
+        }
+        let child = match command
             .args(&self.config.fetcher[1..])
             .arg("--socket")
             .arg(&self.socket)
@@ -350,7 +358,7 @@ impl Supervisor {
         let setup = |stream: &UnixStream| -> Result<bool, HandoverError> {
             stream.set_nonblocking(false)?;
             stream.set_read_timeout(Some(self.config.start_timeout))?;
-            let restore = self.config.restore && generation > 1;
+            let restore = self.config.restore && (generation > 1 || self.config.adopted);
             match &self.transport {
                 Transport::Cachefiles(device) => handover::send_handover(
                     stream,

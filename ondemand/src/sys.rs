@@ -33,6 +33,20 @@ pub fn own_installed_fd(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Takes ownership of an fd the service manager passed at start (`LISTEN_FDS`).
+///
+/// Only call this once per number, with a number from `LISTEN_FDS` of this process
+/// (checked against `LISTEN_PID`, and already made close-on-exec, which fails on a
+/// closed number): systemd installed it for us and nothing else owns it.
+pub fn own_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: systemd passed this number to this process at start and our caller takes
+    // each number once; no other owner exists.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// nix's fanotify handle over a group fd we own (nix has no safe conversion).
 pub fn fanotify_from_fd(fd: OwnedFd) -> nix::sys::fanotify::Fanotify {
     use std::os::fd::IntoRawFd;

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Stage 2, PID 1 in the guest (overlay root: host root read-only over 9p + tmpfs upper).
-# Sets up the guest, runs the command run.sh left in the control share with its output
-# on the virtio console (run.sh's stdout), records the exit code, powers off.
+# Sets up the guest, then runs guest-command.sh (the command run.sh left in the control
+# share) itself, or, with lazyerofs.init=systemd on the kernel command line, boots
+# systemd as PID 1 into lazy-erofs-vm.target, whose service runs it.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -16,14 +17,9 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 lectl /run/testvm || {
     echo "testvm stage2: control share missing"; echo o >/proc/sysrq-trigger; sleep 5; }
 ctl=/run/testvm
-echo "$(cut -d' ' -f1 /proc/uptime)" >$ctl/started
-
+here=$(dirname "$0")
 out=/dev/hvc0
 [ -c $out ] || out=/dev/console
-# Raw: no \n -> \r\n translation, so the host gets the bytes the command wrote. The
-# console stays open on fd 9 so the setting holds (a tty resets on its last close).
-exec 9<>$out
-stty raw -echo <&9 2>/dev/null
 fail() { echo "testvm guest: $*" >$out; echo 125 >$ctl/exit_code; sync; echo o >/proc/sysrq-trigger; sleep 5; }
 
 # Writable host folders, at the same path as on the host.
@@ -41,9 +37,37 @@ hostname lazy-erofs-vm
 echo "127.0.0.1 localhost lazy-erofs-vm" >/etc/hosts
 ip link set lo up || fail "cannot bring up loopback"
 
-# Through a pipe, not the console tty: programs then write plain output, as under CI.
-{ /bin/bash $ctl/cmd.sh </dev/null 9>&- 2>&1; echo $? >$ctl/exit_code; } | cat >&9
-sync
-umount $ctl
-echo o >/proc/sysrq-trigger
-sleep 5
+init=shell
+for a in $(cat /proc/cmdline); do
+    case "$a" in lazyerofs.init=*) init=${a#lazyerofs.init=} ;; esac
+done
+[ $init = systemd ] || exec /bin/sh "$here/guest-command.sh"
+
+# systemd from the host root, booted into a target of its own: basic.target and the
+# command's service, none of the host's enabled services (containerd, a registry…),
+# no timers (apt-daily and friends), no getty. Units go to the RAM overlay's /etc.
+units=/etc/systemd/system
+cat >$units/lazy-erofs-vm.target <<EOT
+[Unit]
+Description=lazy-erofs test VM: run the command
+Requires=basic.target lazy-erofs-vm-command.service
+After=basic.target
+AllowIsolate=yes
+EOT
+cat >$units/lazy-erofs-vm-command.service <<EOT
+[Unit]
+Description=lazy-erofs test VM command
+After=basic.target
+[Service]
+Type=exec
+ExecStart=/bin/sh $here/guest-command.sh
+LimitNOFILE=1048576
+StandardInput=null
+StandardOutput=journal+console
+EOT
+for unit in timers.target getty.target systemd-timesyncd.service systemd-pstore.service \
+    e2scrub_reap.service serial-getty@ttyS0.service; do
+    ln -sf /dev/null "$units/$unit"
+done
+: >/etc/fstab
+exec /lib/systemd/systemd --unit=lazy-erofs-vm.target

@@ -24,6 +24,11 @@ options:
       --kernel-series N 6 (default: 6.12, cachefiles ondemand) or 7 (7.3: no fscache;
                         fanotify pre-content, file-backed EROFS); the guest sees
                         LAZY_EROFS_KERNEL_SERIES=N
+      --init shell|systemd
+                        shell (default): CMD runs as soon as the guest is set up;
+                        systemd: Debian's systemd (from the host root) boots as PID 1
+                        into a target of its own (basic.target, none of the host's
+                        enabled services) and a service runs CMD once it is up
       --console         also stream the kernel console to stderr
       --keep            keep the run directory (console log, scratch disk) and print it
 
@@ -34,7 +39,7 @@ EOT
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-mem=4G cpus=$(nproc) timeout=1800 disk=16G kernel= console=0 keep=0
+mem=4G cpus=$(nproc) timeout=1800 disk=16G kernel= console=0 keep=0 init=shell
 shares=() envs=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -46,6 +51,8 @@ while [ $# -gt 0 ]; do
         -e|--env) envs+=("$2"); shift 2 ;;
         -k|--kernel) kernel=$2; shift 2 ;;
         --kernel-series) export LAZY_EROFS_KERNEL_SERIES=$2; shift 2 ;;
+        --init) init=$2; shift 2
+            case "$init" in shell|systemd) ;; *) testvm_die "--init: shell or systemd, not '$init'" ;; esac ;;
         --console) console=1; shift ;;
         --keep) keep=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -91,7 +98,7 @@ done
 truncate -s "$disk" "$run/scratch.img"
 mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "$run/scratch.img"
 
-append="console=ttyS0 panic=-1 loglevel=6 lazyerofs.stage2=$TESTVM_DIR/guest-init.sh"
+append="console=ttyS0 panic=-1 loglevel=6 lazyerofs.stage2=$TESTVM_DIR/guest-init.sh lazyerofs.init=$init"
 : >"$run/console.log"
 tail_pid=
 if [ $console = 1 ]; then tail -f "$run/console.log" >&2 & tail_pid=$!; fi

@@ -24,6 +24,15 @@ expect "scratch is ext4" ext4 "$(sed -n 4p <<<"$out")"
 expect "share is writable" written "$(cat "$share/from-guest" 2>/dev/null)"
 echo "     boot + command + power-off: ${wall}s wall"
 
+out=$(LAZY_EROFS_SELFTEST=passed "$run" --init systemd -- \
+    bash -c 'cat /proc/1/comm; systemctl is-system-running; pwd; echo "$LAZY_EROFS_SELFTEST"; exit 3')
+rc=$?
+expect "--init systemd: exit code passes through" 3 "$rc"
+expect "--init systemd: PID 1 is systemd" systemd "$(sed -n 1p <<<"$out")"
+expect "--init systemd: the system is up" running "$(sed -n 2p <<<"$out")"
+expect "--init systemd: working directory is the checkout" "$CHECKOUT" "$(sed -n 3p <<<"$out")"
+expect "--init systemd: environment passes" passed "$(sed -n 4p <<<"$out")"
+
 "$run" -- false >/dev/null 2>&1
 expect "false exits 1" 1 $?
 

@@ -45,7 +45,8 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
         }
         None => Group::new()?,
     };
-    let keeper = keeper::spawn(&group, &args.cache_dir).context("starting the group keeper")?;
+    let keeper = keeper::spawn(&group, &args.cache_dir, std::time::Duration::ZERO)
+        .context("starting the group keeper")?;
     let broker = Arc::new(Broker::start(
         group,
         BrokerConfig {

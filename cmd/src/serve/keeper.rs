@@ -5,6 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -25,14 +26,21 @@ impl Keeper {
 }
 
 /// Starts the keeper in its own process group (a terminal's ^C or a kill of ours must not
-/// reach it) and gives it the group.
-pub fn spawn(group: &Group, cache_dir: &Path) -> Result<Keeper> {
+/// reach it) and gives it the group. `successor_wait`: how long, once we are gone, it
+/// leaves reads waiting for a restarted daemon before answering them itself.
+pub fn spawn(group: &Group, cache_dir: &Path, successor_wait: Duration) -> Result<Keeper> {
     let (ours, theirs) = UnixStream::pair().context("socket pair")?;
     let exe = std::env::current_exe().context("finding our own executable")?;
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    for name in lazy_erofs_ondemand::fdstore::SYSTEMD_ENV {
+        command.env_remove(name);
+    }
+    let child = command
         .arg("fanotify-keeper")
         .arg("--cache-dir")
         .arg(cache_dir)
+        .arg("--successor-wait")
+        .arg(humantime::format_duration(successor_wait).to_string())
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::null())
         .process_group(0)
@@ -53,6 +61,10 @@ pub struct KeeperArgs {
     /// The cache directory whose data files the group marks.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: PathBuf,
+    /// Once the daemon is gone, leave reads waiting this long for a successor to adopt
+    /// the group before answering them (present pages, else EIO).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub successor_wait: Duration,
 }
 
 /// The keeper process: its stdin is the socket from [`spawn`].
@@ -62,6 +74,10 @@ pub fn run(args: &KeeperArgs) -> Result<()> {
         .as_fd()
         .try_clone_to_owned()
         .context("the keeper's stdin")?;
-    keeper::run(UnixStream::from(stdin), &args.cache_dir)?;
+    keeper::run(
+        UnixStream::from(stdin),
+        &args.cache_dir,
+        args.successor_wait,
+    )?;
     Ok(())
 }

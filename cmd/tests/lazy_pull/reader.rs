@@ -1,6 +1,9 @@
 //! Containers that read from lazy layers, watched with a deadline: a reader that does
 //! not end in time fails the test with the stacks of every task in D state.
 
+// Shared by several test binaries; each uses a part.
+#![allow(dead_code)]
+
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 

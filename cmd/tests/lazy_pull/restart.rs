@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::reader;
 use crate::containerd::Containerd;
 use crate::daemon::{self, Daemon};
-use crate::{PYTHON, fetched};
+use crate::image::{PYTHON, fetched};
 
 /// What the later acts of the test need.
 pub struct Story<'a> {

@@ -161,8 +161,16 @@ pub async fn list_all(
 pub async fn snapshot_kinds(
     daemon: &Daemon,
 ) -> Result<std::collections::BTreeSet<(String, String)>> {
+    snapshot_kinds_at(&daemon.socket).await
+}
+
+/// [`snapshot_kinds`] of the daemon serving `socket`.
+pub async fn snapshot_kinds_at(
+    socket: &Path,
+) -> Result<std::collections::BTreeSet<(String, String)>> {
     use containerd_client::services::v1::snapshots as pb;
-    let mut c = daemon.client().await?;
+    let channel = containerd_client::connect(socket).await?;
+    let mut c = SnapshotsClient::new(channel);
     let mut out = std::collections::BTreeSet::new();
     for info in list_all(&mut c).await? {
         let name = info

@@ -36,6 +36,9 @@ pub enum DeviceError {
     Malformed(#[from] MsgError),
     #[error("cache directory path is not valid UTF-8 or contains a newline: {0:?}")]
     BadPath(std::path::PathBuf),
+    /// A kept fd (from a service manager's store) is not a bound `/dev/cachefiles`.
+    #[error("the kept fd is not a bound {DEVICE_PATH}: {0}")]
+    NotBound(String),
     /// The fanotify backend's broker link failed (the broker is gone).
     #[error("fanotify broker link: {0}")]
     Link(#[source] io::Error),
@@ -101,6 +104,32 @@ impl Device {
         self.command(&format!("dir {dir}"))?;
         self.command(&format!("tag {tag}"))?;
         self.command("bind ondemand")
+    }
+
+    /// Takes back a device fd a previous process of this daemon bound and left in a
+    /// service manager's keeping: checks that it is `/dev/cachefiles` (same device
+    /// number) and still bound (the kernel refuses a second `bind` with EBUSY; an
+    /// unbound one would fail with EINVAL, having no directory).
+    pub fn adopt(fd: OwnedFd) -> Result<Self, DeviceError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let file = File::from(fd);
+        let ours = file.metadata().map_err(DeviceError::Open)?;
+        let device = std::fs::metadata(DEVICE_PATH).map_err(DeviceError::Open)?;
+        if !ours.file_type().is_char_device() || ours.rdev() != device.rdev() {
+            return Err(DeviceError::NotBound(format!(
+                "device number {:#x}, {DEVICE_PATH} is {:#x}",
+                ours.rdev(),
+                device.rdev()
+            )));
+        }
+        let device = Self { file };
+        match nix::unistd::write(&device.file, b"bind ondemand") {
+            Err(Errno::EBUSY) => Ok(device),
+            Ok(_) => Err(DeviceError::NotBound(
+                "it accepted a new bind (the old cache was gone)".into(),
+            )),
+            Err(errno) => Err(DeviceError::NotBound(format!("bind probe: {errno}"))),
+        }
     }
 
     /// Wraps a device fd received from another process (already bound).

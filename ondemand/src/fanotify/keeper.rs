@@ -50,17 +50,29 @@ pub enum KeeperError {
 /// Broker side: sends the group over the keeper's socket (its stdin). The socket's other
 /// end must stay open for as long as this process serves the group.
 pub fn send_group(socket: &UnixStream, group: &Group) -> std::io::Result<()> {
-    let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_or(1 << 20, |(soft, _)| soft);
     link::send(
         socket.as_fd(),
-        &ToKeeper::Group { fd_limit },
+        &ToKeeper::Group {
+            fd_limit: fd_limit(),
+        },
         Some(group.as_fd()),
     )
 }
 
+/// This process's fd limit: every event fd it reads is numbered below it.
+pub fn fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1 << 20, |(soft, _)| soft)
+}
+
 /// The keeper process's body: returns once the group may be closed safely.
-pub fn run(socket: UnixStream, cache_dir: &Path) -> Result<(), KeeperError> {
+/// `successor_wait`: how long reads are left queued (readers pause) for a successor to
+/// adopt the group before the keeper answers them itself.
+pub fn run(
+    socket: UnixStream,
+    cache_dir: &Path,
+    successor_wait: Duration,
+) -> Result<(), KeeperError> {
     let Some((ToKeeper::Group { fd_limit }, Some(fd))) = link::recv::<ToKeeper>(socket.as_fd())?
     else {
         return Err(KeeperError::NoGroup);
@@ -74,10 +86,12 @@ pub fn run(socket: UnixStream, cache_dir: &Path) -> Result<(), KeeperError> {
         stale,
         fd_limit,
         elapsed = ?started.elapsed(),
-        "broker gone; the keeper answers reads from what is present"
+        ?successor_wait,
+        "broker gone; reads wait for a successor, then the keeper answers them from what is present"
     );
     let mut layers = Layers::scan(cache_dir);
     let adoption = listen(cache_dir);
+    let serve_from = Instant::now() + successor_wait;
     loop {
         if let Some(listener) = &adoption
             && let Ok((successor, _)) = listener.accept()
@@ -88,6 +102,10 @@ pub fn run(socket: UnixStream, cache_dir: &Path) -> Result<(), KeeperError> {
                 let _ = std::fs::remove_file(socket_path(cache_dir));
                 return Ok(());
             }
+        }
+        if Instant::now() < serve_from {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         }
         if link::wait_readable(group.as_fd(), Duration::from_millis(200))? {
             let outcome = group.read_events().map_err(std::io::Error::other)?;
@@ -139,8 +157,10 @@ pub fn adopt(cache_dir: &Path) -> Option<Group> {
     }
 }
 
-/// Denies every event a dead process read but never answered; returns how many.
-fn deny_stale(group: &Group, fd_limit: u64) -> u64 {
+/// Denies every event a dead process read but never answered (numbered below
+/// `fd_limit`, that process's fd limit); returns how many. Call before this process
+/// reads any event itself: its own events could carry the same numbers.
+pub fn deny_stale(group: &Group, fd_limit: u64) -> u64 {
     let limit = i32::try_from(fd_limit).unwrap_or(i32::MAX);
     (0..limit)
         .filter(|&fd| group.respond(fd, Answer::Deny(Errno::EIO)).is_ok())

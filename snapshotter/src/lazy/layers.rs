@@ -30,7 +30,13 @@ use crate::api::SnapshotError;
 #[derive(Debug, Clone)]
 pub enum Backend {
     /// EROFS over fscache, served by the fetcher from the supervisor's blob table.
-    Fscache { blobs: BlobTable, tag: String },
+    /// `kept`: the cache a previous process bound is still bound (systemd kept the
+    /// device fd), so its layer mounts still work and are taken over, not replaced.
+    Fscache {
+        blobs: BlobTable,
+        tag: String,
+        kept: bool,
+    },
     /// File-backed EROFS whose data file the broker has the fetcher fill on fanotify
     /// pre-content events.
     Fanotify {
@@ -50,6 +56,9 @@ pub struct LayerMounts {
     domain: String,
     /// fsids mounted by this process (anything else under `mnt/` is stale).
     mounted: Mutex<HashSet<String>>,
+    /// fscache mounts a previous process left on a kept cache, until [`LayerMounts::adopt`]
+    /// takes each over (or [`LayerMounts::clear_unadopted`] drops it).
+    kept: Mutex<HashSet<String>>,
     /// One lock per layer, held across its mount (and whole fetch): a layer whose
     /// registry stalls holds up only Prepares of that layer.
     mounting: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -128,19 +137,17 @@ impl LayerMounts {
         let blob_dir = dir.join("blobs");
         make_dir(&mnt_dir)?;
         make_dir(&blob_dir)?;
-        // File-backed mounts need no daemon and stay; fscache ones are stale.
+        // File-backed mounts need no daemon and stay; fscache ones are stale unless
+        // their cache is still bound.
         let mut mounted = HashSet::new();
+        let mut kept = HashSet::new();
         let in_use = match backend {
+            Backend::Fscache { kept: true, .. } => {
+                kept = mountpoints(&mnt_dir)?;
+                0
+            }
             Backend::FileBacked => {
-                let entries = std::fs::read_dir(&mnt_dir)
-                    .map_err(io(format!("listing {}", mnt_dir.display())))?;
-                for path in entries.flatten().map(|e| e.path()) {
-                    if is_mountpoint(&path)
-                        && let Some(name) = path.file_name().and_then(|n| n.to_str())
-                    {
-                        mounted.insert(name.to_owned());
-                    }
-                }
+                mounted = mountpoints(&mnt_dir)?;
                 0
             }
             // A previous run's mounts answer to its group (kept by its keeper, which
@@ -186,6 +193,7 @@ impl LayerMounts {
             registry,
             domain,
             mounted: Mutex::new(mounted),
+            kept: Mutex::new(kept),
             mounting: Mutex::default(),
         })
     }
@@ -221,13 +229,8 @@ impl LayerMounts {
         let started = std::time::Instant::now();
         match &self.backend {
             Backend::Fscache { blobs, .. } => {
-                let spec = |view| BlobSpec::Registry(layer.spec(view));
-                let domain = self.domain(&layer.fsid);
-                blobs.insert_in(&domain, layer.fsid.clone(), spec(View::Metadata));
-                if layer.data_space_size > 0 {
-                    blobs.insert_in(&domain, layer.data_tag.clone(), spec(View::Data));
-                }
-                let options = format!("fsid={},domain_id={domain}", layer.fsid);
+                self.register(blobs, layer);
+                let options = format!("fsid={},domain_id={}", layer.fsid, self.domain(&layer.fsid));
                 mount("none", &path, &options)?;
             }
             Backend::FileBacked => {
@@ -249,6 +252,43 @@ impl LayerMounts {
         tracing::info!(fsid = %layer.fsid, layer = %layer.digest, elapsed = ?started.elapsed(), "lazy layer mounted");
         lock(&self.mounted).insert(layer.fsid.clone());
         Ok(path)
+    }
+
+    /// Takes over the mount a previous process left for `layer` on a kept cache: its
+    /// cookies go back into the blob table (before the first fetcher writes `restore`,
+    /// so the kernel's re-sent OPENs resolve). Returns whether there was one.
+    pub fn adopt(&self, layer: &LazyRecord) -> bool {
+        if !lock(&self.kept).remove(&layer.fsid) {
+            return false;
+        }
+        if let Backend::Fscache { blobs, .. } = &self.backend {
+            self.register(blobs, layer);
+        }
+        lock(&self.mounted).insert(layer.fsid.clone());
+        tracing::info!(fsid = %layer.fsid, layer = %layer.digest, "lazy layer mount taken over");
+        true
+    }
+
+    /// Unmounts the kept mounts no layer record claimed (left by a Remove the previous
+    /// process did not finish); returns how many.
+    pub fn clear_unadopted(&self) -> usize {
+        let stale: Vec<String> = lock(&self.kept).drain().collect();
+        for fsid in &stale {
+            let path = self.path(fsid);
+            if let Err(e) = nix::mount::umount2(&path, MntFlags::MNT_DETACH) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot detach a stale layer mount");
+            }
+        }
+        stale.len()
+    }
+
+    fn register(&self, blobs: &BlobTable, layer: &LazyRecord) {
+        let spec = |view| BlobSpec::Registry(layer.spec(view));
+        let domain = self.domain(&layer.fsid);
+        blobs.insert_in(&domain, layer.fsid.clone(), spec(View::Metadata));
+        if layer.data_space_size > 0 {
+            blobs.insert_in(&domain, layer.data_tag.clone(), spec(View::Data));
+        }
     }
 
     /// Unmounts a layer no snapshot uses any more (detached if still busy); its cache
@@ -304,6 +344,18 @@ impl LayerMounts {
     pub fn overlays_using(&self) -> usize {
         overlays_using(&self.mnt_dir)
     }
+}
+
+/// Names of the mount points directly under `mnt_dir`.
+fn mountpoints(mnt_dir: &Path) -> Result<HashSet<String>, SnapshotError> {
+    let entries =
+        std::fs::read_dir(mnt_dir).map_err(io(format!("listing {}", mnt_dir.display())))?;
+    Ok(entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|path| is_mountpoint(path))
+        .filter_map(|path| path.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+        .collect())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -82,7 +82,35 @@ impl OverlaySnapshotter {
             resolver: LayerResolver::new(registry),
             mounts,
         };
-        Self::open_inner(root, Some(lazy))
+        let snapshotter = Self::open_inner(root, Some(lazy))?;
+        snapshotter.adopt_kept_layers()?;
+        Ok(snapshotter)
+    }
+
+    /// Takes over the layer mounts a previous process left on a cache that is still
+    /// bound (their blob descriptions go back into the supervisor's table before its
+    /// first fetcher starts); unmounts kept mounts no layer record claims.
+    fn adopt_kept_layers(&self) -> Result<(), SnapshotError> {
+        let Some(lazy) = &self.inner.lazy else {
+            return Ok(());
+        };
+        let mut adopted = 0;
+        for (_, record) in self.inner.store.list()? {
+            if let Some(layer) = &record.lazy
+                && lazy.mounts.adopt(layer)
+            {
+                adopted += 1;
+            }
+        }
+        let stale = lazy.mounts.clear_unadopted();
+        if adopted + stale > 0 {
+            tracing::info!(
+                adopted,
+                stale,
+                "layer mounts of the previous process taken over"
+            );
+        }
+        Ok(())
     }
 
     fn open_inner(root: &Path, lazy: Option<LazyLayers>) -> Result<Self, SnapshotError> {

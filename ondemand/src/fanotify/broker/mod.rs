@@ -88,6 +88,8 @@ enum Control {
     Attach(OwnedFd),
     /// Replies once no event is pending or at the deadline, with how many still are.
     Drain(Instant, mpsc::Sender<usize>),
+    /// Stop reading events: they stay queued in the group for whoever serves it next.
+    Quiesce,
     Stop,
 }
 
@@ -148,6 +150,12 @@ impl Broker {
     /// Hands the broker the link to a new fetcher child.
     pub fn attach(&self, link: OwnedFd) -> Result<(), BrokerError> {
         self.send(Control::Attach(link))
+    }
+
+    /// Stops reading new events (a planned stop under systemd: the group outlives us and
+    /// the next process reads them); pending ones are still served.
+    pub fn quiesce(&self) {
+        let _ = self.send(Control::Quiesce);
     }
 
     /// Waits until no event is pending or `timeout` passes; returns how many still are.

@@ -49,6 +49,8 @@ pub(super) struct State {
     link: Option<OwnedFd>,
     next_msg: u32,
     drains: Vec<(Instant, mpsc::Sender<usize>)>,
+    /// No more events are read (see [`Control::Quiesce`]).
+    quiet: bool,
     summary: BrokerSummary,
 }
 
@@ -70,6 +72,7 @@ impl State {
             link: None,
             next_msg: 1,
             drains: Vec::new(),
+            quiet: false,
             summary: BrokerSummary::default(),
         }
     }
@@ -110,8 +113,13 @@ impl State {
 
     /// Polls the group, the link and the wake pipe; returns (group, link) readiness.
     fn wait(&mut self, timeout: Duration) -> (bool, bool) {
+        let group_events = if self.quiet {
+            PollFlags::empty()
+        } else {
+            PollFlags::POLLIN
+        };
         let mut fds = vec![
-            PollFd::new(self.group.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.group.as_fd(), group_events),
             PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
         ];
         if let Some(link) = &self.link {
@@ -122,7 +130,7 @@ impl State {
             return (false, false);
         }
         let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-        let group = ready(&fds[0]);
+        let group = !self.quiet && ready(&fds[0]);
         let link = fds.get(2).is_some_and(ready);
         if ready(&fds[1]) {
             let mut sink = [0u8; 64];
@@ -145,6 +153,7 @@ impl State {
                 }
             }
             Control::Drain(deadline, reply) => self.drains.push((deadline, reply)),
+            Control::Quiesce => self.quiet = true,
             Control::Stop => return false,
         }
         true
