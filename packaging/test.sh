@@ -60,4 +60,9 @@ packaging/testvm/run.sh --kernel-series 7 --kernel "$kernel7" -- bash -c 'mkdir 
     cargo nextest run --profile vm7 --archive-file "$archive" --workspace-remap "$checkout" \
     --extract-to /scratch/nextest-archive
 
+stage "test VM 7.3 with systemd as PID 1: the fanotify backend restarted under readers"
+packaging/testvm/run.sh --init systemd --kernel-series 7 --kernel "$kernel7" -- bash -c 'mkdir -p /scratch/nextest-archive && exec "$@"' - \
+    cargo nextest run --profile vm7-systemd --archive-file "$archive" --workspace-remap "$checkout" \
+    --extract-to /scratch/nextest-archive
+
 stage "all tests passed"

@@ -26,3 +26,15 @@ pub fn init_logging(default_level: &str) {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
+
+/// The executable to start our own children (fetcher, keeper) from: `/proc/self/exe`
+/// where procfs is mounted, so after an upgrade replaced the file on disk they still run
+/// the version that starts them (the path would name the new one, or nothing).
+pub fn own_executable() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe.to_path_buf());
+    }
+    std::env::current_exe().context("finding our own executable")
+}

@@ -27,8 +27,67 @@ use unit::Service;
 const RESTARTS: usize = 10;
 const KILLS: usize = 10;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    /// `systemctl restart`.
+    Restart,
+    /// SIGKILL of the main process; systemd starts it again.
+    Kill,
+}
+
+/// On cachefiles the bound device waits in the store through both: the kernel keeps
+/// every request, and the new process's fetcher `restore`s them.
 #[test]
 fn privileged_vm_systemd_restarts_and_kills_lose_no_read_on_cachefiles() -> Result<()> {
+    let acts: Vec<Act> = (0..RESTARTS + KILLS)
+        .map(|i| if i % 2 == 0 { Act::Restart } else { Act::Kill })
+        .collect();
+    with_service("cachefiles", |s| {
+        hash_under(s, "/data/big.bin", &s.big.big_hash, &acts)?;
+        let log = s.service.log();
+        let taken_back = log
+            .matches("took back the bound cache systemd kept")
+            .count();
+        ensure!(
+            taken_back >= acts.len(),
+            "{taken_back} handle take-backs logged for {} restarts",
+            acts.len()
+        );
+        Ok(())
+    })
+}
+
+/// On fanotify a planned restart stops reading events (they queue in the group, which
+/// the keeper and systemd hold) and finishes the ones it read: no reader notices. A
+/// SIGKILL leaves the events the dead broker had read unanswerable by anyone else but
+/// by number: they are denied (EIO); reads that start later wait and are served.
+#[test]
+fn privileged_vm7_systemd_restarts_lose_no_read_on_fanotify() -> Result<()> {
+    with_service("fanotify", |s| {
+        hash_under(
+            s,
+            "/data/big.bin",
+            &s.big.big_hash,
+            &[Act::Restart; RESTARTS],
+        )?;
+        sigkill_outcome(s)
+    })
+}
+
+/// What the acts of a story need.
+struct Story<'a> {
+    service: &'a Service,
+    containerd: &'a Containerd,
+    registry: &'a lazy_erofs_test_support::DockerRegistry,
+    image: &'a str,
+    layers: &'a [lazy_erofs_image::manifest::LazyLayer],
+    big: &'a image::BigFiles,
+}
+
+/// The image pushed, the packaged unit installed for `backend` and started, containerd
+/// on it, the image pulled lazily and python run once; then `acts`, then the checks
+/// after it all.
+fn with_service(backend: &str, acts: impl FnOnce(&Story<'_>) -> Result<()>) -> Result<()> {
     unit::require_systemd()?;
     let scratch = common::scratch()?;
     let work = scratch.path();
@@ -40,42 +99,44 @@ fn privileged_vm_systemd_restarts_and_kills_lose_no_read_on_cachefiles() -> Resu
     let layers = push_converted(work, &registry, &image, std::slice::from_ref(&big.tar))?;
     let root = work.join("snapshotter");
     let config = format!(
-        "[snapshotter]\nfscache_tag = \"lt-systemd\"\nbackend = \"cachefiles\"\n\
+        "[snapshotter]\nfscache_tag = \"lt-systemd\"\nbackend = \"{backend}\"\n\
          [registry]\ninsecure_hosts = [\"{}\"]\n",
         registry.host
     );
     let service = Service::install_and_start(&root, &config)?;
-    let result = story(&service, work, &registry, &image, &layers, &big.big_hash);
+    let result = (|| {
+        ensure!(
+            service.log().contains(&format!("backend {backend}")),
+            "the daemon did not pick {backend}"
+        );
+        let containerd = Containerd::start(&work.join("containerd"), &service.socket)?;
+        let pulled = containerd.lazy_pull(&image)?;
+        ensure!(pulled.contains("4 layers lazily"), "{pulled}");
+        run_python(&containerd, &image, "python-1")?;
+        let story = Story {
+            service: &service,
+            containerd: &containerd,
+            registry: &registry,
+            image: &image,
+            layers: &layers,
+            big: &big,
+        };
+        acts(&story)?;
+        after_it_all(&story)
+    })();
     let log = service.log();
     let _ = service.stop();
     result.with_context(|| format!("daemon log:\n{log}"))
 }
 
-fn story(
-    service: &Service,
-    work: &std::path::Path,
-    registry: &lazy_erofs_test_support::DockerRegistry,
-    image: &str,
-    layers: &[lazy_erofs_image::manifest::LazyLayer],
-    big_hash: &str,
-) -> Result<()> {
-    ensure!(
-        service.log().contains("backend cachefiles"),
-        "{}",
-        service.log()
-    );
-    let containerd = Containerd::start(&work.join("containerd"), &service.socket)?;
-    let pulled = containerd.lazy_pull(image)?;
-    ensure!(pulled.contains("4 layers lazily"), "{pulled}");
-    run_python(&containerd, image, "python-1")?;
-
-    // The hash reads the big file from the registry while the daemon goes and comes
-    // back 20 times; each act waits until the reader moved on by 8 MiB.
-    let big_sent = || registry.blob_bytes_sent(&layers[3].digest).0;
-    let mut hasher = reader::spawn(&containerd, image, "hash", &["sha256sum", "/data/big.bin"])?;
+/// A container hashes `path` (lazily, from the registry) while `acts` happen one after
+/// the other, each once the reader has moved on by 8 MiB: the hash must come out right.
+fn hash_under(s: &Story<'_>, path: &str, want: &str, acts: &[Act]) -> Result<()> {
+    let big_sent = || s.registry.blob_bytes_sent(&s.layers[3].digest).0;
+    let mut hasher = reader::spawn(s.containerd, s.image, "hash", &["sha256sum", path])?;
     let started = Instant::now();
     let mut gaps = Vec::new();
-    let mut acts = 0;
+    let mut done = 0;
     let mut sent_at_last = big_sent();
     let status = loop {
         if let Some(status) = hasher.try_wait()? {
@@ -83,80 +144,127 @@ fn story(
         }
         ensure!(
             started.elapsed() < Duration::from_secs(900),
-            "sha256sum still running after 900 s and {acts} restarts"
+            "sha256sum still running after 900 s and {done} acts"
         );
         std::thread::sleep(Duration::from_millis(50));
-        if acts == RESTARTS + KILLS || big_sent() < sent_at_last + (8 << 20) {
+        if done == acts.len() || big_sent() < sent_at_last + (8 << 20) {
             continue;
         }
-        let old = service.main_pid()?;
+        let old = s.service.main_pid()?;
         let stopped = Instant::now();
-        // Restarts and kills alternate.
-        if acts % 2 == 0 {
-            service.restart()?;
-        } else {
-            service.kill_main()?;
+        match acts[done] {
+            Act::Restart => s.service.restart()?,
+            Act::Kill => s.service.kill_main()?,
         }
-        service.wait_for_successor(old, Duration::from_secs(60))?;
+        s.service.wait_for_successor(old, Duration::from_secs(60))?;
         // The gap: from the signal until the registry sends the reader's next bytes to
         // the new process's fetcher.
         let before = big_sent();
         while big_sent() == before && hasher.try_wait()?.is_none() {
             ensure!(
                 stopped.elapsed() < Duration::from_secs(120),
-                "no read served within 120 s of restart {acts}"
+                "no read served within 120 s of act {done}"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
         gaps.push(stopped.elapsed());
-        acts += 1;
+        done += 1;
         sent_at_last = big_sent();
     };
     let out = hasher.wait_with_output()?;
     let hashed = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
         status.success(),
-        "sha256sum in the container after {acts} restarts: {status}: {}",
+        "sha256sum in the container after {done} acts: {status}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     ensure!(
-        hashed.starts_with(big_hash),
-        "wrong hash {hashed:?}, want {big_hash}"
+        hashed.starts_with(want),
+        "wrong hash {hashed:?}, want {want}"
     );
     ensure!(
-        acts == RESTARTS + KILLS,
-        "only {acts} restarts and kills during the hash"
-    );
-    let log = service.log();
-    let taken_back = log
-        .matches("took back the bound cache systemd kept")
-        .count();
-    ensure!(
-        taken_back >= acts,
-        "{taken_back} handle take-backs logged for {acts} restarts"
+        done == acts.len(),
+        "only {done} of {} acts during the hash",
+        acts.len()
     );
     gaps.sort();
     let ms = |q: f64| gaps[((gaps.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    let count = |act| acts.iter().filter(|a| **a == act).count();
     println!(
-        "sha256sum of {BIG_FILE_MIB} MiB under {RESTARTS} systemctl restarts and {KILLS} \
-         SIGKILLs in {:.1} s: right hash; restart gap (signal to the next read served) \
-         p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        "sha256sum of {BIG_FILE_MIB} MiB under {} systemctl restarts and {} SIGKILLs in \
+         {:.1} s: right hash; restart gap (signal to the next read served) p50 {:.0} ms, \
+         p99 {:.0} ms, max {:.0} ms",
+        count(Act::Restart),
+        count(Act::Kill),
         started.elapsed().as_secs_f64(),
         ms(0.5),
         ms(0.99),
         ms(1.0)
     );
-    after_it_all(service, &containerd, registry, image, layers)
+    Ok(())
+}
+
+/// SIGKILL under a reader of the late file: it ends with the right hash or EIO, never a
+/// wrong hash; once the daemon is back, the same read gives the right hash.
+fn sigkill_outcome(s: &Story<'_>) -> Result<()> {
+    let late = "/data/late.bin";
+    let want = &s.big.late_hash;
+    let big_sent = || s.registry.blob_bytes_sent(&s.layers[3].digest).0;
+    let before = big_sent();
+    let hasher = reader::spawn(s.containerd, s.image, "late", &["sha256sum", late])?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while big_sent() < before + (4 << 20) {
+        ensure!(
+            Instant::now() < deadline,
+            "the reader of {late} fetched nothing in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let old = s.service.main_pid()?;
+    s.service.kill_main()?;
+    let (out, ended) = reader::wait_bounded(hasher, Duration::from_secs(300), || s.service.log())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "SIGKILL under a reader: it ended {:.1} s later with {}: {}",
+        ended.as_secs_f64(),
+        out.status,
+        if out.status.success() {
+            stdout.trim()
+        } else {
+            stderr.trim()
+        }
+    );
+    if out.status.success() {
+        ensure!(
+            stdout.starts_with(want.as_str()),
+            "wrong hash after SIGKILL: {stdout}"
+        );
+    } else {
+        ensure!(stderr.contains("Input/output error"), "{stderr}");
+    }
+    s.service.wait_for_successor(old, Duration::from_secs(60))?;
+    let again = s.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazy-erofs",
+        s.image,
+        "late-2",
+        "sha256sum",
+        late,
+    ])?;
+    ensure!(
+        again.starts_with(want.as_str()),
+        "after the restart: {again}"
+    );
+    Ok(())
 }
 
 /// No leaked mounts, the two views agree, a new container fetches nothing again.
-fn after_it_all(
-    service: &Service,
-    containerd: &Containerd,
-    registry: &lazy_erofs_test_support::DockerRegistry,
-    image: &str,
-    layers: &[lazy_erofs_image::manifest::LazyLayer],
-) -> Result<()> {
+fn after_it_all(s: &Story<'_>) -> Result<()> {
+    let (service, containerd, registry, image, layers) =
+        (s.service, s.containerd, s.registry, s.image, s.layers);
     let mnt = service.root.join("layers/mnt");
     let mut mounts = unit::erofs_mounts_under(&mnt)?;
     mounts.sort();

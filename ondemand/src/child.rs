@@ -34,6 +34,8 @@ pub enum ChildError {
     Restore(#[source] crate::cachefiles::device::DeviceError),
     #[error("the supervisor is gone")]
     Orphaned,
+    #[error("the supervisor speaks hand-over protocol {theirs}, this fetcher {ours}")]
+    Protocol { theirs: u32, ours: u32 },
     #[error(transparent)]
     Fetcher(#[from] fetcher::FetcherError),
     #[error("tokio runtime: {0}")]
@@ -101,6 +103,12 @@ pub fn run(
         source,
     })?;
     let (handover, kernel_fd, stats_fd) = handover::recv_handover(&stream)?;
+    if handover.protocol > handover::PROTOCOL {
+        return Err(ChildError::Protocol {
+            theirs: handover.protocol,
+            ours: handover::PROTOCOL,
+        });
+    }
     let stats = Arc::new(Stats::from_fd(stats_fd).map_err(ChildError::Stats)?);
     let device = match handover.backend {
         Backend::Cachefiles => {

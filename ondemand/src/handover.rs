@@ -17,8 +17,16 @@ use serde::{Deserialize, Serialize};
 use crate::source::BlobSpec;
 use crate::sys;
 
+/// The version of this protocol. The supervisor starts its fetcher from its own
+/// executable (`/proc/self/exe`, which stays the same file when an upgrade replaces it on
+/// disk), so both ends agree; a child still checks and refuses a newer supervisor.
+pub const PROTOCOL: u32 = 1;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Handover {
+    /// [`PROTOCOL`] of the sender; absent (1) from senders before versioning.
+    #[serde(default = "first_protocol")]
+    pub protocol: u32,
     /// 1 for the first child, +1 per restart.
     pub generation: u64,
     /// Write `restore` before serving (every child but the first on a fresh bind).
@@ -26,6 +34,10 @@ pub struct Handover {
     /// What the first fd is.
     #[serde(default)]
     pub backend: Backend,
+}
+
+fn first_protocol() -> u32 {
+    1
 }
 
 /// The kernel transport the hand-over's first fd belongs to.
@@ -175,6 +187,7 @@ mod tests {
         send_handover(
             &parent,
             Handover {
+                protocol: PROTOCOL,
                 generation: 3,
                 restore: true,
                 backend: Backend::Fanotify,
@@ -187,6 +200,7 @@ mod tests {
         assert_eq!(
             handover,
             Handover {
+                protocol: PROTOCOL,
                 generation: 3,
                 restore: true,
                 backend: Backend::Fanotify,

@@ -363,6 +363,7 @@ impl Supervisor {
                 Transport::Cachefiles(device) => handover::send_handover(
                     stream,
                     Handover {
+                        protocol: handover::PROTOCOL,
                         generation,
                         restore,
                         backend: Backend::Cachefiles,
@@ -373,6 +374,7 @@ impl Supervisor {
                 Transport::Fanotify(broker) => {
                     let (ours, theirs) = link::pair()?;
                     let handover = Handover {
+                        protocol: handover::PROTOCOL,
                         generation,
                         restore: false,
                         backend: Backend::Fanotify,

@@ -83,6 +83,17 @@ pub enum SnapshotError {
     },
     #[error("metadata store: {0}")]
     Store(String),
+    /// The store was written by a newer lazy-erofs (a downgrade): refused untouched.
+    #[error(
+        "metadata store {path}: schema version {found}, this lazy-erofs {ours} reads up to \
+         {supported}: run the newer lazy-erofs again, or move the snapshotter root aside"
+    )]
+    NewerStore {
+        path: String,
+        found: u64,
+        supported: u64,
+        ours: &'static str,
+    },
     /// The disk is full (ENOSPC, EDQUOT): retry once space is freed.
     #[error("{0}: no space left on the device")]
     NoSpace(String),
@@ -120,7 +131,9 @@ impl From<SnapshotError> for tonic::Status {
             SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             SnapshotError::Unavailable(_) => tonic::Status::unavailable(message),
             SnapshotError::NoSpace(_) => tonic::Status::resource_exhausted(message),
-            SnapshotError::Io { .. } | SnapshotError::Store(_) => tonic::Status::internal(message),
+            SnapshotError::Io { .. }
+            | SnapshotError::Store(_)
+            | SnapshotError::NewerStore { .. } => tonic::Status::internal(message),
         }
     }
 }

@@ -30,7 +30,7 @@ impl Keeper {
 /// leaves reads waiting for a restarted daemon before answering them itself.
 pub fn spawn(group: &Group, cache_dir: &Path, successor_wait: Duration) -> Result<Keeper> {
     let (ours, theirs) = UnixStream::pair().context("socket pair")?;
-    let exe = std::env::current_exe().context("finding our own executable")?;
+    let exe = crate::own_executable()?;
     let mut command = Command::new(exe);
     for name in lazy_erofs_ondemand::fdstore::SYSTEMD_ENV {
         command.env_remove(name);

@@ -176,7 +176,7 @@ fn make_cache_dir(dir: &std::path::Path) -> Result<()> {
 
 /// Our own executable as the fetcher child, with the registry options.
 fn fetcher_command(args: &ServeArgs) -> Result<Vec<std::ffi::OsString>> {
-    let exe = std::env::current_exe().context("finding our own executable")?;
+    let exe = crate::own_executable()?;
     let mut command = vec![exe.into(), "fetcher".into()];
     command.extend(args.registry.to_args());
     Ok(command)

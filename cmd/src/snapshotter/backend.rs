@@ -213,8 +213,11 @@ fn forget_untaken(store: &mut FdStore) {
     }
 }
 
+/// The fetcher runs from this process's own executable: after an upgrade replaced the
+/// file on disk, `/proc/self/exe` still names the running version (the path would name
+/// the new one, or nothing), so supervisor and fetcher always speak one protocol.
 fn fetcher_command(fetcher_registry: &RegistryArgs) -> Result<Vec<std::ffi::OsString>> {
-    let exe = std::env::current_exe().context("finding our own executable")?;
+    let exe = crate::own_executable()?;
     let mut command = vec![exe.into(), "fetcher".into()];
     command.extend(fetcher_registry.to_args());
     Ok(command)
@@ -279,6 +282,8 @@ fn fanotify_backend(
     let dir = root.join("layers/blobs");
     make_dir(&dir)?;
     let stored = store.take(fdstore::FANOTIFY);
+    // systemd holds this group already: storing it again would only add a copy.
+    let in_store = stored.is_some();
     let group = match (fanotify::keeper::adopt(&dir), stored) {
         (Some(group), _) => {
             tracing::info!("adopted the fanotify group a previous run's keeper held");
@@ -300,7 +305,7 @@ fn fanotify_backend(
     let marked = group.mark(&probe).and_then(|()| group.unmark(&probe));
     let _ = std::fs::remove_file(&probe);
     marked?;
-    let kept = keep(store, fdstore::FANOTIFY, &group);
+    let kept = in_store || keep(store, fdstore::FANOTIFY, &group);
     let successor_wait = if kept {
         SUCCESSOR_WAIT
     } else {

@@ -16,6 +16,9 @@ use super::super::link::{self, ToBroker, ToFetcher};
 use super::super::present::Present;
 use super::{BrokerConfig, BrokerError, BrokerSummary, Control, LayerFiles};
 
+/// How long an event on a file no layer owns waits for its layer to be registered.
+const ORPHAN_WAIT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OpenState {
     Closed,
@@ -51,6 +54,10 @@ pub(super) struct State {
     drains: Vec<(Instant, mpsc::Sender<usize>)>,
     /// No more events are read (see [`Control::Quiesce`]).
     quiet: bool,
+    /// Events on files no layer owns yet, by file, since when: after a restart the
+    /// group (kept by systemd or the keeper) reports reads of old mounts before the
+    /// snapshotter has registered their layers again.
+    orphans: Vec<(Instant, (u64, u64), AccessEvent)>,
     summary: BrokerSummary,
 }
 
@@ -73,6 +80,7 @@ impl State {
             next_msg: 1,
             drains: Vec::new(),
             quiet: false,
+            orphans: Vec::new(),
             summary: BrokerSummary::default(),
         }
     }
@@ -104,6 +112,7 @@ impl State {
                 }
             }
             self.answer_drains();
+            self.expire_orphans();
             if Instant::now() >= next_save {
                 self.save_present();
                 next_save = Instant::now() + self.config.save_every;
@@ -180,12 +189,13 @@ impl State {
             open: OpenState::Closed,
         });
         self.by_inode.insert(key, id);
+        self.adopt_orphans(key, id);
         Ok((id, self.layers[id as usize].present.is_complete()))
     }
 
     fn on_event(&mut self, event: AccessEvent) {
         self.summary.events += 1;
-        let layer = std::fs::File::from(match event.fd.try_clone() {
+        let key = std::fs::File::from(match event.fd.try_clone() {
             Ok(fd) => fd,
             Err(err) => {
                 tracing::error!(%err, "cannot dup an event fd; denied");
@@ -193,12 +203,23 @@ impl State {
             }
         })
         .metadata()
-        .ok()
-        .and_then(|m| self.by_inode.get(&(m.dev(), m.ino())).copied());
-        let Some(id) = layer else {
-            tracing::error!(pid = event.pid, "event on a file no layer owns; denied");
+        .map(|m| (m.dev(), m.ino()));
+        let Ok(key) = key else {
+            tracing::error!(pid = event.pid, "cannot stat an event's file; denied");
             return self.deny(event);
         };
+        match self.by_inode.get(&key).copied() {
+            Some(id) => self.route(event, id),
+            None => {
+                tracing::debug!(pid = event.pid, "event on a file no layer owns yet; held");
+                self.orphans.push((Instant::now(), key, event));
+            }
+        }
+    }
+
+    /// Answers an event of layer `id` at once if its range is present, else queues it
+    /// for the child.
+    fn route(&mut self, event: AccessEvent, id: u32) {
         let layer = &mut self.layers[id as usize];
         if layer.present.contains(event.offset, event.len) {
             self.summary.answered_present += 1;
@@ -218,6 +239,37 @@ impl State {
             },
         );
         self.dispatch(id);
+    }
+
+    /// Routes the held events of a file that just became layer `id`'s.
+    fn adopt_orphans(&mut self, key: (u64, u64), id: u32) {
+        let (mine, rest) = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .partition(|(_, k, _)| *k == key);
+        self.orphans = rest;
+        for (_, _, event) in mine {
+            self.route(event, id);
+        }
+    }
+
+    /// Denies events held longer than [`ORPHAN_WAIT`]: no layer claimed their file.
+    fn expire_orphans(&mut self) {
+        let now = Instant::now();
+        if self
+            .orphans
+            .iter()
+            .all(|(since, _, _)| now - *since < ORPHAN_WAIT)
+        {
+            return;
+        }
+        let (old, rest) = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .partition(|(since, _, _)| now - *since >= ORPHAN_WAIT);
+        self.orphans = rest;
+        for (_, _, event) in old {
+            tracing::error!(pid = event.pid, wait = ?ORPHAN_WAIT, "event on a file no layer owns; denied");
+            self.deny(event);
+        }
     }
 
     /// Moves layer `id` forward with the current child: open it, or send its reads.
@@ -377,6 +429,9 @@ impl State {
     }
 
     fn shutdown(&mut self) {
+        for (_, _, event) in std::mem::take(&mut self.orphans) {
+            self.deny(event);
+        }
         for (_, pending) in std::mem::take(&mut self.pending) {
             let layer = &self.layers[pending.layer as usize];
             if layer

@@ -21,11 +21,16 @@ use serde::{Deserialize, Serialize};
 use crate::api::{Info, Kind, SnapshotError, Usage};
 use crate::lazy::LazyRecord;
 
+mod schema;
+
+pub use schema::SCHEMA_VERSION;
+use schema::migrate;
+
 /// key → record (JSON).
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 /// parent key → child keys.
 const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("children");
-/// "next_id" → the next internal id.
+/// "next_id" → the next internal id; "schema" → the layout's [`SCHEMA_VERSION`].
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// What the store knows of one snapshot.
@@ -107,11 +112,13 @@ impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
         let db = Self::open_db(path)?;
-        // Create the tables so read transactions find them.
+        // Create the tables so read transactions find them; check and bring the schema
+        // up to date in the same transaction.
         let txn = db.begin_write().map_err(store_err)?;
         txn.open_table(SNAPSHOTS).map_err(store_err)?;
         txn.open_multimap_table(CHILDREN).map_err(store_err)?;
         txn.open_table(COUNTERS).map_err(store_err)?;
+        migrate(&txn, path)?;
         txn.commit().map_err(store_err)?;
         Ok(Self {
             path: path.to_owned(),
