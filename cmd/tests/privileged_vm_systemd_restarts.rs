@@ -1,5 +1,6 @@
 //! The snapshotter as the packaged systemd service, restarted and SIGKILLed under a
-//! container that reads lazily (in the VM booted with systemd as PID 1): the kernel
+//! container that reads lazily (in the VM booted with systemd as PID 1; containerd a
+//! systemd service too): the kernel
 //! handles wait in systemd's file descriptor store, each new process takes them back
 //! and serves the reads its predecessor left, and the container never sees an error or
 //! a wrong byte. Afterwards nothing leaked, containerd's and our views agree, and a new
@@ -109,7 +110,7 @@ fn with_service(backend: &str, acts: impl FnOnce(&Story<'_>) -> Result<()>) -> R
             service.log().contains(&format!("backend {backend}")),
             "the daemon did not pick {backend}"
         );
-        let containerd = Containerd::start(&work.join("containerd"), &service.socket)?;
+        let containerd = Containerd::start_unit(&work.join("containerd"), &service.socket)?;
         let pulled = containerd.lazy_pull(&image)?;
         ensure!(pulled.contains("4 layers lazily"), "{pulled}");
         run_python(&containerd, &image, "python-1")?;

@@ -39,6 +39,9 @@ pub struct Pending {
     /// The cache stays bound after this process (systemd keeps the device): a stop
     /// leaves the layer mounts for the next process to take over.
     pub keep_mounts: bool,
+    /// The group outlives this process for a successor (systemd keeps it): a stop
+    /// leaves new reads queued in it rather than fetching them.
+    quiesce: bool,
 }
 
 /// The running supervisor thread and how to stop it.
@@ -47,6 +50,7 @@ pub struct Running {
     thread: std::thread::JoinHandle<()>,
     fanotify: Option<(Arc<Broker>, Keeper)>,
     pub keep_mounts: bool,
+    quiesce: bool,
 }
 
 impl Pending {
@@ -67,6 +71,7 @@ impl Pending {
             thread,
             fanotify: self.fanotify,
             keep_mounts: self.keep_mounts,
+            quiesce: self.quiesce,
         })
     }
 }
@@ -76,8 +81,10 @@ impl Running {
     /// answered stay queued in the kernel for the next process.
     pub fn stop(self) {
         if let Some((broker, _)) = &self.fanotify {
-            // New reads queue in the group for whoever serves it next.
-            broker.quiesce();
+            if self.quiesce {
+                // New reads queue in the group for the next process.
+                broker.quiesce();
+            }
             let left = broker.drain(DRAIN);
             if left > 0 {
                 tracing::warn!(left, "reads still in flight at stop; they fail with EIO");
@@ -249,6 +256,7 @@ fn cachefiles(
             supervisor,
             fanotify: None,
             keep_mounts: kept,
+            quiesce: false,
         }),
     ))
 }
@@ -333,6 +341,7 @@ fn fanotify_backend(
             supervisor,
             fanotify: Some((broker, keeper)),
             keep_mounts: false,
+            quiesce: kept,
         }),
     ))
 }

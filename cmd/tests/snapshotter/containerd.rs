@@ -13,14 +13,75 @@ use anyhow::{Context, Result, bail};
 pub const NAMESPACE: &str = "lazytest";
 
 pub struct Containerd {
-    child: Child,
+    /// The process we started, or the transient systemd unit running it.
+    runs: Runs,
     pub address: PathBuf,
     log: PathBuf,
+}
+
+enum Runs {
+    Child(Child),
+    Unit(String),
 }
 
 impl Containerd {
     /// Starts containerd with its state under `dir` and lazy-erofs at `snapshotter_socket`.
     pub fn start(dir: &Path, snapshotter_socket: &Path) -> Result<Self> {
+        let (config, address, log) = Self::configure(dir, snapshotter_socket)?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting containerd (packaging/setup.sh installs containerd/trixie)")?;
+        Self {
+            runs: Runs::Child(child),
+            address,
+            log,
+        }
+        .wait_serving()
+    }
+
+    /// Starts containerd as a transient systemd service (`systemd-run`, `Type=notify`
+    /// like Debian's containerd.service), for tests in the VM booted with systemd.
+    pub fn start_unit(dir: &Path, snapshotter_socket: &Path) -> Result<Self> {
+        let (config, address, log) = Self::configure(dir, snapshotter_socket)?;
+        let unit = "lazytest-containerd.service".to_owned();
+        let out = Command::new("systemd-run")
+            .arg(format!("--unit={unit}"))
+            .args([
+                "-p",
+                "Type=notify",
+                "-p",
+                "KillMode=mixed",
+                "-p",
+                "Delegate=yes",
+            ])
+            .arg("-p")
+            .arg(format!("StandardError=append:{}", log.display()))
+            .arg("containerd")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .context("running systemd-run")?;
+        if !out.status.success() {
+            bail!(
+                "systemd-run containerd: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Self {
+            runs: Runs::Unit(unit),
+            address,
+            log,
+        }
+        .wait_serving()
+    }
+
+    /// Writes the configuration; returns it, the socket address and the log path.
+    fn configure(dir: &Path, snapshotter_socket: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
         std::fs::create_dir_all(dir)?;
         let address = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");
@@ -44,29 +105,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 socket = snapshotter_socket.display(),
             ),
         )?;
-        let log = dir.join("containerd.log");
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting containerd (packaging/setup.sh installs containerd/trixie)")?;
-        let mut this = Self {
-            child,
-            address,
-            log,
-        };
+        Ok((config, address, dir.join("containerd.log")))
+    }
+
+    fn wait_serving(mut self) -> Result<Self> {
         let started = Instant::now();
         loop {
-            if this.ctr(&["version"]).is_ok() {
-                return Ok(this);
+            if self.ctr(&["version"]).is_ok() {
+                return Ok(self);
             }
-            if let Some(status) = this.child.try_wait()? {
-                bail!("containerd exited with {status}: {}", this.log());
+            if let Runs::Child(child) = &mut self.runs
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("containerd exited with {status}: {}", self.log());
             }
             if started.elapsed() > Duration::from_secs(60) {
-                bail!("containerd did not serve within 60 s: {}", this.log());
+                bail!("containerd did not serve within 60 s: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -140,7 +194,14 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.runs {
+            Runs::Child(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Runs::Unit(unit) => {
+                let _ = Command::new("systemctl").args(["stop", unit]).status();
+            }
+        }
     }
 }

@@ -78,6 +78,10 @@ pub fn run(
         return Err(KeeperError::NoGroup);
     };
     let group = Group::from_fd(fd);
+    // Listening from the start: a successor that connects while the broker is still
+    // going, or while stale events are denied, waits in the backlog instead of finding
+    // no keeper and making a second group (whose reads this one would then fail).
+    let adoption = listen(cache_dir);
     // The broker's process holds the other end: EOF (or any error) means it is gone.
     while link::recv::<ToKeeper>(socket.as_fd()).is_ok_and(|m| m.is_some()) {}
     let started = Instant::now();
@@ -90,7 +94,6 @@ pub fn run(
         "broker gone; reads wait for a successor, then the keeper answers them from what is present"
     );
     let mut layers = Layers::scan(cache_dir);
-    let adoption = listen(cache_dir);
     let serve_from = Instant::now() + successor_wait;
     loop {
         if let Some(listener) = &adoption
@@ -150,7 +153,11 @@ fn listen(cache_dir: &Path) -> Option<UnixListener> {
 /// A successor's side: the group a keeper of `cache_dir` holds, if one is alive.
 pub fn adopt(cache_dir: &Path) -> Option<Group> {
     let stream = UnixStream::connect(socket_path(cache_dir)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    // The keeper answers once the broker is gone and its stale events are denied (one
+    // write per fd number below the broker's limit: about a second for 2^20).
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
     match link::recv::<ToKeeper>(stream.as_fd()) {
         Ok(Some((ToKeeper::Group { .. }, Some(fd)))) => Some(Group::from_fd(fd)),
         _ => None,
