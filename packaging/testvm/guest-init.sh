@@ -64,10 +64,15 @@ ExecStart=/bin/sh $here/guest-command.sh
 LimitNOFILE=1048576
 StandardInput=null
 StandardOutput=journal+console
+# A command that cannot start must not leave the VM running until the timeout.
+ExecStopPost=/bin/sh -c '[ -f $ctl/exit_code ] || { echo 125 >$ctl/exit_code; sync; echo o >/proc/sysrq-trigger; }'
 EOT
 for unit in timers.target getty.target systemd-timesyncd.service systemd-pstore.service \
     e2scrub_reap.service serial-getty@ttyS0.service; do
     ln -sf /dev/null "$units/$unit"
 done
 : >/etc/fstab
+# Debian's tmpfiles empty /tmp at boot ("D /tmp"): a checkout under /tmp would vanish.
+mkdir -p /etc/tmpfiles.d
+echo "d /tmp 1777 root root -" >/etc/tmpfiles.d/tmp.conf
 exec /lib/systemd/systemd --unit=lazy-erofs-vm.target
