@@ -1,5 +1,6 @@
 //! Generates the containerd Snapshots gRPC server (only the server: message types come
-//! from containerd-client, so both sides share one set of types).
+//! from containerd-client, so both sides share one set of types) and our Admin service
+//! (server and client: `lazy-erofs status` speaks it).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto";
@@ -13,5 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .extern_path(".containerd.types", "::containerd_client::types")
         .compile_protos(&[proto], &["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/lazyerofs/admin/v1/admin.proto"], &["proto"])?;
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lazy_erofs_image::registry::RegistryOptions;
+use lazy_erofs_snapshotter::cache::CacheLimits;
 use serde::Deserialize;
 
 /// The defaults, as shipped.
@@ -17,7 +18,40 @@ pub const DEFAULT_PATH: &str = "/etc/lazy-erofs/config.toml";
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub snapshotter: SnapshotterConfig,
+    pub cache: CacheLimits,
+    pub metrics: MetricsConfig,
     pub registry: RegistryOptions,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` of the Prometheus endpoint; empty: none.
+    pub address: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:9108".into(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The address to serve on, if any; a malformed one is an error naming the key.
+    pub fn socket_addr(&self) -> Result<Option<std::net::SocketAddr>> {
+        if self.address.is_empty() {
+            return Ok(None);
+        }
+        self.address.parse().map(Some).with_context(|| {
+            format!(
+                "metrics.address {:?} is not host:port (e.g. \"127.0.0.1:9108\", or \"\" for none)",
+                self.address
+            )
+        })
+    }
 }
 
 /// The `[snapshotter]` table: where the daemon keeps its state and listens.

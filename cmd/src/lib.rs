@@ -1,10 +1,12 @@
 //! Shared wiring of the lazy-erofs binaries: logging and the CLI subcommands' bodies.
 //! Thin by design: the work lives in the library crates.
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod convert;
 pub mod pull;
+pub mod recent_errors;
 pub mod registry_args;
 pub mod serve;
 pub mod snapshotter;
@@ -20,10 +22,15 @@ pub fn init_logging(default_level: &str) {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    use tracing_subscriber::prelude::*;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .with(recent_errors::Layer)
         .init();
 }
 

@@ -87,9 +87,11 @@ impl Resolver for SupervisorResolver {
 }
 
 /// Entry point of the hidden `fetcher` subcommand.
+/// `factory` makes the blob sources once the shared counters are mapped (so registry
+/// requests can be counted in them).
 pub fn run(
     socket: &Path,
-    factory: Arc<dyn SourceFactory>,
+    factory: impl FnOnce(&Arc<Stats>) -> Arc<dyn SourceFactory>,
     config: FetcherConfig,
 ) -> Result<(), ChildError> {
     // Die with the supervisor; if it is already gone, do not serve as an orphan.
@@ -110,6 +112,7 @@ pub fn run(
         });
     }
     let stats = Arc::new(Stats::from_fd(stats_fd).map_err(ChildError::Stats)?);
+    let factory = factory(&stats);
     let device = match handover.backend {
         Backend::Cachefiles => {
             let device = Device::from_fd(kernel_fd);

@@ -35,6 +35,9 @@ pub enum SourceError {
     BadSpec { name: String, reason: String },
     #[error("blob {name}: {reason}")]
     Unavailable { name: String, reason: String },
+    /// The bytes fetched failed their digest check: never served.
+    #[error("blob {name}: {reason}")]
+    Unverified { name: String, reason: String },
 }
 
 /// Ranged, verified access to one blob.

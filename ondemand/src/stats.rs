@@ -25,15 +25,45 @@ pub enum Counter {
     /// CLOCK_MONOTONIC ns of the first READ completed by the current child; the
     /// supervisor clears it before each spawn to measure failover gaps.
     FirstReadDoneNs,
+    /// CLOCK_MONOTONIC ns at which the supervisor reaped the previous child (0 for the
+    /// first): the current child's first completed READ records the gap from it.
+    PredecessorDiedNs,
+    /// Bytes the chunk checks refused (a registry or mirror sent bytes not the layer's).
+    VerifyFailures,
+    /// Registry HTTP attempts by outcome (range reads, manifests, tokens excluded).
+    RegistryOk,
+    RegistryClientError,
+    RegistryServerError,
+    RegistryTransportError,
+    /// Fetcher children replaced after they died.
+    Restarts,
 }
 
-const NAMED: usize = Counter::FirstReadDoneNs as usize + 1;
-/// READ round-trip histogram: bucket i holds latencies below 2^(i/4) µs.
+const NAMED: usize = Counter::Restarts as usize + 1;
+
+/// Latency histograms; bucket i holds latencies below 2^(i/4) µs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Histogram {
+    /// Kernel READ received → completed.
+    Read,
+    /// One registry HTTP attempt.
+    Registry,
+    /// Fetcher failover: previous child reaped → first READ completed by the next.
+    Failover,
+}
+
 const BUCKETS: usize = 4 * 36;
-const SLOTS: usize = NAMED + BUCKETS;
+const HISTOGRAMS: usize = Histogram::Failover as usize + 1;
+const SLOTS: usize = NAMED + HISTOGRAMS * BUCKETS;
 
 pub struct Stats {
     shared: SharedCounters,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats").finish_non_exhaustive()
+    }
 }
 
 impl Stats {
@@ -82,17 +112,61 @@ impl Stats {
     }
 
     pub fn record_read_latency(&self, latency: Duration) {
+        self.record(Histogram::Read, latency);
+    }
+
+    pub fn record(&self, histogram: Histogram, latency: Duration) {
         let micros = latency.as_micros().max(1) as f64;
         let bucket = ((micros.log2() * 4.0).ceil() as usize).min(BUCKETS - 1);
-        self.slot(NAMED + bucket).fetch_add(1, Ordering::Relaxed);
+        self.slot(NAMED + histogram as usize * BUCKETS + bucket)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks the current child's first completed READ; the first one after a failover
+    /// records the gap since its predecessor died.
+    pub fn first_read_done(&self) {
+        let now = monotonic_ns();
+        if self.set_if_zero(Counter::FirstReadDoneNs, now) {
+            let died = self.get(Counter::PredecessorDiedNs);
+            if died != 0 && now > died {
+                self.record(Histogram::Failover, Duration::from_nanos(now - died));
+            }
+        }
+    }
+
+    fn counts(&self, histogram: Histogram) -> Vec<u64> {
+        (0..BUCKETS)
+            .map(|b| {
+                self.slot(NAMED + histogram as usize * BUCKETS + b)
+                    .load(Ordering::Relaxed)
+            })
+            .collect()
+    }
+
+    /// Cumulative counts at power-of-two bounds (seconds), for an exposition format:
+    /// `(upper bound, observations at or below it)`, the last bound covering all.
+    pub fn cumulative(&self, histogram: Histogram) -> Vec<(f64, u64)> {
+        let counts = self.counts(histogram);
+        let mut seen = 0;
+        let mut out = Vec::new();
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            // Every fourth bucket bounds a power of two µs; skip below 16 µs.
+            if bucket % 4 == 0 && bucket >= 16 {
+                out.push((2f64.powf(bucket as f64 / 4.0) / 1e6, seen));
+            }
+        }
+        out
     }
 
     /// The latency below which `quantile` of recorded READs completed (bucket upper bound,
     /// so within 19 % above the true value).
     pub fn read_latency_quantile(&self, quantile: f64) -> Option<Duration> {
-        let counts: Vec<u64> = (0..BUCKETS)
-            .map(|b| self.slot(NAMED + b).load(Ordering::Relaxed))
-            .collect();
+        self.quantile(Histogram::Read, quantile)
+    }
+
+    pub fn quantile(&self, histogram: Histogram, quantile: f64) -> Option<Duration> {
+        let counts = self.counts(histogram);
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;

@@ -233,6 +233,9 @@ impl Supervisor {
             generation += 1;
             self.stats.set(Counter::FirstReadDoneNs, 0);
             let died_at = monotonic_ns();
+            if generation > 1 {
+                self.stats.set(Counter::PredecessorDiedNs, died_at);
+            }
             let opens_before = self.stats.get(Counter::Opens);
             match self.run_child(generation, stop, &mut on_event, &mut summary) {
                 ChildEnd::Stopped => break,
@@ -243,6 +246,7 @@ impl Supervisor {
                 gaps.push(Duration::from_nanos(first_read - died_at));
             }
             summary.restarts += 1;
+            self.stats.add(Counter::Restarts, 1);
             // A child that served something is replaced at once: the kernel is waiting.
             // One that died without serving anything (a crash loop at start-up, or on a
             // request that kills every fetcher) is restarted with growing delays.

@@ -43,7 +43,7 @@ func startDaemonProcess(root string) (snapshots.Snapshotter, func() error, int, 
 	if err != nil {
 		return nil, nil, 0, err
 	}
-	cmd := exec.Command(bin, "--root", root, "--address", sock)
+	cmd := exec.Command(bin, "--root", root, "--address", sock, "--metrics-address=")
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	cmd.Env = append(os.Environ(), "RUST_LOG=warn")

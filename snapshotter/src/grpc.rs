@@ -3,13 +3,14 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use containerd_client::services::v1::snapshots as pb;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::api::{Info, Kind, Snapshotter};
+use crate::metrics::Metrics;
 
 mod generated {
     #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used)]
@@ -23,11 +24,36 @@ const LIST_BATCH: usize = 100;
 
 pub struct SnapshotsService<S> {
     snapshotter: Arc<S>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<S: Snapshotter> SnapshotsService<S> {
     pub fn new(snapshotter: Arc<S>) -> Self {
-        Self { snapshotter }
+        Self {
+            snapshotter,
+            metrics: None,
+        }
+    }
+
+    /// Counts every call by method and code, with its latency.
+    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn finish<T, E: Into<Status>>(
+        &self,
+        started: Instant,
+        call: &'static str,
+        key: &str,
+        result: Result<T, E>,
+    ) -> Result<T, Status> {
+        let result = finish(call, key, result);
+        if let Some(metrics) = &self.metrics {
+            let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+            metrics.grpc_call(call, code, started.elapsed());
+        }
+        result
     }
 
     pub fn into_server(self) -> SnapshotsServer<Self> {
@@ -115,10 +141,11 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
         &self,
         request: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let started = Instant::now();
         let r = request.into_inner();
         let key = r.key.clone();
         let mounts = self.snapshotter.prepare(r.key, r.parent, r.labels).await;
-        finish("prepare", &key, mounts)
+        self.finish(started, "prepare", &key, mounts)
             .map(|mounts| Response::new(pb::PrepareSnapshotResponse { mounts }))
     }
 
@@ -126,10 +153,11 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
         &self,
         request: Request<pb::ViewSnapshotRequest>,
     ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let started = Instant::now();
         let r = request.into_inner();
         let key = r.key.clone();
         let mounts = self.snapshotter.view(r.key, r.parent, r.labels).await;
-        finish("view", &key, mounts)
+        self.finish(started, "view", &key, mounts)
             .map(|mounts| Response::new(pb::ViewSnapshotResponse { mounts }))
     }
 
@@ -137,37 +165,44 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
         &self,
         request: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
+        let started = Instant::now();
         let key = request.into_inner().key;
         let mounts = self.snapshotter.mounts(key.clone()).await;
-        finish("mounts", &key, mounts).map(|mounts| Response::new(pb::MountsResponse { mounts }))
+        self.finish(started, "mounts", &key, mounts)
+            .map(|mounts| Response::new(pb::MountsResponse { mounts }))
     }
 
     async fn commit(
         &self,
         request: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        let started = Instant::now();
         let r = request.into_inner();
         let key = r.key.clone();
         let result = self.snapshotter.commit(r.name, r.key, r.labels).await;
-        finish("commit", &key, result).map(Response::new)
+        self.finish(started, "commit", &key, result)
+            .map(Response::new)
     }
 
     async fn remove(
         &self,
         request: Request<pb::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        let started = Instant::now();
         let key = request.into_inner().key;
         let result = self.snapshotter.remove(key.clone()).await;
-        finish("remove", &key, result).map(Response::new)
+        self.finish(started, "remove", &key, result)
+            .map(Response::new)
     }
 
     async fn stat(
         &self,
         request: Request<pb::StatSnapshotRequest>,
     ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let started = Instant::now();
         let key = request.into_inner().key;
         let info = self.snapshotter.stat(key.clone()).await;
-        finish("stat", &key, info).map(|info| {
+        self.finish(started, "stat", &key, info).map(|info| {
             Response::new(pb::StatSnapshotResponse {
                 info: Some(to_pb(info)),
             })
@@ -178,6 +213,7 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
         &self,
         request: Request<pb::UpdateSnapshotRequest>,
     ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let started = Instant::now();
         let r = request.into_inner();
         let Some(info) = r.info else {
             return Err(Status::invalid_argument("update without snapshot info"));
@@ -185,7 +221,7 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
         let key = info.name.clone();
         let paths = r.update_mask.map(|mask| mask.paths);
         let info = self.snapshotter.update(from_pb(info), paths).await;
-        finish("update", &key, info).map(|info| {
+        self.finish(started, "update", &key, info).map(|info| {
             Response::new(pb::UpdateSnapshotResponse {
                 info: Some(to_pb(info)),
             })
@@ -198,9 +234,10 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
         &self,
         request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<ListStream>, Status> {
+        let started = Instant::now();
         let r = request.into_inner();
         let stream = self.snapshotter.list(r.snapshotter, r.filters).await;
-        let stream = finish("list", "", stream)?;
+        let stream = self.finish(started, "list", "", stream)?;
         let batches = stream
             .map(|item| item.map(to_pb).map_err(Into::into))
             .chunks(LIST_BATCH)
@@ -217,9 +254,10 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
         &self,
         request: Request<pb::UsageRequest>,
     ) -> Result<Response<pb::UsageResponse>, Status> {
+        let started = Instant::now();
         let key = request.into_inner().key;
         let usage = self.snapshotter.usage(key.clone()).await;
-        finish("usage", &key, usage).map(|u| {
+        self.finish(started, "usage", &key, usage).map(|u| {
             Response::new(pb::UsageResponse {
                 size: u.size,
                 inodes: u.inodes,
@@ -228,7 +266,9 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
     }
 
     async fn cleanup(&self, _request: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        let started = Instant::now();
         let result = self.snapshotter.clear().await;
-        finish("cleanup", "", result).map(Response::new)
+        self.finish(started, "cleanup", "", result)
+            .map(Response::new)
     }
 }

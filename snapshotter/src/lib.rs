@@ -3,11 +3,14 @@
 //! filters and label rules, the gRPC server on a Unix socket (`grpc`, `server`), and the
 //! fetcher's source for lazy layers in a registry (`lazy`).
 
+pub mod admin;
 pub mod api;
+pub mod cache;
 pub mod filter;
 pub mod grpc;
 pub mod labels;
 pub mod lazy;
+pub mod metrics;
 pub mod overlay;
 pub mod server;
 pub mod store;

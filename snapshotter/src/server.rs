@@ -8,8 +8,10 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::admin::{AdminService, Control};
 use crate::api::Snapshotter;
 use crate::grpc::SnapshotsService;
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -51,14 +53,26 @@ pub fn bind(socket: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
+/// What the daemon serves beside the Snapshots service.
+#[derive(Default)]
+pub struct Extras {
+    /// The Admin service (`lazy-erofs status`, `lazy-erofs gc`).
+    pub admin: Option<Arc<dyn Control>>,
+    /// Counts Snapshots calls.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
 /// Serves until `shutdown` resolves, then lets in-flight calls finish.
 pub async fn serve<S: Snapshotter>(
     listener: UnixListener,
     snapshotter: Arc<S>,
+    extras: Extras,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let snapshots = SnapshotsService::new(snapshotter).with_metrics(extras.metrics);
     tonic::transport::Server::builder()
-        .add_service(SnapshotsService::new(snapshotter).into_server())
+        .add_service(snapshots.into_server())
+        .add_optional_service(extras.admin.map(AdminService::new))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use lazy_erofs_cmd::admin::{self, GcArgs, StatusArgs};
 use lazy_erofs_cmd::check::{self, CheckArgs};
 use lazy_erofs_cmd::convert::{self, ConvertArgs};
 use lazy_erofs_cmd::pull::{self, PullArgs};
@@ -37,6 +38,13 @@ enum Command {
     /// `mount -t erofs none -o fsid=NAME MNT` works), or with `--backend fanotify` as
     /// file-backed mounts under `--mount-dir`. Root only; stops on SIGTERM.
     Serve(ServeArgs),
+    /// Ask the running snapshotter how it is: backend and kernel, fetcher pid and
+    /// generation, mounted layers with how much of each is fetched, cache usage against
+    /// its limits, recent errors.
+    Status(StatusArgs),
+    /// Collect the running snapshotter's layer cache now (as it does every
+    /// cache.gc_interval) and print what it freed, or with --dry-run what it would.
+    Gc(GcArgs),
     /// The fetcher child process (started by `serve` and the snapshotter).
     #[command(hide = true)]
     Fetcher(FetcherArgs),
@@ -63,6 +71,8 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Convert(args) => convert::run(&args).map(|()| true),
         Command::Pull(args) => pull::run(&args).map(|_| true),
         Command::Serve(args) => serve::run(&args).map(|()| true),
+        Command::Status(args) => admin::status(&args, &mut std::io::stdout().lock()).map(|()| true),
+        Command::Gc(args) => admin::gc(&args, &mut std::io::stdout().lock()).map(|()| true),
         Command::Fetcher(args) => serve::fetcher(&args).map(|()| true),
         Command::FanotifyKeeper(args) => serve::keeper::run(&args).map(|()| true),
     }

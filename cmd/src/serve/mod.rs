@@ -16,11 +16,13 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::Registry;
+use lazy_erofs_ondemand::stats::Stats;
 use lazy_erofs_ondemand::{
     BlobSource, BlobSpec, Device, Event, LocalBlob, LocalSourceFactory, SourceError, SourceFactory,
     Supervisor, SupervisorConfig, Throttle, child, fetcher::FetcherConfig,
 };
 use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
+use lazy_erofs_snapshotter::metrics::StatsObserver;
 
 use crate::registry_args::RegistryArgs;
 
@@ -394,9 +396,13 @@ impl SourceFactory for AnySourceFactory {
 /// The fetcher child: serves the blobs the supervisor describes.
 pub fn fetcher(args: &FetcherArgs) -> Result<()> {
     let options = args.registry.options()?;
-    let factory = AnySourceFactory {
-        local: LocalSourceFactory,
-        lazy: LazySourceFactory::new(Arc::new(Registry::new(&options))),
+    let factory = |stats: &Arc<Stats>| -> Arc<dyn SourceFactory> {
+        let registry =
+            Registry::new(&options).with_observer(Arc::new(StatsObserver(stats.clone())));
+        Arc::new(AnySourceFactory {
+            local: LocalSourceFactory,
+            lazy: LazySourceFactory::new(Arc::new(registry)),
+        })
     };
     // One budget: the registry's retries run inside the fetcher's deadline, and the
     // reader gets its bytes or EIO within the configured budget (plus the write).
@@ -404,6 +410,6 @@ pub fn fetcher(args: &FetcherArgs) -> Result<()> {
         deadline: options.retry.budget,
         ..FetcherConfig::default()
     };
-    child::run(&args.socket, Arc::new(factory), config)?;
+    child::run(&args.socket, factory, config)?;
     Ok(())
 }

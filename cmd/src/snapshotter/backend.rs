@@ -8,17 +8,19 @@
 use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use lazy_erofs_ondemand::fanotify::{self, Broker};
 use lazy_erofs_ondemand::fdstore::{self, FdStore};
+use lazy_erofs_ondemand::stats::Stats;
 use lazy_erofs_ondemand::supervisor::Transport;
 use lazy_erofs_ondemand::{Device, Supervisor, SupervisorConfig};
 use lazy_erofs_snapshotter::lazy::Backend;
 use sha2::{Digest, Sha256};
 
+use super::admin::FetcherInfo;
 use crate::config::{BackendChoice, Config};
 use crate::registry_args::RegistryArgs;
 use crate::serve::keeper::Keeper;
@@ -54,7 +56,21 @@ pub struct Running {
 }
 
 impl Pending {
-    pub fn start(self) -> Result<Running> {
+    /// The fetchers' shared counters, mapped once more for the daemon's metrics.
+    pub fn stats(&self) -> Result<Arc<Stats>> {
+        let fd = self
+            .supervisor
+            .stats()
+            .fd()
+            .try_clone_to_owned()
+            .context("duplicating the fetcher counters")?;
+        Ok(Arc::new(
+            Stats::from_fd(fd).context("mapping the fetcher counters")?,
+        ))
+    }
+
+    /// Starts the supervisor; `fetcher` follows its child (for `lazy-erofs status`).
+    pub fn start(self, fetcher: Arc<Mutex<FetcherInfo>>) -> Result<Running> {
         let stop = Arc::new(AtomicBool::new(false));
         let supervisor = self.supervisor;
         let thread = std::thread::Builder::new()
@@ -62,7 +78,13 @@ impl Pending {
             .spawn({
                 let stop = stop.clone();
                 move || {
-                    let summary = supervisor.run(&stop, log_event);
+                    let summary = supervisor.run(&stop, |event| {
+                        fetcher
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .follow(event);
+                        log_event(event);
+                    });
                     tracing::info!(restarts = summary.restarts, "fetcher supervisor stopped");
                 }
             })?;
@@ -77,6 +99,11 @@ impl Pending {
 }
 
 impl Running {
+    /// Whether systemd keeps the kernel handle for the next process.
+    pub fn kept(&self) -> bool {
+        self.keep_mounts || self.quiesce
+    }
+
     /// A planned stop: the fetcher goes; with the handle kept, requests it had not
     /// answered stay queued in the kernel for the next process.
     pub fn stop(self) {
@@ -243,11 +270,20 @@ fn cachefiles(
     let mut supervisor_config =
         SupervisorConfig::new(root.join("fetcher"), fetcher_command(fetcher_registry)?);
     supervisor_config.adopted = adopted;
+    // The cache GC culls objects through its own handle on the same binding.
+    let culls = Device::from_fd(
+        device
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the cachefiles fd")?,
+    );
     let supervisor = Supervisor::new(device, supervisor_config)?;
     let backend = Backend::Fscache {
         blobs: supervisor.blobs().clone(),
         tag: tag.clone(),
         kept: adopted,
+        cache_dir: root.join("cache"),
+        device: Arc::new(culls),
     };
     tracing::info!(cache = %root.join("cache").display(), tag, adopted, kept, "backend cachefiles: ondemand cache bound; fetcher supervised");
     Ok((

@@ -7,18 +7,22 @@
 //! and restarts it when it dies. Under systemd (`Type=notify`) it says `READY=1` once
 //! serving and keeps its kernel handles in systemd's file descriptor store.
 
+mod admin;
 mod backend;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::fdstore::FdStore;
+use lazy_erofs_ondemand::stats::Stats;
+use lazy_erofs_snapshotter::metrics::{CacheFigures, Metrics, StatsObserver};
 use lazy_erofs_snapshotter::overlay::OverlaySnapshotter;
 use lazy_erofs_snapshotter::server;
 
+use self::admin::FetcherInfo;
 use crate::config::Config;
 use crate::registry_args::RegistryArgs;
 
@@ -36,6 +40,10 @@ pub struct DaemonArgs {
     /// gRPC socket (overrides the config's snapshotter.address).
     #[arg(long)]
     pub address: Option<PathBuf>,
+    /// Prometheus endpoint host:port, "" for none (overrides the config's
+    /// metrics.address).
+    #[arg(long)]
+    pub metrics_address: Option<String>,
 }
 
 /// The configuration with command-line overrides applied.
@@ -46,6 +54,9 @@ pub fn config(args: &DaemonArgs) -> Result<Config> {
     }
     if let Some(address) = &args.address {
         config.snapshotter.address = address.clone();
+    }
+    if let Some(address) = &args.metrics_address {
+        config.metrics.address = address.clone();
     }
     Ok(config)
 }
@@ -64,20 +75,91 @@ pub fn run(config: &Config, args: &DaemonArgs) -> Result<()> {
     runtime.block_on(serve(config, &fetcher_registry, &mut store))
 }
 
+/// The daemon's parts once the store is open and the backend runs.
+struct Opened {
+    snapshotter: Arc<OverlaySnapshotter>,
+    supervisor: Option<backend::Running>,
+    /// The fetchers' counters (also counting the daemon's own registry requests).
+    stats: Arc<Stats>,
+    fetcher: Option<Arc<Mutex<FetcherInfo>>>,
+    backend: &'static str,
+}
+
 /// The snapshotter over its lazy backend, then the supervisor: layer mounts taken over
 /// from a previous process are in the blob table before the first fetcher restores.
 fn open_snapshotter(
     config: &Config,
     fetcher_registry: &RegistryArgs,
     store: &mut FdStore,
-) -> Result<(OverlaySnapshotter, Option<backend::Running>)> {
+) -> Result<Opened> {
     let root: &Path = &config.snapshotter.root;
     let (backend, pending) = backend::choose(config, fetcher_registry, store)?;
-    let registry = Arc::new(Registry::new(&config.registry));
+    let stats = match &pending {
+        Some(pending) => pending.stats()?,
+        None => Arc::new(Stats::create().context("creating the registry counters")?),
+    };
+    let observer = Arc::new(StatsObserver(stats.clone()));
+    let registry = Arc::new(Registry::new(&config.registry).with_observer(observer));
+    let name = backend.name();
     let snapshotter = OverlaySnapshotter::open_lazy(root, backend, registry)
         .with_context(|| format!("opening snapshotter root {}", root.display()))?;
-    let running = pending.map(backend::Pending::start).transpose()?;
-    Ok((snapshotter, running))
+    let fetcher = pending
+        .as_ref()
+        .map(|_| Arc::new(Mutex::new(FetcherInfo::default())));
+    let supervisor = match (pending, &fetcher) {
+        (Some(pending), Some(fetcher)) => Some(pending.start(fetcher.clone())?),
+        _ => None,
+    };
+    Ok(Opened {
+        snapshotter: Arc::new(snapshotter),
+        supervisor,
+        stats,
+        fetcher,
+        backend: name,
+    })
+}
+
+/// Metrics endpoint (when configured), the Admin service, the periodic cache GC.
+async fn operations(config: &Config, opened: &Opened) -> Result<server::Extras> {
+    let snapshotter = opened.snapshotter.clone();
+    let figures: CacheFigures = Arc::new(move || {
+        snapshotter
+            .cache_inventory()
+            .ok()
+            .flatten()
+            .map(|inventory| inventory.by_state())
+            .unwrap_or_default()
+    });
+    let metrics = Arc::new(Metrics::new(Some(opened.stats.clone()), figures));
+    let mut metrics_address = None;
+    if let Some(address) = config.metrics.socket_addr()? {
+        let bound = lazy_erofs_snapshotter::metrics::http::serve(address, metrics.clone()).await?;
+        tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
+        metrics_address = Some(bound);
+    }
+    admin::spawn_collector(
+        opened.snapshotter.clone(),
+        config.cache.clone(),
+        Some(metrics.clone()),
+    );
+    let control = admin::DaemonControl {
+        snapshotter: opened.snapshotter.clone(),
+        fetcher: opened.fetcher.clone(),
+        stats: opened.stats.clone(),
+        limits: config.cache.clone(),
+        metrics: Some(metrics.clone()),
+        metrics_address,
+        backend: opened.backend,
+        kept_by_systemd: opened
+            .supervisor
+            .as_ref()
+            .is_some_and(backend::Running::kept),
+        root: config.snapshotter.root.clone(),
+    };
+    Ok(server::Extras {
+        admin: Some(Arc::new(control)),
+        metrics: Some(metrics),
+    })
 }
 
 async fn serve(
@@ -94,13 +176,25 @@ async fn serve(
     let mut interrupt = signal(SignalKind::interrupt())?;
     // The socket first: a second daemon on the same socket is told so plainly.
     let listener = server::bind(&settings.address)?;
-    let (snapshotter, supervisor) = match open_snapshotter(config, fetcher_registry, store) {
-        Ok((snapshotter, supervisor)) => (Arc::new(snapshotter), supervisor),
+    let opened = match open_snapshotter(config, fetcher_registry, store) {
+        Ok(opened) => opened,
         Err(e) => {
             let _ = std::fs::remove_file(&settings.address);
             return Err(e);
         }
     };
+    let extras = match operations(config, &opened).await {
+        Ok(extras) => extras,
+        Err(e) => {
+            let _ = std::fs::remove_file(&settings.address);
+            return Err(e);
+        }
+    };
+    let Opened {
+        snapshotter,
+        supervisor,
+        ..
+    } = opened;
     // Slow recovery after the socket serves: Mounts calls mount what they need meanwhile.
     tokio::spawn({
         let snapshotter = snapshotter.clone();
@@ -119,7 +213,7 @@ async fn serve(
         "serving"
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = server::serve(listener, snapshotter.clone(), async {
+    let server = server::serve(listener, snapshotter.clone(), extras, async {
         let _ = stop_rx.await;
     });
     tokio::pin!(server);

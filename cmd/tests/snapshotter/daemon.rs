@@ -52,9 +52,16 @@ impl Daemon {
                 .bytes()
                 .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
         );
+        // Metrics off unless the test asks for them: test daemons run side by side
+        // and the default port is one.
+        let metrics = if config.contains("[metrics]") {
+            ""
+        } else {
+            "[metrics]\naddress = \"\"\n"
+        };
         std::fs::write(
             &config_file,
-            format!("[snapshotter]\nfscache_tag = \"{tag}\"\n{config}"),
+            format!("{metrics}[snapshotter]\nfscache_tag = \"{tag}\"\n{config}"),
         )?;
         let child = Command::new(env!("CARGO_BIN_EXE_lazy-erofs-snapshotter"))
             .arg("--config")

@@ -6,6 +6,7 @@
 
 mod auth;
 mod document;
+pub mod observe;
 mod options;
 mod pull;
 mod range;
@@ -61,6 +62,7 @@ pub struct Registry {
     http: reqwest::Client,
     auth: Auth,
     options: RegistryOptions,
+    observer: Option<std::sync::Arc<dyn observe::Observer>>,
 }
 
 pub fn parse_reference(text: &str) -> Result<Reference, RegistryError> {
@@ -110,7 +112,14 @@ impl Registry {
             http,
             auth: Auth::new(options),
             options: options.clone(),
+            observer: None,
         }
+    }
+
+    /// Reports every HTTP attempt of range reads and manifest pulls to `observer`.
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn observe::Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     fn scheme(&self, host: &str) -> &'static str {
@@ -228,7 +237,14 @@ impl Registry {
             .auth
             .authorization(&self.http, &base, endpoint, operation)
             .await?;
-        match attempt(authorization).await {
+        let started = std::time::Instant::now();
+        let result = attempt(authorization).await;
+        if let Some(observer) = &self.observer {
+            let status = result.as_ref().err().and_then(|f| f.status);
+            let outcome = observe::Outcome::of(status, result.is_ok());
+            observer.attempt(outcome, started.elapsed());
+        }
+        match result {
             Err(mut failure) if failure.unauthorized && !fresh => {
                 self.auth.forget(endpoint, operation);
                 failure.retryable = true;

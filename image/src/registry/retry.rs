@@ -15,6 +15,8 @@ pub(super) struct Failure {
     pub retry_after: Option<Duration>,
     /// The registry answered 401: a cached token may have expired.
     pub unauthorized: bool,
+    /// The HTTP status the registry answered, if it answered.
+    pub status: Option<u16>,
     pub error: RegistryError,
 }
 
@@ -24,6 +26,7 @@ impl Failure {
             retryable: false,
             retry_after: None,
             unauthorized: false,
+            status: None,
             error,
         }
     }
@@ -33,6 +36,7 @@ impl Failure {
             retryable: true,
             retry_after: None,
             unauthorized: false,
+            status: None,
             error,
         }
     }
@@ -47,6 +51,10 @@ impl Failure {
             _ => false,
         };
         Self {
+            status: match &error {
+                E::ServerError { code, .. } => Some(*code),
+                _ => None,
+            },
             retryable,
             retry_after: None,
             unauthorized: false,
@@ -62,6 +70,7 @@ impl Failure {
                 || error.is_body(),
             retry_after: None,
             unauthorized: false,
+            status: None,
             error: RegistryError::Protocol {
                 what: what.to_owned(),
                 reason: format!("request: {}", with_causes(&error)),
@@ -75,6 +84,7 @@ impl Failure {
             retryable: status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
             retry_after: retry_after(headers),
             unauthorized: status == reqwest::StatusCode::UNAUTHORIZED,
+            status: Some(status.as_u16()),
             error: RegistryError::Protocol {
                 what: what.to_owned(),
                 reason: format!("HTTP {status}"),

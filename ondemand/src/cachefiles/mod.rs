@@ -2,6 +2,7 @@
 //! `CACHEFILES_ONDEMAND`): the message codec and the bound `/dev/cachefiles` device.
 //! Failover: the supervisor keeps the device fd, each new fetcher writes `restore`.
 
+pub mod cull;
 pub mod device;
 pub mod msg;
 

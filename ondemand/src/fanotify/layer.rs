@@ -105,6 +105,44 @@ pub fn mount(meta: &Path, data: Option<&Path>, target: &Path) -> Result<(), Laye
     })
 }
 
+/// Whether anyone but this call has `path` open: a mount's backing file counts, attached
+/// or detached (see [`crate::sys::nobody_else_has_open`]). A missing file is not in use.
+pub fn in_use(path: &Path) -> std::io::Result<bool> {
+    use std::os::fd::AsFd;
+    match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => Ok(!crate::sys::nobody_else_has_open(file.as_fd())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a layer file, first freeing its blocks (a process still holding it, such as a
+/// fetcher's write handle, would otherwise keep them). Only for files no mount uses.
+/// Returns the bytes freed.
+pub fn discard(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let file = match OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    let freed = meta.blocks() * 512;
+    if meta.len() > 0 {
+        let len = i64::try_from(meta.len()).unwrap_or(i64::MAX);
+        nix::fcntl::fallocate(
+            &file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            len,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    std::fs::remove_file(path)?;
+    Ok(freed)
+}
+
 /// Unmounts `target`; one still in use is detached instead (its open files keep
 /// reading, so whoever holds the group must keep answering for them).
 pub fn unmount(target: &Path) -> nix::Result<()> {

@@ -258,9 +258,7 @@ impl<K: Kernel> Fetcher<K> {
         } else {
             self.parts.stats.add(Counter::ReadsServed, 1);
             self.parts.stats.record_read_latency(received.elapsed());
-            self.parts
-                .stats
-                .set_if_zero(Counter::FirstReadDoneNs, monotonic_ns());
+            self.parts.stats.first_read_done();
         }
     }
 
@@ -332,6 +330,9 @@ async fn fetch_and_write<O: CacheObject>(
                 config.deadline
             )));
         };
+        if let Err(crate::SourceError::Unverified { .. }) = &read {
+            stats.add(Counter::VerifyFailures, 1);
+        }
         match read {
             Ok(buf) => break buf,
             Err(err)

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::fanotify::Broker;
@@ -36,6 +36,9 @@ pub enum Backend {
         blobs: BlobTable,
         tag: String,
         kept: bool,
+        /// The bound cache directory and a handle on the binding, for culling objects.
+        cache_dir: PathBuf,
+        device: Arc<lazy_erofs_ondemand::Device>,
     },
     /// File-backed EROFS whose data file the broker has the fetcher fill on fanotify
     /// pre-content events.
@@ -45,6 +48,17 @@ pub enum Backend {
     },
     /// Fetched whole and mounted file-backed (kernels without ondemand mode).
     FileBacked,
+}
+
+impl Backend {
+    /// As `lazy-erofs status` and the configuration name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Fscache { .. } => "cachefiles",
+            Self::Fanotify { .. } => "fanotify",
+            Self::FileBacked => "whole",
+        }
+    }
 }
 
 pub struct LayerMounts {
@@ -62,6 +76,8 @@ pub struct LayerMounts {
     /// One lock per layer, held across its mount (and whole fetch): a layer whose
     /// registry stalls holds up only Prepares of that layer.
     mounting: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Held shared by every mount, exclusively by a cache GC pass that removes caches.
+    gc: RwLock<()>,
     prefetch: super::prefetch::PrefetchQueue,
 }
 
@@ -195,6 +211,7 @@ impl LayerMounts {
             mounted: Mutex::new(mounted),
             kept: Mutex::new(kept),
             mounting: Mutex::default(),
+            gc: RwLock::default(),
         })
     }
 
@@ -205,6 +222,35 @@ impl LayerMounts {
     /// The EROFS domain of a layer's mount: this run's prefix and the layer's fsid.
     pub fn domain(&self, fsid: &str) -> String {
         format!("{}.{fsid}", self.domain)
+    }
+
+    /// This run's EROFS domain prefix (cachefiles volumes are named after it).
+    pub fn domain_prefix(&self) -> String {
+        self.domain.clone()
+    }
+
+    /// Where layer files live (fanotify, whole layers).
+    pub fn blob_dir(&self) -> &Path {
+        &self.blob_dir
+    }
+
+    /// The name of the layer's cache on disk (see `crate::cache::inventory`).
+    pub fn cache_key(&self, layer: &LazyRecord) -> Option<String> {
+        match &self.backend {
+            Backend::Fanotify { .. } => fanotify::name(layer).ok(),
+            Backend::Fscache { .. } | Backend::FileBacked => Some(layer.fsid.clone()),
+        }
+    }
+
+    pub fn is_mounted(&self, fsid: &str) -> bool {
+        lock(&self.mounted).contains(fsid)
+    }
+
+    /// Excludes mounts while a cache GC pass removes caches.
+    pub fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gc
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Where the layer is (or will be) mounted.
@@ -222,6 +268,10 @@ impl LayerMounts {
             .or_default()
             .clone();
         let _mounting = lock(&layer_lock);
+        let _no_gc = self
+            .gc
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if lock(&self.mounted).contains(&layer.fsid) {
             return Ok(path);
         }

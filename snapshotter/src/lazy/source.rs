@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use lazy_erofs_image::blob::{BlobReader, RangeRead};
+use lazy_erofs_image::blob::{BlobError, BlobReader, RangeRead};
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::{AlignedBuf, BlobSource, BlobSpec, SourceError, SourceFactory};
 pub use lazy_erofs_ondemand::{LazyLayerSpec, View};
@@ -246,15 +246,26 @@ impl BlobSource for LazyLayerSource {
             }
             View::Data => {
                 let blob = self.blob.clone();
-                tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-                    let reader = blob.reader.get().ok_or("reader gone")?;
-                    reader
-                        .read_data(offset, len as u64)
-                        .map_err(|e| e.to_string())
+                let name = self.blob.digest.clone();
+                tokio::task::spawn_blocking(move || -> Result<Vec<u8>, SourceError> {
+                    let reader = blob
+                        .reader
+                        .get()
+                        .ok_or_else(|| unavailable(&blob.digest, "reader gone".to_owned()))?;
+                    reader.read_data(offset, len as u64).map_err(|e| match e {
+                        BlobError::ChunkDigest { .. } => SourceError::Unverified {
+                            name: blob.digest.clone(),
+                            reason: e.to_string(),
+                        },
+                        e => SourceError::Read {
+                            offset,
+                            len,
+                            source: std::io::Error::other(e.to_string()),
+                        },
+                    })
                 })
                 .await
-                .map_err(|e| read_error(std::io::Error::other(e)))?
-                .map_err(|e| read_error(std::io::Error::other(e)))?
+                .map_err(|e| unavailable(&name, format!("reader task: {e}")))??
             }
         };
         let mut buf = AlignedBuf::new(len);

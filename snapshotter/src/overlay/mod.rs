@@ -14,6 +14,7 @@
 //! the directory. Whatever a kill -9 interrupts leaves a directory no record names, which
 //! `recover` (at start) and `clear` (Cleanup) delete.
 
+mod cache;
 mod usage;
 
 use std::collections::HashMap;

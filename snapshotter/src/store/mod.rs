@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{Info, Kind, SnapshotError, Usage};
 use crate::lazy::LazyRecord;
 
+mod layer_use;
 mod schema;
 
 pub use schema::SCHEMA_VERSION;

@@ -86,6 +86,9 @@ enum Control {
     /// Replies with the layer's object id and whether it is complete already.
     Add(LayerFiles, mpsc::Sender<Result<(u32, bool), BrokerError>>),
     Attach(OwnedFd),
+    /// Drops the layer whose data file has this inode (its cache is being removed):
+    /// later events on it are held like any unowned file's, never allowed.
+    Forget((u64, u64), mpsc::Sender<bool>),
     /// Replies once no event is pending or at the deadline, with how many still are.
     Drain(Instant, mpsc::Sender<usize>),
     /// Stop reading events: they stay queued in the group for whoever serves it next.
@@ -145,6 +148,19 @@ impl Broker {
             self.group.mark(&data)?;
         }
         Ok(object_id)
+    }
+
+    /// Forgets the layer of data file `data` before its cache is removed; returns whether
+    /// the broker had it.
+    pub fn forget_layer(&self, data: &std::path::Path) -> Result<bool, BrokerError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(data).map_err(|source| BrokerError::File {
+            path: data.to_owned(),
+            source,
+        })?;
+        let (reply, answer) = mpsc::channel();
+        self.send(Control::Forget((meta.dev(), meta.ino()), reply))?;
+        answer.recv().map_err(|_| BrokerError::Stopped)
     }
 
     /// Hands the broker the link to a new fetcher child.

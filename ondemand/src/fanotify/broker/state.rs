@@ -161,6 +161,15 @@ impl State {
                     self.dispatch(id as u32);
                 }
             }
+            Control::Forget(key, reply) => {
+                let known = self.by_inode.remove(&key).inspect(|&id| {
+                    let layer = &mut self.layers[id as usize];
+                    layer.fd = None;
+                    layer.present = Present::new(0);
+                    tracing::info!(layer = %layer.files.name, "fanotify layer forgotten");
+                });
+                let _ = reply.send(known.is_some());
+            }
             Control::Drain(deadline, reply) => self.drains.push((deadline, reply)),
             Control::Quiesce => self.quiet = true,
             Control::Stop => return false,
