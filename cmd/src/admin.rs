@@ -40,6 +40,10 @@ pub struct GcArgs {
     /// Say what would be freed; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Collect down to this many bytes for this pass instead of cache.max_bytes (e.g.
+    /// to make room now): least recently used unreferenced layers first.
+    #[arg(long)]
+    pub max_bytes: Option<u64>,
 }
 
 async fn client(args: &DaemonSocket) -> Result<AdminClient<Channel>> {
@@ -82,6 +86,7 @@ pub fn gc(args: &GcArgs, out: &mut impl Write) -> Result<()> {
             .await?
             .gc(GcRequest {
                 dry_run: args.dry_run,
+                max_bytes: args.max_bytes,
             })
             .await
             .context("gc")?;
@@ -175,6 +180,24 @@ fn write_status(r: &StatusReport, out: &mut impl Write) -> Result<()> {
                 mib(l.bytes),
                 mib(l.size),
                 l.image
+            )?;
+        }
+    }
+    let unreferenced: Vec<_> = c
+        .entries
+        .iter()
+        .filter(|e| e.state == lazy_erofs_snapshotter::cache::State::Unreferenced)
+        .collect();
+    if !unreferenced.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "{:<72} {:>11}  IDLE", "UNREFERENCED CACHE", "CACHED")?;
+        for e in unreferenced {
+            writeln!(
+                out,
+                "{:<72} {:>11}  {}",
+                e.key,
+                mib(e.bytes),
+                humantime::format_duration(std::time::Duration::from_secs(e.idle_secs))
             )?;
         }
     }

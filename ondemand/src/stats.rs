@@ -151,11 +151,13 @@ impl Stats {
         let mut out = Vec::new();
         for (bucket, count) in counts.iter().enumerate() {
             seen += count;
-            // Every fourth bucket bounds a power of two µs; skip below 16 µs.
-            if bucket % 4 == 0 && bucket >= 16 {
+            // Every fourth bucket bounds a power of two µs: 16 µs .. ~18 min.
+            if bucket % 4 == 0 && (16..=120).contains(&bucket) {
                 out.push((2f64.powf(bucket as f64 / 4.0) / 1e6, seen));
             }
         }
+        // The exposition's `+Inf` (prometheus-client writes f64::MAX so).
+        out.push((f64::MAX, seen));
         out
     }
 

@@ -63,6 +63,18 @@ pub struct CacheStatus {
     pub layers_mounted: u64,
     pub layers_referenced: u64,
     pub layers_unreferenced: u64,
+    /// Every layer's cache on disk, snapshots referencing it or not.
+    pub entries: Vec<EntryStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryStatus {
+    /// What `lazy-erofs gc` names it by.
+    pub key: String,
+    pub state: State,
+    pub bytes: u64,
+    /// Seconds since it was last in use.
+    pub idle_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +82,8 @@ pub struct LayerStatus {
     pub digest: String,
     pub image: String,
     pub fsid: String,
+    /// Its cache entry ([`EntryStatus::key`]).
+    pub cache_key: String,
     pub state: State,
     /// Bytes of it on disk, and its full size (metadata image + data space).
     pub bytes: u64,
@@ -89,7 +103,8 @@ pub struct LogEntry {
 #[tonic::async_trait]
 pub trait Control: Send + Sync + 'static {
     async fn status(&self) -> Result<StatusReport, SnapshotError>;
-    async fn gc(&self, dry_run: bool) -> Result<GcReport, SnapshotError>;
+    /// A collection pass; `max_bytes` replaces the configured limit for it.
+    async fn gc(&self, dry_run: bool, max_bytes: Option<u64>) -> Result<GcReport, SnapshotError>;
 }
 
 pub struct AdminService {
@@ -120,6 +135,7 @@ impl generated::admin_server::Admin for AdminService {
     }
 
     async fn gc(&self, request: Request<GcRequest>) -> Result<Response<JsonReply>, tonic::Status> {
-        reply(self.control.gc(request.into_inner().dry_run).await)
+        let request = request.into_inner();
+        reply(self.control.gc(request.dry_run, request.max_bytes).await)
     }
 }

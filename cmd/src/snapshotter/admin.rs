@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use lazy_erofs_ondemand::Event;
 use lazy_erofs_ondemand::stats::{Counter, Stats};
 use lazy_erofs_snapshotter::admin::{
-    BackendStatus, CacheStatus, Control, FetcherStatus, LayerStatus, StatusReport,
+    BackendStatus, CacheStatus, Control, EntryStatus, FetcherStatus, LayerStatus, StatusReport,
 };
 use lazy_erofs_snapshotter::api::SnapshotError;
 use lazy_erofs_snapshotter::cache::{CacheLimits, GcReport, Inventory, State};
@@ -85,8 +85,12 @@ impl DaemonControl {
             layers_mounted: 0,
             layers_referenced: 0,
             layers_unreferenced: 0,
+            entries: Vec::new(),
         };
         if let Some(inventory) = inventory {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             cache.bytes = inventory.bytes();
             if inventory.space.total > 0 {
                 cache.filesystem_free_percent =
@@ -98,6 +102,12 @@ impl DaemonControl {
                     State::Referenced => cache.layers_referenced += 1,
                     State::Unreferenced => cache.layers_unreferenced += 1,
                 }
+                cache.entries.push(EntryStatus {
+                    key: entry.key.clone(),
+                    state: entry.state,
+                    bytes: entry.bytes,
+                    idle_secs: now.saturating_sub(entry.last_used),
+                });
                 for layer in &entry.layers {
                     let fetched = if layer.size == 0 {
                         100.0
@@ -108,6 +118,7 @@ impl DaemonControl {
                         digest: layer.digest.clone(),
                         image: layer.image.clone(),
                         fsid: layer.fsid.clone(),
+                        cache_key: entry.key.clone(),
                         state: entry.state,
                         bytes: entry.bytes,
                         size: layer.size,
@@ -146,14 +157,12 @@ impl Control for DaemonControl {
         Ok(self.report(inventory))
     }
 
-    async fn gc(&self, dry_run: bool) -> Result<GcReport, SnapshotError> {
-        collect(
-            &self.snapshotter,
-            &self.limits,
-            dry_run,
-            self.metrics.clone(),
-        )
-        .await
+    async fn gc(&self, dry_run: bool, max_bytes: Option<u64>) -> Result<GcReport, SnapshotError> {
+        let mut limits = self.limits.clone();
+        if let Some(max_bytes) = max_bytes {
+            limits.max_bytes = max_bytes;
+        }
+        collect(&self.snapshotter, &limits, dry_run, self.metrics.clone()).await
     }
 }
 

@@ -16,6 +16,7 @@ mod upload;
 
 use std::path::Path;
 use std::sync::Arc;
+use tracing::Instrument;
 
 pub use document::MAX_DOCUMENT_BYTES;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -414,33 +415,42 @@ impl Registry {
         len: u64,
     ) -> Result<Vec<u8>, RegistryError> {
         let image = parse_reference(image)?;
-        self.on_first_endpoint(&image, digest, async |endpoint: &Endpoint| {
-            let url = self.blob_url(endpoint, &image, digest)?;
-            with_retries_within(&self.policy(endpoint), digest, len, || {
-                self.authorized(
-                    &endpoint.reference,
-                    RegistryOperation::Pull,
-                    |authorization| {
-                        let url = url.to_string();
-                        async move {
-                            range::attempt(
-                                &self.http,
-                                &range::RangeRequest {
-                                    url,
-                                    authorization: &authorization,
-                                    digest,
-                                    offset,
-                                    len,
-                                },
-                            )
-                            .await
-                        }
-                    },
-                )
+        let started = std::time::Instant::now();
+        let span = tracing::debug_span!("range", digest, offset, len);
+        let result = self
+            .on_first_endpoint(&image, digest, async |endpoint: &Endpoint| {
+                let url = self.blob_url(endpoint, &image, digest)?;
+                with_retries_within(&self.policy(endpoint), digest, len, || {
+                    self.authorized(
+                        &endpoint.reference,
+                        RegistryOperation::Pull,
+                        |authorization| {
+                            let url = url.to_string();
+                            async move {
+                                range::attempt(
+                                    &self.http,
+                                    &range::RangeRequest {
+                                        url,
+                                        authorization: &authorization,
+                                        digest,
+                                        offset,
+                                        len,
+                                    },
+                                )
+                                .await
+                            }
+                        },
+                    )
+                })
+                .await
             })
-            .await
-        })
-        .await
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| match &result {
+            Ok(_) => tracing::debug!(elapsed = ?started.elapsed(), "range read"),
+            Err(e) => tracing::debug!(elapsed = ?started.elapsed(), "range read failed: {e}"),
+        });
+        result
     }
 }
 

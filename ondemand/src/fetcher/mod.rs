@@ -14,6 +14,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use nix::errno::Errno;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use self::memo::FailureMemo;
 use crate::cachefiles::device::DeviceError;
@@ -232,10 +233,21 @@ impl<K: Kernel> Fetcher<K> {
         let size = object.source.size();
         let end = read.offset.saturating_add(read.len).min(size);
         let chunk = self.parts.config.chunk_size;
-        let fetches: Vec<ChunkFetch> = (read.offset / chunk..end.div_ceil(chunk))
-            .map(|index| self.chunk(read.object_id, &object, index))
-            .collect();
+        // A slow read is followed by its cookie and range through its chunks' fetches
+        // down to the registry's range requests (the source's spans nest in this one).
+        let span = tracing::info_span!(
+            "read",
+            cookie = %object.cookie,
+            offset = read.offset,
+            len = read.len
+        );
+        let fetches: Vec<ChunkFetch> = span.in_scope(|| {
+            (read.offset / chunk..end.div_ceil(chunk))
+                .map(|index| self.chunk(read.object_id, &object, index))
+                .collect()
+        });
         let failures: Vec<Arc<String>> = futures::future::join_all(fetches)
+            .instrument(span.clone())
             .await
             .into_iter()
             .filter_map(Result::err)
@@ -282,6 +294,8 @@ impl<K: Kernel> Fetcher<K> {
             self.inflight.clone(),
             self.failures.clone(),
         );
+        // A child of the READ that started it; later READs of the chunk share it.
+        let span = tracing::info_span!("chunk", index);
         let fetch = async move {
             let result = fetch_and_write(&object, index, &stats, config).await;
             if let Err(ChunkError::OutOfTime(why)) = &result {
@@ -293,6 +307,7 @@ impl<K: Kernel> Fetcher<K> {
                 .remove(&key);
             result
         }
+        .instrument(span)
         .boxed()
         .shared();
         inflight.insert(key, fetch.clone());
@@ -350,6 +365,7 @@ async fn fetch_and_write<O: CacheObject>(
         }
     };
     stats.add(Counter::BytesFetched, len as u64);
+    tracing::debug!(start, len, attempt, "chunk fetched and verified");
     // Whole pages: the anon fd is direct I/O. The buffer is zero past `len`.
     let write_len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
     let object = object.clone();

@@ -1,8 +1,11 @@
 //! Which layer of which manifest a remote Prepare names, and whether it is lazy. The
-//! manifest is fetched by digest (so the registry cannot substitute another) and kept.
+//! manifest is fetched by digest (so the registry cannot substitute another) and kept,
+//! the most recently used few hundred of them.
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use lazy_erofs_image::manifest::{LazyLayer, layer_fsid};
 use lazy_erofs_image::registry::{Registry, parse_reference};
@@ -20,16 +23,20 @@ pub struct Resolved {
     pub prefetch: Option<PrefetchPlan>,
 }
 
+/// Manifests kept: a Prepare of each layer of an image reads its manifest once, so a
+/// node's working set of images is enough; each is bounded by the registry client.
+const MANIFESTS_KEPT: NonZeroUsize = NonZeroUsize::new(256).expect("non-zero");
+
 pub struct LayerResolver {
     registry: Arc<Registry>,
-    manifests: Mutex<HashMap<String, Arc<ImageManifest>>>,
+    manifests: Mutex<LruCache<String, Arc<ImageManifest>>>,
 }
 
 impl LayerResolver {
     pub fn new(registry: Arc<Registry>) -> Self {
         Self {
             registry,
-            manifests: Mutex::default(),
+            manifests: Mutex::new(LruCache::new(MANIFESTS_KEPT)),
         }
     }
 
@@ -112,11 +119,11 @@ impl LayerResolver {
                     SnapshotError::Unavailable(format!("fetching manifest {pinned}: {e}"))
                 })?;
         let manifest = Arc::new(manifest);
-        self.lock().insert(pinned.to_owned(), manifest.clone());
+        self.lock().put(pinned.to_owned(), manifest.clone());
         Ok(manifest)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ImageManifest>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<String, Arc<ImageManifest>>> {
         self.manifests
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

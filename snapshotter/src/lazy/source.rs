@@ -91,6 +91,9 @@ impl LazyBlob {
 /// the repository it was pulled from, never another's), digest and trust anchor.
 type BlobKey = (String, String, String);
 
+/// Blob readers kept with no view open before the unused ones are dropped.
+const BLOBS_KEPT: usize = 64;
+
 /// Opens lazy layer views; the two views of one blob share a reader. Reads run on the
 /// blocking pool of the runtime that calls `open`.
 pub struct LazySourceFactory {
@@ -112,9 +115,16 @@ impl LazySourceFactory {
             spec.digest.clone(),
             spec.verified_digest.clone(),
         );
-        self.blobs
+        let mut blobs = self
+            .blobs
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A reader holds its layer's verified metadata: keep only those some view still
+        // uses, once there are more than a node mounts at a time.
+        if blobs.len() >= BLOBS_KEPT && !blobs.contains_key(&key) {
+            blobs.retain(|_, blob| Arc::strong_count(blob) > 1);
+        }
+        blobs
             .entry(key)
             .or_insert_with(|| {
                 Arc::new(LazyBlob {
@@ -245,9 +255,10 @@ impl BlobSource for LazyLayerSource {
                     .to_vec()
             }
             View::Data => {
-                let blob = self.blob.clone();
+                let (blob, span) = (self.blob.clone(), tracing::Span::current());
                 let name = self.blob.digest.clone();
                 tokio::task::spawn_blocking(move || -> Result<Vec<u8>, SourceError> {
+                    let _read = span.entered();
                     let reader = blob
                         .reader
                         .get()
@@ -271,5 +282,36 @@ impl BlobSource for LazyLayerSource {
         let mut buf = AlignedBuf::new(len);
         buf[..len].copy_from_slice(&bytes);
         Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lazy_erofs_image::registry::RegistryOptions;
+
+    use super::*;
+
+    fn spec(n: usize) -> LazyLayerSpec {
+        LazyLayerSpec {
+            image: "registry.test/app:1".into(),
+            digest: format!("sha256:{n:064x}"),
+            verified_digest: format!("sha256:{:064x}", n + 1),
+            region_len: 0,
+            size: 0,
+            view: View::Data,
+            throttle: None,
+        }
+    }
+
+    #[test]
+    fn readers_no_view_uses_are_dropped_and_those_in_use_kept() {
+        let factory = LazySourceFactory::new(Arc::new(Registry::new(&RegistryOptions::default())));
+        let in_use = factory.blob(&spec(0));
+        for n in 1..1000 {
+            drop(factory.blob(&spec(n)));
+        }
+        let kept = factory.blobs.lock().expect("lock").len();
+        assert!(kept <= BLOBS_KEPT, "{kept} readers kept");
+        assert!(Arc::ptr_eq(&in_use, &factory.blob(&spec(0))));
     }
 }

@@ -64,14 +64,20 @@ impl FetcherCollector {
         help: &str,
         histogram: Histogram,
     ) -> Result<(), std::fmt::Error> {
-        let buckets = self.0.cumulative(histogram);
-        let count = buckets.last().map_or(0, |(_, n)| *n);
-        // The shared counters keep no sum; the bucket bounds give an upper estimate.
-        let mut previous = 0;
-        let mut sum = 0.0;
-        for (bound, seen) in &buckets {
-            sum += (seen - previous) as f64 * bound;
-            previous = *seen;
+        let cumulative = self.0.cumulative(histogram);
+        let count = cumulative.last().map_or(0, |(_, n)| *n);
+        // prometheus-client sums the buckets itself: hand it each bucket's own count. The
+        // shared counters keep no sum; the bucket bounds give an upper estimate (the
+        // overflow bucket counted at the last finite bound).
+        let mut buckets = Vec::with_capacity(cumulative.len());
+        let (mut previous, mut sum, mut last_bound) = (0, 0.0, 0.0);
+        for (bound, seen) in cumulative {
+            if bound < f64::MAX {
+                last_bound = bound;
+            }
+            sum += (seen - previous) as f64 * last_bound;
+            buckets.push((bound, seen - previous));
+            previous = seen;
         }
         let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
         family.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)

@@ -177,3 +177,78 @@ impl Collector for CacheCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lazy_erofs_ondemand::stats::{Counter as C, Histogram as H};
+    use prometheus_parse::{Scrape, Value};
+
+    use super::*;
+
+    fn scrape(metrics: &Metrics) -> Scrape {
+        let text = metrics.encode();
+        Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses")
+    }
+
+    fn value(scrape: &Scrape, name: &str, label: Option<(&str, &str)>) -> f64 {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("no {name} {label:?} in {:#?}", scrape.samples));
+        match &sample.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_prometheus_parser_reads_every_series_and_they_follow_the_counters() {
+        let stats = Arc::new(Stats::create().unwrap());
+        let cache: CacheFigures = Arc::new(|| {
+            vec![CacheState {
+                state: "mounted",
+                layers: 2,
+                bytes: 4096,
+            }]
+        });
+        let metrics = Metrics::new(Some(stats.clone()), cache);
+        let before = scrape(&metrics);
+        assert_eq!(value(&before, "lazyerofs_fetched_bytes_total", None), 0.0);
+        stats.add(C::BytesFetched, 1 << 20);
+        stats.add(C::Restarts, 2);
+        stats.add(C::RegistryServerError, 1);
+        stats.record(H::Read, Duration::from_millis(3));
+        metrics.grpc_call("Prepare", tonic::Code::Ok, Duration::from_millis(1));
+        metrics.evicted("unreferenced", 8192);
+        let after = scrape(&metrics);
+        let v = |name, label| value(&after, name, label);
+        assert_eq!(v("lazyerofs_fetched_bytes_total", None), 1048576.0);
+        assert_eq!(v("lazyerofs_fetcher_restarts_total", None), 2.0);
+        assert_eq!(
+            v(
+                "lazyerofs_registry_requests_total",
+                Some(("outcome", "server_error"))
+            ),
+            1.0
+        );
+        assert_eq!(v("lazyerofs_kernel_read_seconds", None), 1.0);
+        assert_eq!(
+            v("lazyerofs_grpc_calls_total", Some(("method", "Prepare"))),
+            1.0
+        );
+        assert_eq!(
+            v(
+                "lazyerofs_cache_evictions_total",
+                Some(("reason", "unreferenced"))
+            ),
+            1.0
+        );
+        assert_eq!(v("lazyerofs_cache_evicted_bytes_total", None), 8192.0);
+        assert_eq!(
+            v("lazyerofs_cache_bytes", Some(("state", "mounted"))),
+            4096.0
+        );
+    }
+}

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use containerd_client::types::Mount;
+use tracing::Instrument;
 
 use crate::api::{Info, Kind, SnapshotError, Snapshotter, Usage};
 use crate::filter::Filters;
@@ -185,8 +186,8 @@ impl OverlaySnapshotter {
         &self,
         f: impl FnOnce(&Inner) -> Result<T, SnapshotError> + Send + 'static,
     ) -> Result<T, SnapshotError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
+        let (inner, span) = (self.inner.clone(), tracing::Span::current());
+        tokio::task::spawn_blocking(move || span.in_scope(|| f(&inner)))
             .await
             .map_err(|e| SnapshotError::Unavailable(format!("worker failed: {e}")))?
     }
@@ -385,6 +386,13 @@ impl Inner {
                 .any(|(_, r)| r.lazy.as_ref().is_some_and(|l| l.fsid == layer.fsid));
             if !still_used {
                 lazy.mounts.release(layer);
+                // Its last use: the cache GC evicts the longest unreferenced first.
+                if let Some(cache_key) = lazy.mounts.cache_key(layer) {
+                    let now = crate::cache::now_secs();
+                    if let Err(e) = self.store.record_layer_uses(&[(cache_key, now)], &[]) {
+                        tracing::warn!(error = %e, "cannot record a layer's last use");
+                    }
+                }
             }
         }
         // Forgotten first: if this deletion is interrupted, the directory is an orphan.
@@ -489,18 +497,32 @@ impl Snapshotter for OverlaySnapshotter {
     ) -> Result<Vec<Mount>, SnapshotError> {
         if let Some(lazy) = &self.inner.lazy
             && let Some(remote) = RemoteLayerRef::from_labels(&labels)?
-            && let Some(resolved) = lazy.resolver.resolve(&remote).await?
         {
-            remote.check_chain(&parent, &resolved.record.binding)?;
-            let target = remote.target.clone();
-            let record = resolved.record;
-            let fresh = self
-                .blocking(move |inner| inner.create_lazy(&remote, &parent, labels, record))
-                .await?;
-            if fresh && let Some(plan) = resolved.prefetch {
-                lazy.mounts.prefetch(plan);
+            // Its log lines (manifest, mount, first reads) carry the layer's names.
+            let span = tracing::info_span!(
+                "lazy_prepare",
+                image = %remote.image_ref,
+                layer = %remote.layer_digest,
+                target = %remote.target
+            );
+            if let Some(resolved) = lazy
+                .resolver
+                .resolve(&remote)
+                .instrument(span.clone())
+                .await?
+            {
+                remote.check_chain(&parent, &resolved.record.binding)?;
+                let target = remote.target.clone();
+                let record = resolved.record;
+                let fresh = self
+                    .blocking(move |inner| inner.create_lazy(&remote, &parent, labels, record))
+                    .instrument(span)
+                    .await?;
+                if fresh && let Some(plan) = resolved.prefetch {
+                    lazy.mounts.prefetch(plan);
+                }
+                return Err(SnapshotError::AlreadyExists(target));
             }
-            return Err(SnapshotError::AlreadyExists(target));
         }
         self.blocking(move |inner| inner.create(Kind::Active, &key, &parent, labels))
             .await
