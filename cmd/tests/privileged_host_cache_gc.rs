@@ -203,7 +203,16 @@ async fn privileged_host_cache_gc_frees_what_removed_images_used_and_never_a_mou
          [metrics]\naddress = \"127.0.0.1:0\"\n",
         registry.host
     );
-    let daemon = Daemon::start_with(&work.path().join("snapshotter"), &config)?;
+    // Debug for the fetcher and the registry client: the log follows each READ down to
+    // its range requests.
+    let daemon = Daemon::start_with_env(
+        &work.path().join("snapshotter"),
+        &config,
+        &[(
+            "RUST_LOG",
+            "info,lazy_erofs_ondemand::fetcher=debug,lazy_erofs_image::registry=debug".as_ref(),
+        )],
+    )?;
     let socket = daemon.socket.clone();
 
     // A and B are read whole, C a first piece.
@@ -215,6 +224,8 @@ async fn privileged_host_cache_gc_frees_what_removed_images_used_and_never_a_mou
     let mut head = vec![0u8; 64 << 10];
     std::fs::File::open(&file_c)?.read_exact_at(&mut head, 0)?;
     ensure!(head == c.want[..head.len()], "C: wrong first bytes");
+
+    followed_in_the_log(&daemon.log(), &a)?;
 
     let status = cli_json(&socket, &["status"])?;
     println!("status: {status:#}");
@@ -423,5 +434,26 @@ async fn privileged_host_cache_gc_frees_what_removed_images_used_and_never_a_mou
         "A after its eviction: wrong bytes"
     );
     println!("C's reader: {pieces} pieces of 64 KiB read right during kills and GC");
+    Ok(())
+}
+
+/// One READ of `image`'s layer can be followed in the log from the kernel's request
+/// (cookie, range) through its chunk to the registry's range request of that blob, and
+/// its Prepare names the layer.
+fn followed_in_the_log(log: &str, image: &Image) -> Result<()> {
+    let digest = &image.labels[remote::LAYER_DIGEST];
+    let prepared = log
+        .lines()
+        .any(|l| l.contains("lazy_prepare{") && l.contains(digest.as_str()));
+    ensure!(prepared, "no lazy_prepare span names {digest}:\n{log}");
+    let read = log.lines().find(|l| {
+        l.contains("read{cookie=")
+            && l.contains("offset=")
+            && l.contains(":chunk{index=")
+            && l.contains(&format!(":range{{digest=\"{digest}\""))
+            && l.contains("range read elapsed=")
+    });
+    let read = read.with_context(|| format!("no READ followed to a range request:\n{log}"))?;
+    println!("a READ in the log: {read}");
     Ok(())
 }
