@@ -5,72 +5,26 @@
 //! Prometheus parser, follows fetches and fetcher kills; `lazy-erofs status --json`
 //! describes it all.
 
+#[path = "snapshotter/admin.rs"]
+mod admin;
 mod common;
 #[path = "snapshotter/daemon.rs"]
 mod daemon;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use admin::{cli_json, entry, evicted_keys, layer, sample, scrape};
 use anyhow::{Context, Result, bail, ensure};
 use containerd_client::services::v1::snapshots as pb;
 use daemon::Daemon;
 use lazy_erofs_snapshotter::lazy::remote;
-use serde_json::Value;
 
 const SIZE: usize = 2 << 20;
-
-/// `lazy-erofs ARGS --address SOCKET --json`, parsed.
-fn cli_json(socket: &Path, args: &[&str]) -> Result<Value> {
-    let out = common::run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
-            .args(args)
-            .arg("--address")
-            .arg(socket)
-            .arg("--json"),
-    )?;
-    serde_json::from_str(&out).with_context(|| format!("lazy-erofs {args:?} printed {out}"))
-}
-
-/// `GET /metrics`, parsed by prometheus-parse; panics on text it cannot parse.
-fn scrape(address: &str) -> Result<prometheus_parse::Scrape> {
-    let mut stream = std::net::TcpStream::connect(address)?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    let (head, body) = reply.split_once("\r\n\r\n").context("no HTTP body")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
-    Ok(prometheus_parse::Scrape::parse(
-        body.lines().map(|l| Ok(l.to_owned())),
-    )?)
-}
-
-/// The sum of `name`'s samples (those with `label`, if given).
-fn sample(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>) -> f64 {
-    use prometheus_parse::Value as V;
-    let mut found = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
-        .map(|s| match &s.value {
-            V::Counter(v) | V::Gauge(v) | V::Untyped(v) => *v,
-            V::Histogram(b) => b.last().map_or(0.0, |b| b.count),
-            _ => f64::NAN,
-        })
-        .peekable();
-    if found.peek().is_none() {
-        return f64::NAN;
-    }
-    found.sum()
-}
 
 struct Image {
     labels: HashMap<String, String>,
@@ -155,38 +109,8 @@ fn reader(
     })
 }
 
-fn layer<'a>(status: &'a Value, digest: &str) -> Result<&'a Value> {
-    status["layers"]
-        .as_array()
-        .context("layers")?
-        .iter()
-        .find(|l| l["digest"] == digest)
-        .with_context(|| format!("no layer {digest} in {status:#}"))
-}
-
-/// The cache entry `key` of a status report.
-fn entry<'a>(status: &'a Value, key: &str) -> Result<&'a Value> {
-    status["cache"]["entries"]
-        .as_array()
-        .context("entries")?
-        .iter()
-        .find(|e| e["key"] == key)
-        .with_context(|| format!("no cache entry {key} in {status:#}"))
-}
-
-fn evicted_keys(report: &Value) -> Vec<String> {
-    report["evicted"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| e["key"].as_str().unwrap_or("").to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn privileged_host_cache_gc_frees_what_removed_images_used_and_never_a_mounted_layer()
+async fn privileged_host_fanotify_cache_gc_frees_what_removed_images_used_and_never_a_mounted_layer()
 -> Result<()> {
     let parent = std::env::var_os("LAZY_EROFS_SCRATCH").unwrap_or_else(|| "/var/tmp".into());
     let work = tempfile::tempdir_in(parent)?;
