@@ -178,3 +178,47 @@ fn a_corrupt_layer_blob_fails_with_its_digest_named() -> Result<()> {
     );
     Ok(())
 }
+
+/// Same input, same output: every blob, the manifest and the index are byte-identical
+/// across runs (annotations are maps: written in key order, never in hash order).
+#[test]
+fn converting_twice_gives_the_same_manifest_digest() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("src");
+    make_source(&src)?;
+    let mut outputs = Vec::new();
+    for run in 0..3 {
+        let dst = dir.path().join(format!("dst{run}"));
+        let (code, _, stderr) = convert(&src, &dst)?;
+        assert_eq!(code, Some(0), "{stderr}");
+        let index = fs::read(dst.join("index.json"))?;
+        let mut blobs: Vec<(String, Vec<u8>)> = fs::read_dir(dst.join("blobs/sha256"))?
+            .map(|e| -> Result<_> {
+                let e = e?;
+                Ok((
+                    e.file_name().to_string_lossy().into_owned(),
+                    fs::read(e.path())?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        blobs.sort();
+        outputs.push((index, blobs));
+    }
+    let first = &outputs[0];
+    for (run, other) in outputs.iter().enumerate().skip(1) {
+        assert_eq!(
+            String::from_utf8_lossy(&other.0),
+            String::from_utf8_lossy(&first.0),
+            "index.json of run {run} differs"
+        );
+        let names = |o: &(Vec<u8>, Vec<(String, Vec<u8>)>)| -> Vec<String> {
+            o.1.iter().map(|(n, _)| n.clone()).collect()
+        };
+        assert_eq!(
+            names(other),
+            names(first),
+            "blob digests of run {run} differ"
+        );
+    }
+    Ok(())
+}

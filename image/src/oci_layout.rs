@@ -74,7 +74,7 @@ impl OciLayout {
 
     pub fn write_index(&self, index: &ImageIndex) -> Result<(), LayoutError> {
         let path = self.root.join("index.json");
-        let bytes = serde_json::to_vec_pretty(index).map_err(|e| LayoutError::Json {
+        let bytes = canonical_json(index, true).map_err(|e| LayoutError::Json {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -173,5 +173,17 @@ impl<R: Read> Read for DigestReader<R> {
         self.hash.update(&buf[..n]);
         self.count += n as u64;
         Ok(n)
+    }
+}
+
+/// `value` as JSON with every object's keys in order: oci-spec keeps annotations in
+/// `HashMap`s, whose order differs from run to run, and a manifest's digest must not.
+pub fn canonical_json(value: &impl serde::Serialize, pretty: bool) -> serde_json::Result<Vec<u8>> {
+    // serde_json's `Value` keeps objects in a `BTreeMap` (no `preserve_order`).
+    let value = serde_json::to_value(value)?;
+    if pretty {
+        serde_json::to_vec_pretty(&value)
+    } else {
+        serde_json::to_vec(&value)
     }
 }

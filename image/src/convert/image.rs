@@ -269,10 +269,11 @@ pub fn convert_layout(
     }
     manifest.set_annotations(Some(notes));
     manifest.set_media_type(Some(MediaType::ImageManifest));
-    let bytes = serde_json::to_vec(&manifest).map_err(|e| ImageError::Json {
-        digest: "new manifest".into(),
-        reason: e.to_string(),
-    })?;
+    let bytes =
+        crate::oci_layout::canonical_json(&manifest, false).map_err(|e| ImageError::Json {
+            digest: "new manifest".into(),
+            reason: e.to_string(),
+        })?;
     let manifest_digest = target.write_blob(&bytes)?;
     let digest = Digest::from_str(&manifest_digest).map_err(|e| ImageError::Json {
         digest: manifest_digest.clone(),

@@ -207,6 +207,15 @@ impl LayerTree {
             }
             other => return Err(bad(format!("unsupported tar entry type {other:?}"))),
         };
+        // Linux ignores a symlink's mode and creates every one 0777: so does containerd's
+        // unpack of the same layer, whatever the tar header says.
+        let meta = match content {
+            Content::Symlink(_) => Metadata {
+                permissions: 0o777,
+                ..meta
+            },
+            _ => meta,
+        };
         self.tree.insert(dir, name, meta, content)?;
         Ok(())
     }
@@ -340,6 +349,32 @@ mod tests {
             components(b"a/../../etc/passwd"),
             Err(ConvertError::PathEscapes(_))
         ));
+    }
+
+    #[test]
+    fn a_symlink_is_0777_whatever_its_header_says() {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_mode(0o644);
+        header.set_size(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_link(&mut header, "lib", "usr/lib")
+            .expect("tar");
+        let bytes = builder.into_inner().expect("tar");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut data =
+            DataSpaceWriter::new(crate::blob::Compression::None, 4096, dir.path()).expect("data");
+        let mut tree = LayerTree::new();
+        let mut archive = tar::Archive::new(&bytes[..]);
+        for entry in archive.entries().expect("entries") {
+            tree.add(entry.expect("entry"), &mut data).expect("add");
+        }
+        let link = tree.tree.lookup(FsTree::ROOT, b"lib").expect("lib");
+        assert_eq!(tree.tree.node(link).meta.permissions, 0o777);
     }
 
     #[test]
