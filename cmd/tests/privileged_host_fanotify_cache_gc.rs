@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use admin::{cli_json, entry, evicted_keys, layer, sample, scrape};
@@ -83,11 +83,12 @@ async fn remove(daemon: &Daemon, key: &str, image: &Image) -> Result<()> {
 }
 
 /// Reads `path` in 64 KiB pieces over and over (page cache dropped between passes),
-/// comparing every piece, until `stop`; counts pieces read and errors.
+/// comparing every piece, until `stop`; counts pieces read right in `progress`.
 fn reader(
     path: PathBuf,
     want: Vec<u8>,
     stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<Result<u64>> {
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path)?;
@@ -101,6 +102,7 @@ fn reader(
                     bail!("wrong bytes at {offset} of {}", path.display());
                 }
                 pieces += 1;
+                progress.store(pieces, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = common::drop_caches();
@@ -207,9 +209,20 @@ async fn privileged_host_fanotify_cache_gc_frees_what_removed_images_used_and_ne
         })?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let reading = reader(file_c.clone(), c.want.clone(), stop.clone());
-    // The first pass fetches the rest of C (32 pieces, 10 ms apart).
-    std::thread::sleep(Duration::from_millis(1500));
+    let progress = Arc::new(AtomicU64::new(0));
+    let reading = reader(
+        file_c.clone(),
+        c.want.clone(),
+        stop.clone(),
+        progress.clone(),
+    );
+    // The first pass fetches the rest of C (32 pieces, 10 ms apart): past its first
+    // MiB, the new fetcher has fetched.
+    common::wait_until(
+        "C's reader past its first MiB",
+        Duration::from_secs(60),
+        || reading.is_finished() || progress.load(Ordering::Relaxed) > 16,
+    )?;
     ensure!(!reading.is_finished(), "the reader of C stopped early");
     let after = scrape(&metrics)?;
     let delta = |name, label| sample(&after, name, label) - sample(&before, name, label);
@@ -345,13 +358,22 @@ async fn privileged_host_fanotify_cache_gc_frees_what_removed_images_used_and_ne
     );
     ensure!(sample(&m, "lazyerofs_cache_layers", Some(("state", "mounted"))) == 1.0);
 
-    // C was read all along; A comes back from the registry, right.
-    std::thread::sleep(Duration::from_millis(500));
+    // C's reader goes on: a whole pass more after the GC (however slow the machine),
+    // then it stops with every piece right; A comes back from the registry, right.
+    let after_gc = progress.load(Ordering::Relaxed);
+    common::wait_until(
+        "C's reader to read a whole pass after the GC",
+        Duration::from_secs(120),
+        || reading.is_finished() || progress.load(Ordering::Relaxed) >= after_gc + 32,
+    )?;
     stop.store(true, Ordering::Relaxed);
     let pieces = reading
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    ensure!(pieces > 32, "C's reader read only {pieces} pieces");
+    ensure!(
+        pieces >= after_gc + 32,
+        "C's reader read {pieces} pieces, {after_gc} of them before the GC ended"
+    );
     let (_guard_a, file_a) = container(&daemon, work.path(), "ca2", &a).await?;
     ensure!(
         std::fs::read(&file_a)? == a.want,
