@@ -50,6 +50,11 @@ pub trait BlobSource: Send + Sync + fmt::Debug {
     /// `len` bytes at `offset`, in a page-aligned buffer (ready for the anon fd). Must
     /// return exactly what the blob holds there, or an error: never partial bytes.
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError>;
+    /// The size of the pieces the blob is stored and verified in, if it has them: a
+    /// fetch of part of one costs the whole piece, so the fetcher fetches whole ones.
+    fn piece_size(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A blob in a local file.
@@ -213,6 +218,10 @@ impl<S: BlobSource> BlobSource for Throttled<S> {
 
     fn origin(&self) -> String {
         format!("{} (throttled)", self.inner.origin())
+    }
+
+    fn piece_size(&self) -> Option<u64> {
+        self.inner.piece_size()
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {

@@ -60,12 +60,18 @@ pub fn oci_layout(work: &Path, tars: &[PathBuf], cmd: &[&str], image: &str) -> R
 /// Converts layout `src` into layout `dst` for `image` (the reference it is pushed as:
 /// the config binds the lazy layers to its repository).
 pub fn convert(src: &Path, dst: &Path, image: &str) -> Result<()> {
+    convert_chunked(src, dst, image, lazy_erofs_image::blob::DEFAULT_CHUNK_SIZE)
+}
+
+/// [`convert`] with data chunks of `chunk_size` bytes.
+pub fn convert_chunked(src: &Path, dst: &Path, image: &str, chunk_size: u32) -> Result<()> {
     lazy_erofs_image::convert::convert_layout(
         src,
         dst,
         "linux/amd64",
         &lazy_erofs_image::convert::ConvertOptions {
             repository: Some(repository_of(image)?),
+            chunk_size,
             ..lazy_erofs_image::convert::ConvertOptions::default()
         },
         &mut |_, _, r| r,

@@ -30,6 +30,21 @@ pub struct Image {
 
 /// `count` files of `size` bytes each (pseudo-random: incompressible), in one layer.
 pub fn pushed_image(work: &Path, count: usize, size: usize) -> Result<Image> {
+    pushed_image_chunked(
+        work,
+        count,
+        size,
+        lazy_erofs_image::blob::DEFAULT_CHUNK_SIZE,
+    )
+}
+
+/// [`pushed_image`] converted with data chunks of `chunk_size` bytes.
+pub fn pushed_image_chunked(
+    work: &Path,
+    count: usize,
+    size: usize,
+    chunk_size: u32,
+) -> Result<Image> {
     let registry_dir = work.join("registry");
     std::fs::create_dir_all(&registry_dir)?;
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
@@ -52,7 +67,7 @@ pub fn pushed_image(work: &Path, count: usize, size: usize) -> Result<Image> {
     let reference = format!("{}/lazy/fanotify:1", registry.host);
     let src = common::oci_layout(&build, std::slice::from_ref(&tar), &["sh"], &reference)?;
     let dst = build.join("dst");
-    common::convert(&src, &dst, &reference)?;
+    common::convert_chunked(&src, &dst, &reference, chunk_size)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(
         Registry::new(&RegistryOptions::insecure(&registry.host)).push_layout(&dst, &reference),

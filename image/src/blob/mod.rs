@@ -318,6 +318,40 @@ mod tests {
     }
 
     #[test]
+    fn adjacent_chunks_are_one_range_request_and_still_each_verified() {
+        // 4 KiB chunks: a 1 MiB read is 256 chunks stored back to back.
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 31 % 251) as u8).collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ds =
+            DataSpaceWriter::new(Compression::Zstd { level: 3 }, 4096, dir.path()).expect("writer");
+        ds.write(&data).expect("write");
+        let ds = ds.finish().expect("finish");
+        let mut bytes = Vec::new();
+        let info = BlobWriter::assemble(&[7u8; 4096], ds, &mut bytes).expect("assemble");
+        let count = std::rc::Rc::default();
+        let reader = BlobReader::open(
+            Counting(&bytes, std::rc::Rc::clone(&count)),
+            &info.verified_digest,
+        )
+        .expect("open");
+        let opened = count.get();
+        assert_eq!(
+            reader.read_data(0, 1 << 20).expect("read"),
+            data,
+            "bytes differ"
+        );
+        assert_eq!(count.get() - opened, 1, "range requests for 256 chunks");
+        // A flipped bit in one of them fails the whole read.
+        let last = bytes.len() - 2;
+        bytes[last] ^= 1;
+        let reader = BlobReader::open(&bytes[..], &info.verified_digest).expect("open");
+        assert!(
+            reader.read_data(0, 1 << 20).is_err(),
+            "a corrupt chunk was served"
+        );
+    }
+
+    #[test]
     fn corrupt_headers_are_refused() {
         let (bytes, _) = blob(b"x", Compression::None);
         let mut bad = bytes.clone();

@@ -6,6 +6,9 @@ use super::{
     BlobError, ChunkEntry, ENTRY_SIZE, HEADER_SIZE, Header, MAX_REGION_SIZE, hex, max_stored_len,
 };
 
+/// The most stored bytes one range request of [`BlobReader::read_data`] asks for.
+pub const MAX_MERGED_READ: u64 = 8 << 20;
+
 /// Ranged access to a blob (a local file, or a registry with range requests).
 pub trait RangeRead {
     /// Exactly `len` bytes at `offset`, or an error.
@@ -121,24 +124,34 @@ impl<R: RangeRead> BlobReader<R> {
 
     /// Fetches, decompresses and verifies chunk `index` of the data space.
     pub fn chunk(&self, index: usize) -> Result<Vec<u8>, BlobError> {
-        let entry = self.entries.get(index).ok_or(BlobError::Chunk {
-            index,
-            reason: "no such chunk".into(),
-        })?;
+        let entry = self.entry(index)?;
         // In bounds: checked when the table was read.
         let stored = self.source.read_range(
             self.header.data_offset.saturating_add(entry.stored_offset),
             u64::from(entry.stored_len),
         )?;
+        self.decode(index, &stored)
+    }
+
+    fn entry(&self, index: usize) -> Result<&ChunkEntry, BlobError> {
+        self.entries.get(index).ok_or(BlobError::Chunk {
+            index,
+            reason: "no such chunk".into(),
+        })
+    }
+
+    /// Chunk `index` from its stored bytes: decompressed and checked against its digest.
+    fn decode(&self, index: usize, stored: &[u8]) -> Result<Vec<u8>, BlobError> {
+        let entry = self.entry(index)?;
         let expected_len = (self.header.data_space_size - entry.offset)
             .min(u64::from(self.header.chunk_size)) as usize;
         let bytes = if entry.compressed {
-            zstd::bulk::decompress(&stored, expected_len).map_err(|e| BlobError::Chunk {
+            zstd::bulk::decompress(stored, expected_len).map_err(|e| BlobError::Chunk {
                 index,
                 reason: format!("zstd: {e}"),
             })?
         } else {
-            stored
+            stored.to_vec()
         };
         if bytes.len() != expected_len {
             return Err(BlobError::Chunk {
@@ -153,6 +166,44 @@ impl<R: RangeRead> BlobReader<R> {
         Ok(bytes)
     }
 
+    /// Chunks `first..last` as runs stored back to back, each run at most
+    /// [`MAX_MERGED_READ`] stored bytes (a single larger chunk is a run of its own): the
+    /// index range of each run and its stored bytes' offset and length in the data
+    /// section.
+    fn runs(
+        &self,
+        first: usize,
+        last: usize,
+    ) -> Result<Vec<(std::ops::Range<usize>, u64, u64)>, BlobError> {
+        // A table shorter than the data space it claims (a hostile blob can be
+        // consistent with its own digest) fails the read, like a missing chunk.
+        if last > self.entries.len() {
+            return Err(BlobError::Chunk {
+                index: self.entries.len(),
+                reason: "no such chunk".into(),
+            });
+        }
+        let mut runs = Vec::new();
+        let mut index = first;
+        while index < last {
+            let start = self.entries[index].stored_offset;
+            let mut end = start + u64::from(self.entries[index].stored_len);
+            let run_first = index;
+            index += 1;
+            while index < last {
+                let e = &self.entries[index];
+                let next_end = e.stored_offset + u64::from(e.stored_len);
+                if e.stored_offset != end || next_end - start > MAX_MERGED_READ {
+                    break;
+                }
+                end = next_end;
+                index += 1;
+            }
+            runs.push((run_first..index, start, end - start));
+        }
+        Ok(runs)
+    }
+
     /// `len` verified bytes of the data space at `offset`.
     pub fn read_data(&self, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
         let size = self.header.data_space_size;
@@ -162,12 +213,29 @@ impl<R: RangeRead> BlobReader<R> {
             .ok_or(BlobError::OutOfRange { offset, len, size })?;
         let chunk = u64::from(self.header.chunk_size);
         let mut out = Vec::with_capacity(len as usize);
-        for index in offset / chunk..end.div_ceil(chunk) {
-            let bytes = self.chunk(index as usize)?;
-            let start = index * chunk;
-            let from = offset.max(start) - start;
-            let to = end.min(start + bytes.len() as u64) - start;
-            out.extend_from_slice(&bytes[from as usize..to as usize]);
+        let (first, last) = ((offset / chunk) as usize, end.div_ceil(chunk) as usize);
+        // Adjacent chunks are fetched in one range request: small chunks would otherwise
+        // cost a round trip each.
+        for (indices, stored_offset, stored_len) in self.runs(first, last)? {
+            let stored = self.source.read_range(
+                self.header.data_offset.saturating_add(stored_offset),
+                stored_len,
+            )?;
+            for index in indices {
+                let entry = &self.entries[index];
+                let from = (entry.stored_offset - stored_offset) as usize;
+                let piece = stored
+                    .get(from..from + entry.stored_len as usize)
+                    .ok_or_else(|| BlobError::Chunk {
+                        index,
+                        reason: "short range read".into(),
+                    })?;
+                let bytes = self.decode(index, piece)?;
+                let start = index as u64 * chunk;
+                let from = offset.max(start) - start;
+                let to = end.min(start + bytes.len() as u64) - start;
+                out.extend_from_slice(&bytes[from as usize..to as usize]);
+            }
         }
         Ok(out)
     }

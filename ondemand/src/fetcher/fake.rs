@@ -246,6 +246,10 @@ pub struct FakeSource {
     pub hangs: AtomicU32,
     pub failures: AtomicU32,
     pub delay: Duration,
+    /// What it says its pieces are ([`BlobSource::piece_size`]).
+    pub piece: Option<u64>,
+    /// Every `(offset, len)` read, in order.
+    pub calls: std::sync::Mutex<Vec<(u64, usize)>>,
 }
 
 impl FakeSource {
@@ -256,6 +260,8 @@ impl FakeSource {
             hangs: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             delay: Duration::ZERO,
+            piece: None,
+            calls: std::sync::Mutex::default(),
         }
     }
 
@@ -274,8 +280,16 @@ impl BlobSource for FakeSource {
         "fake source".into()
     }
 
+    fn piece_size(&self) -> Option<u64> {
+        self.piece
+    }
+
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((offset, len));
         let hang = self
             .hangs
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));

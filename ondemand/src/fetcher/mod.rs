@@ -35,7 +35,9 @@ pub trait Resolver: Send + Sync {
 
 #[derive(Debug, Clone, Copy)]
 pub struct FetcherConfig {
-    /// Fetch and write granularity (a multiple of 4 KiB).
+    /// Fetch and write granularity (a multiple of 4 KiB); for a source stored in larger
+    /// pieces, the smallest multiple of its piece at least this large (see
+    /// [`fetch_unit`]).
     pub chunk_size: u64,
     /// Extra attempts after a failed fetch before the READ is failed.
     pub retries: u32,
@@ -76,6 +78,25 @@ struct Object<O> {
     origin: String,
     anon: O,
     source: Arc<dyn BlobSource>,
+    /// This object's fetch and write unit.
+    unit: u64,
+}
+
+/// The largest fetch unit, whatever a source's pieces (a blob's chunks are bounded so).
+const MAX_UNIT: u64 = 64 << 20;
+
+/// The fetch unit for a source stored in `piece`-byte pieces: `configured` rounded up to
+/// whole pieces (and pages), so no piece is fetched, decompressed and verified twice
+/// for its neighbours; small pieces are merged into one request by the source.
+pub fn fetch_unit(configured: u64, piece: Option<u64>) -> u64 {
+    let page = PAGE_SIZE as u64;
+    match piece {
+        Some(piece) if piece > 0 => {
+            let piece = piece.min(MAX_UNIT).div_ceil(page) * page;
+            configured.div_ceil(piece).max(1) * piece
+        }
+        _ => configured,
+    }
 }
 
 type ChunkFetch = Shared<BoxFuture<'static, Result<(), Arc<String>>>>;
@@ -199,6 +220,7 @@ impl<K: Kernel> Fetcher<K> {
             Err(err) => return refuse(Errno::ENOENT, err.to_string()),
         };
         let size = source.size();
+        let unit = fetch_unit(self.parts.config.chunk_size, source.piece_size());
         self.lock_objects().insert(
             open.object_id,
             Arc::new(Object {
@@ -206,12 +228,13 @@ impl<K: Kernel> Fetcher<K> {
                 origin: source.origin(),
                 anon,
                 source,
+                unit,
             }),
         );
         match self.parts.device.copen(open.msg_id, Ok(size)) {
             Ok(()) => {
                 self.parts.stats.add(Counter::Opens, 1);
-                tracing::debug!(%cookie, object = open.object_id, size, "OPEN");
+                tracing::debug!(%cookie, object = open.object_id, size, unit, "OPEN");
             }
             Err(err) => {
                 tracing::error!(%cookie, %err, "copen failed");
@@ -232,7 +255,7 @@ impl<K: Kernel> Fetcher<K> {
         };
         let size = object.source.size();
         let end = read.offset.saturating_add(read.len).min(size);
-        let chunk = self.parts.config.chunk_size;
+        let chunk = object.unit;
         // A slow read is followed by its cookie and range through its chunks' fetches
         // down to the registry's range requests (the source's spans nest in this one).
         let span = tracing::info_span!(
@@ -332,8 +355,8 @@ async fn fetch_and_write<O: CacheObject>(
     config: FetcherConfig,
 ) -> Result<(), ChunkError> {
     let size = object.source.size();
-    let start = index * config.chunk_size;
-    let len = usize::try_from(config.chunk_size.min(size.saturating_sub(start)))
+    let start = index * object.unit;
+    let len = usize::try_from(object.unit.min(size.saturating_sub(start)))
         .map_err(|e| ChunkError::Failed(e.to_string()))?;
     let mut attempt = 0;
     let deadline = tokio::time::Instant::now() + config.deadline;

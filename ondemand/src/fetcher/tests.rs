@@ -133,6 +133,44 @@ async fn overlapping_reads_share_one_fetch_and_one_write_per_chunk() {
     );
 }
 
+/// A blob stored in 4 MiB pieces is fetched in whole pieces: READs in its first and
+/// third MiB cost one fetch of 4 MiB, not one (of the same piece) per MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_in_large_pieces_is_fetched_a_whole_piece_at_a_time() {
+    let mut source = FakeSource::new(data(6 * MIB as usize));
+    source.piece = Some(4 * MIB);
+    let source = Arc::new(source);
+    let run = start(&[("layer", source.clone())], &[], FetcherConfig::default());
+    assert_eq!(run.open(1, "layer").await, Ok(6 * MIB));
+    run.script.read(10, 1, 0, 128 << 10);
+    run.script.read(11, 1, 2 * MIB, 128 << 10);
+    run.script.read(12, 1, 5 * MIB, 128 << 10);
+    run.script
+        .recorder()
+        .wait_until(|a| completes(a).len() == 3)
+        .await;
+    let calls = source.calls.lock().expect("calls").clone();
+    assert_eq!(
+        calls,
+        vec![(0, 4 * MIB as usize), (4 * MIB, 2 * MIB as usize)],
+        "whole pieces, once each"
+    );
+    assert_eq!(run.script.file(1)[..], source.data[..]);
+    let _ = run.finish().await;
+}
+
+#[test]
+fn fetch_units_are_whole_pieces_and_pages() {
+    use crate::fetcher::fetch_unit;
+    assert_eq!(fetch_unit(MIB, None), MIB);
+    assert_eq!(fetch_unit(MIB, Some(4096)), MIB);
+    assert_eq!(fetch_unit(MIB, Some(4 * MIB)), 4 * MIB);
+    assert_eq!(fetch_unit(MIB, Some(3 * MIB)), 3 * MIB);
+    assert_eq!(fetch_unit(MIB, Some(768 << 10)), 1536 << 10);
+    assert_eq!(fetch_unit(MIB, Some(100)), MIB);
+    assert_eq!(fetch_unit(MIB, Some(1 << 40)), 64 * MIB, "bounded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_fetches_are_retried_then_served() {
     let source = Arc::new(FakeSource::new(data(MIB as usize)));

@@ -171,10 +171,23 @@ impl SourceFactory for LazySourceFactory {
         if let Some(reader) = blob.reader.get() {
             check_size(reader, spec.view, size).map_err(|reason| unavailable(name, reason))?;
         }
+        // Data is stored in the blob's chunks; the fetcher fetches whole ones.
+        let piece = match spec.view {
+            View::Metadata => None,
+            View::Data => Some(
+                blob.reader()
+                    .await
+                    .map_err(|e| unavailable(name, e.to_string()))?
+                    .header()
+                    .chunk_size
+                    .into(),
+            ),
+        };
         let source = LazyLayerSource {
             blob,
             view: spec.view,
             size,
+            piece,
         };
         Ok(match spec.throttle {
             Some(throttle) => Arc::new(lazy_erofs_ondemand::source::Throttled::new(
@@ -206,6 +219,8 @@ pub struct LazyLayerSource {
     blob: Arc<LazyBlob>,
     view: View,
     size: u64,
+    /// The blob's chunk size, for the data view.
+    piece: Option<u64>,
 }
 
 impl std::fmt::Debug for LazyLayerSource {
@@ -226,6 +241,10 @@ impl BlobSource for LazyLayerSource {
 
     fn origin(&self) -> String {
         format!("registry {} blob {}", self.blob.image, self.blob.digest)
+    }
+
+    fn piece_size(&self) -> Option<u64> {
+        self.piece
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
