@@ -20,7 +20,24 @@ pub struct Config {
     pub snapshotter: SnapshotterConfig,
     pub cache: CacheLimits,
     pub metrics: MetricsConfig,
+    pub fetch: FetchConfig,
     pub registry: RegistryOptions,
+}
+
+/// The `[fetch]` table: how the fetcher reads lazy layers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Bytes fetched ahead of a reader walking forward through a layer; 0: off.
+    pub readahead: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            readahead: lazy_erofs_ondemand::fetcher::FetcherConfig::default().readahead,
+        }
+    }
 }
 
 /// The `[metrics]` table.

@@ -27,12 +27,17 @@ impl RegistryArgs {
 
     /// The registry options: the configuration file's, plus `--insecure` hosts.
     pub fn options(&self) -> Result<lazy_erofs_image::registry::RegistryOptions> {
+        Ok(self.load()?.registry)
+    }
+
+    /// The whole configuration file, with `--insecure` hosts added.
+    pub fn load(&self) -> Result<Config> {
         let mut config = Config::load(self.config.as_deref())?;
         config
             .registry
             .insecure_hosts
             .extend(self.insecure.iter().cloned());
-        Ok(config.registry)
+        Ok(config)
     }
 
     /// The same options as command-line arguments, for the fetcher child.

@@ -276,6 +276,10 @@ pub struct LazyLayerSpec {
     #[serde(default)]
     pub size: u64,
     pub view: View,
+    /// The manifest's chunk size, the data view's piece (0: unknown). Only a fetch
+    /// granularity hint: every chunk is still checked against the verified table.
+    #[serde(default)]
+    pub chunk_size: u64,
     /// Slow its fetches down (tests and benchmarks model a remote registry with it).
     #[serde(default)]
     pub throttle: Option<Throttle>,

@@ -37,9 +37,11 @@ pub enum Counter {
     RegistryTransportError,
     /// Fetcher children replaced after they died.
     Restarts,
+    /// Units fetched ahead of a forward-walking reader (no READ asked for them yet).
+    ReadAheadFetches,
 }
 
-const NAMED: usize = Counter::Restarts as usize + 1;
+const NAMED: usize = Counter::ReadAheadFetches as usize + 1;
 
 /// Latency histograms; bucket i holds latencies below 2^(i/4) µs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

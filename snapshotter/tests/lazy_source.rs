@@ -49,6 +49,7 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
                 region_len: lazy.verified_region_len(),
                 size: 0,
                 view,
+                chunk_size: lazy.chunk_size.into(),
                 throttle: None,
             })
         };
@@ -103,6 +104,9 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
                 .open("production", &BlobSpec::Registry(spec.clone()))
                 .await?;
             assert_eq!(source.size(), spec.size);
+            // The fetcher fetches the data view in whole chunks, known without a request.
+            let piece = (view == View::Data).then_some(u64::from(lazy.chunk_size));
+            assert_eq!(source.piece_size(), piece, "{view:?}");
             let len = spec.size.min(8192) as usize;
             let got = source.read_at(0, len).await?;
             let want = match view {

@@ -129,6 +129,7 @@ fn layer_spec(image: &str, lazy: &LazyLayer, view: View, throttle: Option<Thrott
             View::Data => lazy.data_space_size,
         },
         view,
+        chunk_size: lazy.chunk_size.into(),
         throttle,
     })
 }
@@ -395,7 +396,8 @@ impl SourceFactory for AnySourceFactory {
 
 /// The fetcher child: serves the blobs the supervisor describes.
 pub fn fetcher(args: &FetcherArgs) -> Result<()> {
-    let options = args.registry.options()?;
+    let loaded = args.registry.load()?;
+    let options = loaded.registry;
     let factory = |stats: &Arc<Stats>| -> Arc<dyn SourceFactory> {
         let registry =
             Registry::new(&options).with_observer(Arc::new(StatsObserver(stats.clone())));
@@ -408,6 +410,7 @@ pub fn fetcher(args: &FetcherArgs) -> Result<()> {
     // reader gets its bytes or EIO within the configured budget (plus the write).
     let config = FetcherConfig {
         deadline: options.retry.budget,
+        readahead: loaded.fetch.readahead,
         ..FetcherConfig::default()
     };
     child::run(&args.socket, factory, config)?;

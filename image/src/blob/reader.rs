@@ -1,5 +1,7 @@
 //! Reading a lazy layer blob by ranges, verifying everything before returning it.
 
+use std::time::{Duration, Instant};
+
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -142,7 +144,18 @@ impl<R: RangeRead> BlobReader<R> {
 
     /// Chunk `index` from its stored bytes: decompressed and checked against its digest.
     fn decode(&self, index: usize, stored: &[u8]) -> Result<Vec<u8>, BlobError> {
+        self.decode_timed(index, stored, &mut Timings::default())
+    }
+
+    /// [`Self::decode`], adding the time it decompressed and hashed to `timings`.
+    fn decode_timed(
+        &self,
+        index: usize,
+        stored: &[u8],
+        timings: &mut Timings,
+    ) -> Result<Vec<u8>, BlobError> {
         let entry = self.entry(index)?;
+        let started = Instant::now();
         let expected_len = (self.header.data_space_size - entry.offset)
             .min(u64::from(self.header.chunk_size)) as usize;
         let bytes = if entry.compressed {
@@ -159,7 +172,10 @@ impl<R: RangeRead> BlobReader<R> {
                 reason: format!("{} bytes, expected {expected_len}", bytes.len()),
             });
         }
+        let decompressed = Instant::now();
+        timings.decompress += decompressed - started;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        timings.verify += decompressed.elapsed();
         if digest != entry.sha256 {
             return Err(BlobError::ChunkDigest { index });
         }
@@ -214,13 +230,18 @@ impl<R: RangeRead> BlobReader<R> {
         let chunk = u64::from(self.header.chunk_size);
         let mut out = Vec::with_capacity(len as usize);
         let (first, last) = ((offset / chunk) as usize, end.div_ceil(chunk) as usize);
+        let mut timings = Timings::default();
+        let runs = self.runs(first, last)?;
         // Adjacent chunks are fetched in one range request: small chunks would otherwise
         // cost a round trip each.
-        for (indices, stored_offset, stored_len) in self.runs(first, last)? {
+        for (indices, stored_offset, stored_len) in &runs {
+            let (indices, stored_offset) = (indices.clone(), *stored_offset);
+            let asked = Instant::now();
             let stored = self.source.read_range(
                 self.header.data_offset.saturating_add(stored_offset),
-                stored_len,
+                *stored_len,
             )?;
+            timings.range += asked.elapsed();
             for index in indices {
                 let entry = &self.entries[index];
                 let from = (entry.stored_offset - stored_offset) as usize;
@@ -230,13 +251,33 @@ impl<R: RangeRead> BlobReader<R> {
                         index,
                         reason: "short range read".into(),
                     })?;
-                let bytes = self.decode(index, piece)?;
+                let bytes = self.decode_timed(index, piece, &mut timings)?;
                 let start = index as u64 * chunk;
                 let from = offset.max(start) - start;
                 let to = end.min(start + bytes.len() as u64) - start;
                 out.extend_from_slice(&bytes[from as usize..to as usize]);
             }
         }
+        // The per-READ trace (`RUST_LOG=…,read_trace=debug`): where a fetch's time went.
+        tracing::debug!(
+            target: "read_trace",
+            offset,
+            len,
+            requests = runs.len(),
+            chunks = last - first,
+            range_us = timings.range.as_micros() as u64,
+            decompress_us = timings.decompress.as_micros() as u64,
+            verify_us = timings.verify.as_micros() as u64,
+            "data"
+        );
         Ok(out)
     }
+}
+
+/// Time one data read spent in range requests, decompression and hashing.
+#[derive(Debug, Default)]
+struct Timings {
+    range: Duration,
+    decompress: Duration,
+    verify: Duration,
 }

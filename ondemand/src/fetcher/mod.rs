@@ -16,6 +16,7 @@ use nix::errno::Errno;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use self::ahead::ReadAhead;
 use self::memo::FailureMemo;
 use crate::cachefiles::device::DeviceError;
 use crate::cachefiles::msg::{Open, Read};
@@ -52,6 +53,9 @@ pub struct FetcherConfig {
     /// deadline for its EIO. Fast failures (corrupt bytes, 5xx) are not remembered: their
     /// retry costs little, and the next read after a recovery must work.
     pub failure_memo: Duration,
+    /// Bytes fetched ahead of a reader walking forward, at most (0: off). Readahead
+    /// fetches are verified like any other and only ever written whole.
+    pub readahead: u64,
 }
 
 impl Default for FetcherConfig {
@@ -62,6 +66,7 @@ impl Default for FetcherConfig {
             retry_base: Duration::from_millis(50),
             deadline: Duration::from_secs(30),
             failure_memo: Duration::from_secs(1),
+            readahead: 4 << 20,
         }
     }
 }
@@ -80,6 +85,7 @@ struct Object<O> {
     source: Arc<dyn BlobSource>,
     /// This object's fetch and write unit.
     unit: u64,
+    ahead: ReadAhead,
 }
 
 /// The largest fetch unit, whatever a source's pieces (a blob's chunks are bounded so).
@@ -229,6 +235,7 @@ impl<K: Kernel> Fetcher<K> {
                 anon,
                 source,
                 unit,
+                ahead: ReadAhead::default(),
             }),
         );
         match self.parts.device.copen(open.msg_id, Ok(size)) {
@@ -244,6 +251,7 @@ impl<K: Kernel> Fetcher<K> {
     }
 
     async fn read(self: Arc<Self>, read: Read, received: Instant) {
+        let started = Instant::now();
         let Some(object) = self.lock_objects().get(&read.object_id).cloned() else {
             // Only after a CLOSE raced the READ: nobody waits for it any more.
             tracing::warn!(
@@ -264,10 +272,13 @@ impl<K: Kernel> Fetcher<K> {
             offset = read.offset,
             len = read.len
         );
+        let (first, last) = (read.offset / chunk, end.div_ceil(chunk));
         let fetches: Vec<ChunkFetch> = span.in_scope(|| {
-            (read.offset / chunk..end.div_ceil(chunk))
+            let fetches = (first..last)
                 .map(|index| self.chunk(read.object_id, &object, index))
-                .collect()
+                .collect();
+            self.read_ahead(read.object_id, &object, first, last);
+            fetches
         });
         let failures: Vec<Arc<String>> = futures::future::join_all(fetches)
             .instrument(span.clone())
@@ -275,6 +286,7 @@ impl<K: Kernel> Fetcher<K> {
             .into_iter()
             .filter_map(Result::err)
             .collect();
+        let fetched = Instant::now();
         if failures.is_empty() {
             self.parts
                 .faults
@@ -284,6 +296,19 @@ impl<K: Kernel> Fetcher<K> {
         if let Err(err) = object.anon.complete(read.msg_id) {
             tracing::error!(cookie = %object.cookie, msg = read.msg_id, %err, "READ_COMPLETE failed");
         }
+        // The per-READ trace (`RUST_LOG=…,read_trace=debug`): queued behind other
+        // requests, waiting on its units' fetches and writes, completing.
+        let us = |d: Duration| d.as_micros() as u64;
+        tracing::debug!(
+            target: "read_trace",
+            parent: &span,
+            units = last - first,
+            queue_us = us(started - received),
+            wait_us = us(fetched - started),
+            complete_us = us(fetched.elapsed()),
+            total_us = us(received.elapsed()),
+            "read"
+        );
         if let Some(first) = failures.first() {
             self.parts.stats.add(Counter::ReadsFailed, 1);
             tracing::error!(
@@ -297,6 +322,25 @@ impl<K: Kernel> Fetcher<K> {
         }
     }
 
+    /// Starts the fetches of the units after a forward-walking READ of `first..last`;
+    /// nobody waits for them, a later READ of one joins its fetch.
+    fn read_ahead(&self, object_id: u32, object: &Arc<Object<K::Object>>, first: u64, last: u64) {
+        let units = object.source.size().div_ceil(object.unit);
+        let window = self.parts.config.readahead.div_ceil(object.unit);
+        for index in object.ahead.after_read(first, last, units, window) {
+            self.parts.stats.add(Counter::ReadAheadFetches, 1);
+            let fetch = self.chunk(object_id, object, index);
+            tokio::spawn(async move {
+                if let Err(err) = fetch.await {
+                    tracing::debug!(
+                        index,
+                        "readahead failed (a READ of it fetches again): {err}"
+                    );
+                }
+            });
+        }
+    }
+
     /// The shared fetch-and-write of chunk `index`, started if nobody has started it.
     fn chunk(&self, object_id: u32, object: &Arc<Object<K::Object>>, index: u64) -> ChunkFetch {
         let key = (object_id, index);
@@ -306,6 +350,10 @@ impl<K: Kernel> Fetcher<K> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(fetch) = inflight.get(&key) {
             return fetch.clone();
+        }
+        // Verified and written (ahead of this READ, which raced the write): done.
+        if object.ahead.is_written(index) {
+            return futures::future::ready(Ok(())).boxed().shared();
         }
         if let Some(why) = self.failures.recent(key) {
             return futures::future::ready(Err(Arc::new(why))).boxed().shared();
@@ -359,6 +407,7 @@ async fn fetch_and_write<O: CacheObject>(
     let len = usize::try_from(object.unit.min(size.saturating_sub(start)))
         .map_err(|e| ChunkError::Failed(e.to_string()))?;
     let mut attempt = 0;
+    let asked = Instant::now();
     let deadline = tokio::time::Instant::now() + config.deadline;
     let buf = loop {
         let read = tokio::time::timeout_at(deadline, object.source.read_at(start, len)).await;
@@ -388,11 +437,12 @@ async fn fetch_and_write<O: CacheObject>(
         }
     };
     stats.add(Counter::BytesFetched, len as u64);
+    let fetched = Instant::now();
     tracing::debug!(start, len, attempt, "chunk fetched and verified");
     // Whole pages: the anon fd is direct I/O. The buffer is zero past `len`.
     let write_len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-    let object = object.clone();
-    tokio::task::spawn_blocking(move || object.anon.write_all_at(&buf[..write_len], start))
+    let writer = object.clone();
+    tokio::task::spawn_blocking(move || writer.anon.write_all_at(&buf[..write_len], start))
         .await
         .map_err(|e| ChunkError::Failed(e.to_string()))?
         .map_err(|e| {
@@ -401,6 +451,15 @@ async fn fetch_and_write<O: CacheObject>(
             ))
         })?;
     stats.add(Counter::BytesWritten, write_len as u64);
+    tracing::debug!(
+        target: "read_trace",
+        index,
+        len,
+        source_us = (fetched - asked).as_micros() as u64,
+        write_us = fetched.elapsed().as_micros() as u64,
+        "unit"
+    );
+    object.ahead.written(index);
     Ok(())
 }
 
@@ -420,6 +479,7 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
     exp + exp.mul_f64(jitter_frac)
 }
 
+mod ahead;
 mod memo;
 
 #[cfg(test)]

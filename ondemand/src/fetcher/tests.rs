@@ -94,7 +94,11 @@ async fn overlapping_reads_share_one_fetch_and_one_write_per_chunk() {
     let mut source = FakeSource::new(data(3 * MIB as usize));
     source.delay = Duration::from_millis(100);
     let source = Arc::new(source);
-    let run = start(&[("layer", source.clone())], &[], FetcherConfig::default());
+    let config = FetcherConfig {
+        readahead: 0, // counts what READs alone fetch
+        ..FetcherConfig::default()
+    };
+    let run = start(&[("layer", source.clone())], &[], config);
     assert_eq!(run.open(1, "layer").await, Ok(3 * MIB));
     // Two READs inside chunk 0 and one spanning chunks 0 and 1, all before any fetch ends.
     run.script.read(10, 1, 0, 128 << 10);
@@ -157,6 +161,45 @@ async fn a_source_in_large_pieces_is_fetched_a_whole_piece_at_a_time() {
         "whole pieces, once each"
     );
     assert_eq!(run.script.file(1)[..], source.data[..]);
+    let _ = run.finish().await;
+}
+
+/// A reader walking forward finds the next units fetched before it asks for them; a
+/// READ elsewhere starts nothing ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_walk_is_fetched_ahead_and_a_jump_is_not() {
+    let source = Arc::new(FakeSource::new(data(16 * MIB as usize)));
+    let config = FetcherConfig {
+        readahead: 2 * MIB,
+        ..FetcherConfig::default()
+    };
+    let run = start(&[("layer", source.clone())], &[], config);
+    assert_eq!(run.open(1, "layer").await, Ok(16 * MIB));
+    run.script.read(10, 1, 0, 128 << 10);
+    run.script
+        .recorder()
+        .wait_until(|a| completes(a).len() == 1)
+        .await;
+    run.script.read(11, 1, MIB, 128 << 10);
+    // Units 0 and 1 asked for; 1, then 2 and 3 fetched ahead (1 joined by its READ).
+    run.script
+        .recorder()
+        .wait_until(|a| writes(a).len() == 4)
+        .await;
+    assert_eq!(run.stats.get(Counter::ReadAheadFetches), 3);
+    assert_eq!(source.reads(), 4, "each unit fetched once");
+    assert_eq!(
+        run.script.file(1)[..4 * MIB as usize],
+        source.data[..4 * MIB as usize],
+        "bytes fetched ahead differ"
+    );
+    run.script.read(12, 1, 12 * MIB, 4096);
+    run.script
+        .recorder()
+        .wait_until(|a| completes(a).len() == 3)
+        .await;
+    assert_eq!(source.reads(), 5, "a jump fetched ahead");
+    assert_eq!(run.stats.get(Counter::ReadAheadFetches), 3);
     let _ = run.finish().await;
 }
 

@@ -37,6 +37,9 @@ pub struct LazyRecord {
     #[serde(default)]
     pub metadata_size: u64,
     pub data_space_size: u64,
+    /// The manifest's chunk size (0 in records of older versions: unknown).
+    #[serde(default)]
+    pub chunk_size: u64,
     /// The layer's diff id in its image's config: its verified digest bound to the
     /// repository it is read from (empty in records of older versions).
     #[serde(default)]
@@ -62,6 +65,7 @@ impl LazyRecord {
             region_len: layer.verified_region_len(),
             metadata_size: layer.metadata_size,
             data_space_size: layer.data_space_size,
+            chunk_size: layer.chunk_size.into(),
             data_tag: layer.data_tag(),
         }
     }
@@ -78,6 +82,7 @@ impl LazyRecord {
                 View::Data => self.data_space_size,
             },
             view,
+            chunk_size: self.chunk_size,
             throttle: None,
         }
     }

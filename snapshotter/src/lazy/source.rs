@@ -171,17 +171,12 @@ impl SourceFactory for LazySourceFactory {
         if let Some(reader) = blob.reader.get() {
             check_size(reader, spec.view, size).map_err(|reason| unavailable(name, reason))?;
         }
-        // Data is stored in the blob's chunks; the fetcher fetches whole ones.
+        // Data is stored in the blob's chunks; the fetcher fetches whole ones. The size
+        // comes from the description, never from a registry request at OPEN: a re-OPEN
+        // after a fetcher restart must not wait on the registry (READs retry, OPENs not).
         let piece = match spec.view {
-            View::Metadata => None,
-            View::Data => Some(
-                blob.reader()
-                    .await
-                    .map_err(|e| unavailable(name, e.to_string()))?
-                    .header()
-                    .chunk_size
-                    .into(),
-            ),
+            View::Data if spec.chunk_size > 0 => Some(spec.chunk_size),
+            _ => None,
         };
         let source = LazyLayerSource {
             blob,
@@ -318,6 +313,7 @@ mod tests {
             region_len: 0,
             size: 0,
             view: View::Data,
+            chunk_size: 0,
             throttle: None,
         }
     }

@@ -113,6 +113,13 @@ impl Collector for FetcherCollector {
         )?;
         self.counter(
             e,
+            "readahead_fetches",
+            "Units fetched ahead of a reader walking forward, before any READ asked for them",
+            "",
+            &[("", Counter::ReadAheadFetches)],
+        )?;
+        self.counter(
+            e,
             "fetch_retries",
             "Chunk fetches retried",
             "",
