@@ -154,31 +154,49 @@ fn main() -> Result<()> {
         "peak RSS   broker (serve) {broker_rss} KiB   fetcher {} KiB",
         stats["supervisor"]["fetcher_peak_rss_kib"]
     );
-    println!(
-        "cold_read backend=fanotify chunk_kib=1024 lazy_mb_s={lazy:.1} limit_mb_s={limit:.1} ratio={:.2}",
-        lazy / limit
-    );
-    // The same file converted with the smallest and a large chunk size.
-    for chunk_kib in [4u32, 4096] {
+    // Cold reads again, each on a fresh cache, traced: the blob converted with the
+    // default, the smallest and a large chunk size; readahead off (the fetcher before it
+    // read ahead) and on, same run.
+    let off = work.path().join("readahead-off.toml");
+    fs::write(&off, "[fetch]\nreadahead = 0\n")?;
+    for chunk_kib in [1024u32, 4, 4096] {
         let dir = work.path().join(format!("chunks-{chunk_kib}"));
         fs::create_dir_all(&dir)?;
-        let image = fanotify::pushed_image_chunked(&dir, 1, IMAGE_MIB << 20, chunk_kib << 10)?;
-        let serve_dir = dir.join("lazy");
-        fs::create_dir_all(&serve_dir)?;
-        let serve = fanotify::serve(&serve_dir, &image, None, true)?;
-        common::drop_caches()?;
-        let (lazy_bytes, took) = read_all(&fanotify::path(&serve_dir, name))?;
-        ensure!(
-            lazy_bytes == bytes,
-            "{chunk_kib} KiB chunks: read {lazy_bytes} bytes"
-        );
-        serve.stop()?;
-        fanotify::keeper_gone(&serve_dir)?;
-        let lazy = mb_per_s(bytes, took);
-        println!(
-            "cold_read backend=fanotify chunk_kib={chunk_kib} lazy_mb_s={lazy:.1} limit_mb_s={limit:.1} ratio={:.2}",
-            lazy / limit
-        );
+        let chunked;
+        let image = if chunk_kib == 1024 {
+            &image
+        } else {
+            chunked = fanotify::pushed_image_chunked(&dir, 1, IMAGE_MIB << 20, chunk_kib << 10)?;
+            &chunked
+        };
+        for (readahead, args) in [
+            (
+                "off",
+                vec!["--config".to_owned(), off.display().to_string()],
+            ),
+            ("on", Vec::new()),
+        ] {
+            let serve_dir = dir.join(format!("lazy-{readahead}"));
+            fs::create_dir_all(&serve_dir)?;
+            let log = Some("info,read_trace=debug");
+            let serve = fanotify::serve_with(&serve_dir, image, None, true, &args, log)?;
+            common::drop_caches()?;
+            let (lazy_bytes, took) = read_all(&fanotify::path(&serve_dir, name))?;
+            ensure!(
+                lazy_bytes == bytes,
+                "{chunk_kib} KiB chunks: read {lazy_bytes} bytes"
+            );
+            let trace = serve.log();
+            serve.stop()?;
+            fanotify::keeper_gone(&serve_dir)?;
+            let what = format!("backend=fanotify chunk_kib={chunk_kib} readahead={readahead}");
+            let lazy = mb_per_s(bytes, took);
+            println!(
+                "cold_read {what} lazy_mb_s={lazy:.1} limit_mb_s={limit:.1} ratio={:.2}",
+                lazy / limit
+            );
+            println!("{}", util::trace_breakdown(&trace, &what));
+        }
     }
     Ok(())
 }

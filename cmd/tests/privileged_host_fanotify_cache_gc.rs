@@ -136,7 +136,9 @@ async fn privileged_host_fanotify_cache_gc_frees_what_removed_images_used_and_ne
         &config,
         &[(
             "RUST_LOG",
-            "info,lazy_erofs_ondemand::fetcher=debug,lazy_erofs_image::registry=debug".as_ref(),
+            "info,lazy_erofs_ondemand::fetcher=debug,lazy_erofs_image::registry=debug,\
+             read_trace=debug"
+                .as_ref(),
         )],
     )?;
     let socket = daemon.socket.clone();
@@ -401,5 +403,17 @@ fn followed_in_the_log(log: &str, image: &Image) -> Result<()> {
     });
     let read = read.with_context(|| format!("no READ followed to a range request:\n{log}"))?;
     println!("a READ in the log: {read}");
+    // The per-READ trace: where each READ's, unit's and data read's time went.
+    for fields in [
+        &["queue_us=", "wait_us=", "complete_us=", "total_us="][..],
+        &["source_us=", "write_us="],
+        &["range_us=", "decompress_us=", "verify_us="],
+    ] {
+        let line = log
+            .lines()
+            .find(|l| l.contains("read_trace:") && fields.iter().all(|f| l.contains(f)));
+        let line = line.with_context(|| format!("no read_trace line with {fields:?}"))?;
+        println!("traced: {line}");
+    }
     Ok(())
 }

@@ -177,6 +177,8 @@ pub struct ServeOptions<'a> {
     pub fault: Option<&'a str>,
     /// More arguments for `serve` (e.g. `--image REF --insecure HOST`).
     pub extra_args: Vec<String>,
+    /// `RUST_LOG` of serve and its fetcher (default `info`).
+    pub log: Option<&'a str>,
 }
 
 impl<'a> ServeOptions<'a> {
@@ -188,6 +190,7 @@ impl<'a> ServeOptions<'a> {
             no_restore: false,
             fault: None,
             extra_args: Vec::new(),
+            log: None,
         }
     }
 }
@@ -219,7 +222,7 @@ impl Serve {
             Some(fault) => cmd.env("LAZY_EROFS_FAULT", fault),
             None => cmd.env_remove("LAZY_EROFS_FAULT"),
         };
-        cmd.env("RUST_LOG", "info");
+        cmd.env("RUST_LOG", options.log.unwrap_or("info"));
         cmd.stdout(Stdio::piped())
             .stderr(fs::File::create(&stderr_log)?);
         let mut child = cmd.spawn().context("spawn lazy-erofs serve")?;

@@ -82,7 +82,20 @@ pub fn pushed_image_chunked(
 
 /// `serve --backend fanotify` of `image` with layers under `work/mnt`.
 pub fn serve(work: &Path, image: &Image, throttle: Option<&str>, resend: bool) -> Result<Serve> {
+    serve_with(work, image, throttle, resend, &[], None)
+}
+
+/// [`serve`] with more arguments (e.g. `--config FILE`) and a `RUST_LOG`.
+pub fn serve_with(
+    work: &Path,
+    image: &Image,
+    throttle: Option<&str>,
+    resend: bool,
+    args: &[String],
+    log: Option<&str>,
+) -> Result<Serve> {
     let mut options = ServeOptions::blob("", Path::new(""));
+    options.log = log;
     options.blobs.clear();
     options.throttle = throttle;
     options.no_restore = !resend;
@@ -96,6 +109,7 @@ pub fn serve(work: &Path, image: &Image, throttle: Option<&str>, resend: bool) -
         "--mount-dir".into(),
         work.join("mnt").display().to_string(),
     ];
+    options.extra_args.extend_from_slice(args);
     Serve::start(work, options)
 }
 

@@ -3,6 +3,8 @@
 //! waiting a whole registry round trip per unit. Like the kernel's page-cache
 //! readahead: a READ that starts where the stream's last one ended (or inside what was
 //! read ahead) doubles the window, up to the configured bytes; any other READ resets it.
+//! A lone READ fetches nothing ahead, even at offset 0: a program that reads one small
+//! file (or a file's head) costs no more than before.
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -17,6 +19,8 @@ pub(super) struct ReadAhead {
 
 #[derive(Debug, Default)]
 struct State {
+    /// A READ came before: the next one may walk on from it.
+    seen: bool,
     /// The unit after the stream's furthest READ.
     next: u64,
     /// The end of the units started ahead.
@@ -34,7 +38,10 @@ impl ReadAhead {
         if max_window == 0 {
             return Vec::new();
         }
-        let forward = first >= state.next.saturating_sub(1) && first <= state.next.max(state.until);
+        let forward = state.seen
+            && first >= state.next.saturating_sub(1)
+            && first <= state.next.max(state.until);
+        state.seen = true;
         if forward {
             state.window = (state.window * 2).clamp(1, max_window);
             state.next = state.next.max(end);
@@ -74,22 +81,21 @@ mod tests {
     #[test]
     fn a_forward_walk_grows_the_window_and_never_asks_twice() {
         let ahead = ReadAhead::default();
-        assert_eq!(ahead.after_read(0, 1, 100, 8), vec![1]);
-        // The kernel asks for unit 1 (in flight): the window doubles past what was asked.
-        assert_eq!(ahead.after_read(1, 2, 100, 8), vec![2, 3]);
-        assert_eq!(ahead.after_read(2, 3, 100, 8), vec![4, 5, 6]);
-        assert_eq!(ahead.after_read(3, 4, 100, 8), vec![7, 8, 9, 10, 11]);
-        assert_eq!(
-            ahead.after_read(4, 5, 100, 8),
-            vec![12],
-            "capped at 8 past 5"
-        );
+        assert!(ahead.after_read(0, 1, 100, 8).is_empty(), "a lone READ");
+        assert_eq!(ahead.after_read(1, 2, 100, 8), vec![2]);
+        // The kernel asks for unit 2 (in flight): the window doubles past what was asked.
+        assert_eq!(ahead.after_read(2, 3, 100, 8), vec![3, 4]);
+        assert_eq!(ahead.after_read(3, 4, 100, 8), vec![5, 6, 7]);
+        assert_eq!(ahead.after_read(4, 5, 100, 8), vec![8, 9, 10, 11, 12]);
+        let capped = ahead.after_read(5, 6, 100, 8);
+        assert_eq!(capped, vec![13], "capped at 8 past 6");
     }
 
     #[test]
     fn a_jump_resets_and_the_object_end_bounds() {
         let ahead = ReadAhead::default();
-        assert_eq!(ahead.after_read(0, 1, 10, 4), vec![1]);
+        assert!(ahead.after_read(0, 1, 10, 4).is_empty());
+        assert_eq!(ahead.after_read(1, 2, 10, 4), vec![2]);
         assert!(ahead.after_read(7, 8, 10, 4).is_empty(), "random read");
         assert_eq!(ahead.after_read(8, 9, 10, 4), vec![9], "a new stream");
         assert!(ahead.after_read(9, 10, 10, 4).is_empty(), "past the end");
@@ -98,9 +104,10 @@ mod tests {
     #[test]
     fn written_units_are_skipped_and_zero_turns_it_off() {
         let ahead = ReadAhead::default();
-        ahead.written(2);
-        assert_eq!(ahead.after_read(0, 1, 10, 4), vec![1]);
-        assert_eq!(ahead.after_read(1, 2, 10, 4), vec![3]);
+        ahead.written(3);
+        assert!(ahead.after_read(0, 1, 10, 4).is_empty());
+        assert_eq!(ahead.after_read(1, 2, 10, 4), vec![2]);
+        assert_eq!(ahead.after_read(2, 3, 10, 4), vec![4]);
         let off = ReadAhead::default();
         assert!(off.after_read(0, 1, 10, 0).is_empty());
         assert!(off.after_read(1, 2, 10, 0).is_empty());
