@@ -51,6 +51,10 @@ pub struct ConvertArgs {
     /// else the source's when that is one; required from layout to layout.
     #[arg(long, value_name = "HOST/REPO")]
     pub repository: Option<String>,
+    /// Threads hashing and compressing chunks (0: every core, at most 8); the output is
+    /// byte-for-byte the same for any count.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// What a conversion from or to a registry needs.
@@ -122,6 +126,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             CompressionArg::None => Compression::None,
         },
         chunk_size: args.chunk_kib * 1024,
+        threads: args.threads,
         prefetch: match &args.prefetch {
             Some(file) => {
                 let text = std::fs::read_to_string(file)

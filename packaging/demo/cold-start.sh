@@ -75,7 +75,25 @@ reset_node() { # a cold node: no images, no snapshots, no lazy cache
     start_containerd
 }
 
-printf '\n| profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|\n' >"$work/table.md"
+# The per-READ trace of a log on stdin, summed into one line (ms over all READs; stages
+# of concurrent READs overlap).
+read_trace() {
+    awk -v what="$1" '
+        / read_trace: / {
+            for (i = 1; i <= NF; i++) {
+                if ($i == "read_trace:") { kind = $(i + 1); n[kind]++ }
+                if (split($i, kv, "=") == 2 && kv[1] ~ /_us$/) { sum[substr(kv[1], 1, length(kv[1]) - 3)] += kv[2] }
+            }
+        }
+        END {
+            line = "read_trace " what " reads=" n["read"] + 0 " units=" n["unit"] + 0 " datas=" n["data"] + 0
+            split("total queue wait complete source write range decompress verify", stages, " ")
+            for (s = 1; s <= 9; s++) line = line sprintf(" %s_ms=%.1f", stages[s], sum[stages[s]] / 1000)
+            print line
+        }'
+}
+
+printf '\n| profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | floor (all local, page cache dropped) | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|---|\n' >"$work/table.md"
 # label|rate|one-way delay (netem on both ends: RTT is twice the delay)
 for profile in "unshaped||" "100 Mbit/s, 20 ms RTT|100mbit|10ms"; do
     IFS='|' read -r label rate delay <<<"$profile"
@@ -89,18 +107,38 @@ for profile in "unshaped||" "100 Mbit/s, 20 ms RTT|100mbit|10ms"; do
     overlay_cold=$(elapsed_ms "$start")
     overlay_warm=$(run_ms overlayfs "$plain" o-warm)
 
-    drop_caches
-    before=$(registry_blob_bytes)
-    start=$(now)
-    "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$lazy" >/dev/null
-    run_ms lazy-erofs "$lazy" l-cold >/dev/null
-    lazy_cold=$(elapsed_ms "$start")
-    fetched=$(( $(registry_blob_bytes) - before ))
-    lazy_warm=$(run_ms lazy-erofs "$lazy" l-warm)
-    ratio=$(awk "BEGIN { printf \"%.2f\", $overlay_cold / $lazy_cold }")
-    step "$label: overlayfs cold ${overlay_cold} ms, lazy-erofs cold ${lazy_cold} ms (${ratio}x); warm ${overlay_warm} / ${lazy_warm} ms; lazy fetched $((fetched >> 10)) KiB of $((gzip_bytes >> 10)) KiB (gzip image)"
-    printf '| %s | %d ms | %d ms | %sx | %d ms | %d ms | %d / %d KiB |\n' "$label" "$overlay_cold" "$lazy_cold" "$ratio" \
-        "$overlay_warm" "$lazy_warm" $((fetched >> 10)) $((gzip_bytes >> 10)) >>"$work/table.md"
+    # lazy-erofs with readahead off (the fetcher before it read ahead) and on, each on
+    # a cold node, traced; the floor: the same pull + run again with every chunk it
+    # needs already in the cache and the page cache dropped.
+    for readahead in off on; do
+        snapshotter_toml=$([ "$readahead" = off ] && printf '[fetch]\nreadahead = 0\n' || true)
+        snapshotter_log="info,read_trace=debug"
+        reset_node
+        log_from=$(($(wc -l <"$work/snapshotter.log") + 1))
+        drop_caches
+        before=$(registry_blob_bytes)
+        start=$(now)
+        "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$lazy" >/dev/null
+        run_ms lazy-erofs "$lazy" "l-cold-$readahead" >/dev/null
+        lazy_cold=$(elapsed_ms "$start")
+        fetched=$(( $(registry_blob_bytes) - before ))
+        lazy_warm=$(run_ms lazy-erofs "$lazy" "l-warm-$readahead")
+        drop_caches
+        start=$(now)
+        "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$lazy" >/dev/null
+        run_ms lazy-erofs "$lazy" "l-floor-$readahead" >/dev/null
+        floor=$(elapsed_ms "$start")
+        ratio=$(awk "BEGIN { printf \"%.2f\", $overlay_cold / $lazy_cold }")
+        slug=$(printf '%s' "$label" | tr -c 'a-zA-Z0-9' '-' | tr -s '-' | sed 's/-$//')
+        step "$label, readahead $readahead: overlayfs cold ${overlay_cold} ms, lazy-erofs cold ${lazy_cold} ms (${ratio}x); warm ${overlay_warm} / ${lazy_warm} ms; floor ${floor} ms; lazy fetched $((fetched >> 10)) KiB of $((gzip_bytes >> 10)) KiB (gzip image)"
+        printf '| %s, readahead %s | %d ms | %d ms | %sx | %d ms | %d ms | %d ms | %d / %d KiB |\n' "$label" "$readahead" \
+            "$overlay_cold" "$lazy_cold" "$ratio" "$overlay_warm" "$lazy_warm" "$floor" \
+            $((fetched >> 10)) $((gzip_bytes >> 10)) >>"$work/table.md"
+        echo "cold_start profile=$slug readahead=$readahead lazy_ms=$lazy_cold floor_ms=$floor" \
+            "ratio=$(awk "BEGIN { printf \"%.2f\", $lazy_cold / $floor }")" \
+            "overlay_ms=$overlay_cold warm_ms=$lazy_warm overlay_warm_ms=$overlay_warm fetched_bytes=$fetched"
+        tail -n +"$log_from" "$work/snapshotter.log" | read_trace "profile=$slug readahead=$readahead"
+    done
 done
 shape none
 cat "$work/table.md"

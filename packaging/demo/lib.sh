@@ -58,8 +58,11 @@ address = "$work/snapshotter.sock"
 fscache_tag = "lazy-erofs-demo"
 [registry]
 insecure_hosts = ["$1"]
+${snapshotter_toml:-}
 TOML
-    "$bin/lazy-erofs-snapshotter" --config "$work/snapshotter.toml" 2>>"$work/snapshotter.log" &
+    # snapshotter_toml: more tables (e.g. [fetch]); snapshotter_log: its RUST_LOG.
+    RUST_LOG=${snapshotter_log:-${RUST_LOG:-info}} \
+        "$bin/lazy-erofs-snapshotter" --config "$work/snapshotter.toml" 2>>"$work/snapshotter.log" &
     snapshotter_pid=$!
     pids+=($!)
     wait_for snapshotter test -S "$work/snapshotter.sock"

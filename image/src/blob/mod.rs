@@ -10,9 +10,11 @@
 //! manifest, so one check covers every chunk digest and the whole metadata image.
 
 mod reader;
+mod sealer;
 mod writer;
 
 pub use reader::{BlobReader, RangeRead};
+pub use sealer::default_threads;
 pub use writer::{BlobInfo, BlobWriter, DataSpace, DataSpaceWriter};
 
 use sha2::{Digest, Sha256};

@@ -7,12 +7,15 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use super::sealer::{Sealed, Sealer};
 use super::{BlobError, ChunkEntry, Compression, ENTRY_SIZE, HEADER_SIZE, Header, hex};
 
 /// Streams the layer's file contents into the data space: fixed-size chunks, each
-/// compressed independently as soon as it is full. Memory: one chunk plus the encoder.
+/// hashed and compressed independently as soon as it is full, on several threads
+/// ([`super::sealer`]). Memory: the chunks in flight plus the encoders.
 pub struct DataSpaceWriter {
     compression: Compression,
+    sealer: Sealer,
     chunk_size: usize,
     buf: Vec<u8>,
     position: u64,
@@ -32,13 +35,25 @@ pub struct DataSpace {
 }
 
 impl DataSpaceWriter {
+    /// A writer sealing chunks on every core ([`Self::with_threads`] 0).
     pub fn new(
         compression: Compression,
         chunk_size: u32,
         temp_dir: &Path,
     ) -> Result<Self, BlobError> {
+        Self::with_threads(compression, chunk_size, 0, temp_dir)
+    }
+
+    /// `threads` seal chunks (0: this machine's cores); the output is the same for any.
+    pub fn with_threads(
+        compression: Compression,
+        chunk_size: u32,
+        threads: usize,
+        temp_dir: &Path,
+    ) -> Result<Self, BlobError> {
         Ok(Self {
             compression,
+            sealer: Sealer::new(compression, threads, chunk_size as usize),
             chunk_size: chunk_size as usize,
             buf: Vec::with_capacity(chunk_size as usize),
             position: 0,
@@ -77,32 +92,33 @@ impl DataSpaceWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let sha256: [u8; 32] = Sha256::digest(&self.buf).into();
-        let compressed = match self.compression {
-            Compression::Zstd { level } => Some(zstd::bulk::compress(&self.buf, level)?),
-            Compression::None => None,
-        };
-        let (bytes, is_compressed) = match &compressed {
-            Some(c) if c.len() < self.buf.len() => (c.as_slice(), true),
-            _ => (self.buf.as_slice(), false),
-        };
-        self.stored.write_all(bytes)?;
-        let offset = self.entries.len() as u64 * self.chunk_size as u64;
-        self.entries.push(ChunkEntry {
-            offset,
-            stored_offset: self.stored_len,
-            stored_len: bytes.len() as u32,
-            compressed: is_compressed,
-            sha256,
-        });
-        self.stored_len += bytes.len() as u64;
-        self.buf.clear();
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk_size));
+        let sealed = self.sealer.submit(chunk)?;
+        self.store(sealed)
+    }
+
+    /// Appends sealed chunks (in data-space order) to the stored bytes and the table.
+    fn store(&mut self, sealed: Vec<Sealed>) -> Result<(), BlobError> {
+        for chunk in sealed {
+            self.stored.write_all(&chunk.bytes)?;
+            let offset = self.entries.len() as u64 * self.chunk_size as u64;
+            self.entries.push(ChunkEntry {
+                offset,
+                stored_offset: self.stored_len,
+                stored_len: chunk.bytes.len() as u32,
+                compressed: chunk.compressed,
+                sha256: chunk.sha256,
+            });
+            self.stored_len += chunk.bytes.len() as u64;
+        }
         Ok(())
     }
 
     pub fn finish(mut self) -> Result<DataSpace, BlobError> {
         self.align_block()?;
         self.flush_chunk()?;
+        let rest = self.sealer.finish()?;
+        self.store(rest)?;
         let stored = self
             .stored
             .into_inner()

@@ -38,6 +38,9 @@ pub struct ConvertOptions {
     /// every lazy layer to it ([`crate::manifest::layer_binding`]). Whole-image
     /// conversion refuses to run without it.
     pub repository: Option<String>,
+    /// Threads hashing and compressing chunks (0: this machine's cores); the output is
+    /// the same for any count.
+    pub threads: usize,
 }
 
 impl Default for ConvertOptions {
@@ -48,6 +51,7 @@ impl Default for ConvertOptions {
             data_tag: None,
             prefetch: Vec::new(),
             repository: None,
+            threads: 0,
         }
     }
 }
@@ -121,7 +125,12 @@ pub fn convert_layer(
         inner: tar_stream,
         hash: Sha256::new(),
     };
-    let mut data = DataSpaceWriter::new(options.compression, options.chunk_size, temp_dir)?;
+    let mut data = DataSpaceWriter::with_threads(
+        options.compression,
+        options.chunk_size,
+        options.threads,
+        temp_dir,
+    )?;
     let mut tree = LayerTree::new();
     let mut entries = 0u64;
     {
