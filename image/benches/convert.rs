@@ -54,6 +54,19 @@ fn main() -> Result<()> {
             std::fs::metadata(&tar)?.len(),
             std::fs::metadata(&gz)?.len(),
         );
+        // One thread first: the converter before it sealed chunks on every core.
+        let start = Instant::now();
+        let one = ConvertOptions {
+            threads: 1,
+            ..ConvertOptions::default()
+        };
+        let single = convert_layer(
+            File::open(&gz)?,
+            File::create(work.path().join("blob1"))?,
+            &one,
+            work.path(),
+        )?;
+        let single_secs = start.elapsed().as_secs_f64();
         let rss_before = peak_rss_kib();
         let start = Instant::now();
         let converted = convert_layer(
@@ -64,6 +77,10 @@ fn main() -> Result<()> {
         )?;
         let convert_secs = start.elapsed().as_secs_f64();
         let rss = peak_rss_kib();
+        ensure!(
+            single.blob == converted.blob,
+            "{layer}: one thread and every core gave different blobs"
+        );
         let start = Instant::now();
         let status = Command::new("gzip")
             .arg("-dc")
@@ -80,8 +97,14 @@ fn main() -> Result<()> {
             gz_len as f64 / 1048576.0
         );
         println!(
-            "  convert (zstd-3, 1 MiB chunks)  {:7.1} MB/s of tar   ({convert_secs:.2} s)",
-            mb(convert_secs)
+            "  convert (zstd-3, 1 MiB chunks)  {:7.1} MB/s of tar   ({convert_secs:.2} s, \
+             {} threads)",
+            mb(convert_secs),
+            lazy_erofs_image::blob::default_threads()
+        );
+        println!(
+            "  convert, one thread             {:7.1} MB/s of tar   ({single_secs:.2} s)",
+            mb(single_secs)
         );
         println!(
             "  gzip -dc (the floor)            {:7.1} MB/s of tar   ({gunzip_secs:.2} s)",
@@ -93,6 +116,13 @@ fn main() -> Result<()> {
             converted.blob.size as f64 / gz_len as f64,
             converted.blob.metadata_len as f64 / 1024.0,
             converted.blob.metadata_len as f64 / 1024.0 / converted.entries as f64 * 1000.0
+        );
+        println!(
+            "convert layer={layer} mb_s={:.1} one_thread_mb_s={:.1} gzip_mb_s={:.1} ratio={:.2}",
+            mb(convert_secs),
+            mb(single_secs),
+            mb(gunzip_secs),
+            gunzip_secs / convert_secs
         );
         let note = if i == 0 { "" } else { " (process peak so far)" };
         println!(

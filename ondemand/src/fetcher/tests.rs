@@ -180,31 +180,36 @@ async fn a_forward_walk_is_fetched_ahead_and_a_jump_is_not() {
         .recorder()
         .wait_until(|a| completes(a).len() == 1)
         .await;
-    assert_eq!(source.reads(), 1, "a lone READ fetched ahead");
     run.script.read(11, 1, MIB, 128 << 10);
     run.script
         .recorder()
         .wait_until(|a| completes(a).len() == 2)
         .await;
+    assert_eq!(source.reads(), 2, "two READs fetched ahead");
     run.script.read(12, 1, 2 * MIB, 128 << 10);
-    // Units 0, 1 and 2 asked for; 2, then 3 and 4 fetched ahead (2 joined by its READ).
     run.script
         .recorder()
-        .wait_until(|a| writes(a).len() == 5)
+        .wait_until(|a| completes(a).len() == 3)
+        .await;
+    run.script.read(13, 1, 3 * MIB, 128 << 10);
+    // Units 0 to 3 asked for; 3, then 4 and 5 fetched ahead (3 joined by its READ).
+    run.script
+        .recorder()
+        .wait_until(|a| writes(a).len() == 6)
         .await;
     assert_eq!(run.stats.get(Counter::ReadAheadFetches), 3);
-    assert_eq!(source.reads(), 5, "each unit fetched once");
+    assert_eq!(source.reads(), 6, "each unit fetched once");
     assert_eq!(
-        run.script.file(1)[..5 * MIB as usize],
-        source.data[..5 * MIB as usize],
+        run.script.file(1)[..6 * MIB as usize],
+        source.data[..6 * MIB as usize],
         "bytes fetched ahead differ"
     );
-    run.script.read(13, 1, 12 * MIB, 4096);
+    run.script.read(14, 1, 12 * MIB, 4096);
     run.script
         .recorder()
-        .wait_until(|a| completes(a).len() == 4)
+        .wait_until(|a| completes(a).len() == 5)
         .await;
-    assert_eq!(source.reads(), 6, "a jump fetched ahead");
+    assert_eq!(source.reads(), 7, "a jump fetched ahead");
     assert_eq!(run.stats.get(Counter::ReadAheadFetches), 3);
     let _ = run.finish().await;
 }
