@@ -177,7 +177,12 @@ fn spawn_worker(
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .recv();
                 let Ok((seq, chunk)) = job else { return };
-                if done.send((seq, seal(chunk, compression))).is_err() {
+                // A panic must still answer its chunk: the writer waits for every one.
+                let sealed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    seal(chunk, compression)
+                }))
+                .unwrap_or_else(|_| Err(std::io::Error::other("sealing a chunk panicked")));
+                if done.send((seq, sealed)).is_err() {
                     return;
                 }
             }
