@@ -64,20 +64,25 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn status(args: &StatusArgs, out: &mut impl Write) -> Result<()> {
-    let json = runtime()?.block_on(async {
-        let reply = client(&args.daemon)
-            .await?
-            .status(StatusRequest {})
-            .await
-            .context("status")?;
-        anyhow::Ok(reply.into_inner().json)
-    })?;
+    let json = status_json(&args.daemon)?;
     if args.daemon.json {
         writeln!(out, "{json}")?;
         return Ok(());
     }
     let report: StatusReport = serde_json::from_str(&json).context("the daemon's status")?;
     write_status(&report, out)
+}
+
+/// The daemon's status report as it sent it.
+pub fn status_json(daemon: &DaemonSocket) -> Result<String> {
+    runtime()?.block_on(async {
+        let reply = client(daemon)
+            .await?
+            .status(StatusRequest {})
+            .await
+            .context("status")?;
+        anyhow::Ok(reply.into_inner().json)
+    })
 }
 
 pub fn gc(args: &GcArgs, out: &mut impl Write) -> Result<()> {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod convert;
 pub mod pull;
 pub mod recent_errors;
+pub mod record;
 pub mod registry_args;
 pub mod serve;
 pub mod snapshotter;

@@ -16,6 +16,9 @@ pub mod annotation {
     pub const DATA_SPACE_SIZE: &str = "dev.lazy-erofs.layer.data-space-size";
     pub const CHUNK_SIZE: &str = "dev.lazy-erofs.layer.chunk-size";
     pub const METADATA_SIZE: &str = "dev.lazy-erofs.layer.metadata-size";
+    /// Data-space bytes at the start that hold the files the image reads as it starts
+    /// (laid out first by `convert --prefetch`); absent when none are.
+    pub const STARTUP_SIZE: &str = "dev.lazy-erofs.layer.startup-size";
     /// The source layer's diff id (sha256 of its uncompressed tar), as in the config.
     pub const SOURCE_DIFF_ID: &str = "dev.lazy-erofs.layer.source-diff-id";
     /// The source layer blob's digest.
@@ -151,6 +154,9 @@ pub struct LazyLayer {
     pub chunk_size: u32,
     pub metadata_size: u64,
     pub source_diff_id: String,
+    /// Data-space bytes at the start holding the start-up files (0: none). A fetch
+    /// hint only: what is served is still checked chunk by chunk.
+    pub startup_size: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -236,7 +242,12 @@ impl LazyLayer {
                 key: annotation::CHUNK_SIZE,
                 value: chunk_size.to_string(),
             })?;
+        let startup_size = match notes.get(annotation::STARTUP_SIZE) {
+            None => 0,
+            Some(_) => number(annotation::STARTUP_SIZE)?,
+        };
         let layer = Self {
+            startup_size,
             size: desc.size(),
             verified_digest: sha(annotation::VERIFIED_DIGEST)?,
             data_space_size: number(annotation::DATA_SPACE_SIZE)?,
@@ -245,6 +256,16 @@ impl LazyLayer {
             source_diff_id: sha(annotation::SOURCE_DIFF_ID)?,
             digest,
         };
+        if layer.startup_size > layer.data_space_size {
+            return Err(ManifestError::Malformed {
+                digest: layer.digest,
+                key: annotation::STARTUP_SIZE,
+                value: format!(
+                    "{} (past the data space's {} bytes)",
+                    layer.startup_size, layer.data_space_size
+                ),
+            });
+        }
         // What a reader would have to hold in memory before it can verify anything.
         let region = crate::blob::HEADER_SIZE
             .saturating_add(layer.metadata_size)

@@ -43,4 +43,45 @@ pub trait CacheObject: Send + Sync + 'static {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Tells the kernel READ `msg_id` is done (an unwritten range reads as EIO).
     fn complete(&self, msg_id: u32) -> io::Result<()>;
+    /// Whether `offset..offset + len` is all in the cache file already (a previous
+    /// fetcher wrote it). `false` when it cannot tell: the range is fetched again.
+    fn holds(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+}
+
+/// Whether `offset..offset + len` of `fd`'s file is all data (no hole in it), by
+/// `SEEK_DATA` / `SEEK_HOLE`; `false` on any error (the caller fetches again).
+pub(crate) fn range_is_data(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> bool {
+    use nix::unistd::{Whence, lseek};
+    let (Ok(start), Ok(end)) = (
+        i64::try_from(offset),
+        i64::try_from(offset.saturating_add(len)),
+    ) else {
+        return false;
+    };
+    if len == 0 {
+        return true;
+    }
+    matches!(lseek(fd, start, Whence::SeekData), Ok(at) if at == start)
+        && matches!(lseek(fd, start, Whence::SeekHole), Ok(hole) if hole >= end)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn only_ranges_written_whole_count_as_held() {
+        let file = tempfile::tempfile().expect("tempfile");
+        file.set_len(4 << 20).expect("set_len");
+        file.write_all_at(&vec![1u8; 1 << 20], 1 << 20)
+            .expect("write");
+        let held = |offset: u64, len: u64| super::range_is_data(file.as_fd(), offset, len);
+        assert!(!held(0, 1 << 20), "a hole");
+        assert!(held(1 << 20, 1 << 20), "the written MiB");
+        assert!(!held(1 << 20, 2 << 20), "written, then a hole");
+        assert!(!held(3 << 20, 2 << 20), "past the end");
+    }
 }

@@ -55,6 +55,11 @@ pub trait BlobSource: Send + Sync + fmt::Debug {
     fn piece_size(&self) -> Option<u64> {
         None
     }
+    /// Bytes at the start that the blob's image reads as it starts: fetched as soon as
+    /// the object is opened, before anyone asks (0: none).
+    fn startup_len(&self) -> u64 {
+        0
+    }
 }
 
 /// A blob in a local file.
@@ -224,6 +229,10 @@ impl<S: BlobSource> BlobSource for Throttled<S> {
         self.inner.piece_size()
     }
 
+    fn startup_len(&self) -> u64 {
+        self.inner.startup_len()
+    }
+
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
         let mut done_at = Instant::now() + self.throttle.latency;
         if let Some(rate) = self.throttle.bytes_per_sec {
@@ -280,6 +289,10 @@ pub struct LazyLayerSpec {
     /// granularity hint: every chunk is still checked against the verified table.
     #[serde(default)]
     pub chunk_size: u64,
+    /// The manifest's start-up size: data-view bytes fetched at OPEN (0: none). A hint
+    /// like `chunk_size`.
+    #[serde(default)]
+    pub startup_size: u64,
     /// Slow its fetches down (tests and benchmarks model a remote registry with it).
     #[serde(default)]
     pub throttle: Option<Throttle>,

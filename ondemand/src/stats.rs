@@ -39,9 +39,11 @@ pub enum Counter {
     Restarts,
     /// Units fetched ahead of a forward-walking reader (no READ asked for them yet).
     ReadAheadFetches,
+    /// Units of an image's start-up region fetched as its object was opened.
+    StartupFetches,
 }
 
-const NAMED: usize = Counter::ReadAheadFetches as usize + 1;
+const NAMED: usize = Counter::StartupFetches as usize + 1;
 
 /// Latency histograms; bucket i holds latencies below 2^(i/4) µs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -89,6 +89,9 @@ pub struct LayerStatus {
     pub bytes: u64,
     pub size: u64,
     pub fetched_percent: f64,
+    /// Where it is mounted (while it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use lazy_erofs_cmd::admin::{self, GcArgs, StatusArgs};
 use lazy_erofs_cmd::check::{self, CheckArgs};
 use lazy_erofs_cmd::convert::{self, ConvertArgs};
 use lazy_erofs_cmd::pull::{self, PullArgs};
+use lazy_erofs_cmd::record::{self, RecordArgs};
 use lazy_erofs_cmd::serve::{self, FetcherArgs, ServeArgs};
 
 #[derive(Debug, Parser)]
@@ -34,6 +35,11 @@ enum Command {
     /// manifest and config into containerd's content store, every layer mounted lazily
     /// by the lazy-erofs snapshotter. Then `ctr run --snapshotter lazy-erofs IMAGE …`.
     Pull(PullArgs),
+    /// Write the files an image read as it started (a container of it ran once on
+    /// freshly mounted lazy layers) as a prefetch list: `lazy-erofs convert --prefetch
+    /// LIST` then lays them out first, and the fetcher fetches them as the layer mounts.
+    #[command(name = "record-startup")]
+    RecordStartup(RecordArgs),
     /// Serve EROFS images lazily with fetcher failover: through /dev/cachefiles (so
     /// `mount -t erofs none -o fsid=NAME MNT` works), or with `--backend fanotify` as
     /// file-backed mounts under `--mount-dir`. Root only; stops on SIGTERM.
@@ -70,6 +76,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Check(args) => check::run(&args, &mut std::io::stdout().lock()),
         Command::Convert(args) => convert::run(&args).map(|()| true),
         Command::Pull(args) => pull::run(&args).map(|_| true),
+        Command::RecordStartup(args) => record::run(&args).map(|()| true),
         Command::Serve(args) => serve::run(&args).map(|()| true),
         Command::Status(args) => admin::status(&args, &mut std::io::stdout().lock()).map(|()| true),
         Command::Gc(args) => admin::gc(&args, &mut std::io::stdout().lock()).map(|()| true),

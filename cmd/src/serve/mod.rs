@@ -130,6 +130,7 @@ fn layer_spec(image: &str, lazy: &LazyLayer, view: View, throttle: Option<Thrott
         },
         view,
         chunk_size: lazy.chunk_size.into(),
+        startup_size: lazy.startup_size,
         throttle,
     })
 }

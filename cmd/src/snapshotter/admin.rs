@@ -123,6 +123,10 @@ impl DaemonControl {
                         bytes: entry.bytes,
                         size: layer.size,
                         fetched_percent: (fetched * 10.0).round() / 10.0,
+                        mount: self
+                            .snapshotter
+                            .layer_mount(&layer.fsid)
+                            .map(|p| p.display().to_string()),
                     });
                 }
             }

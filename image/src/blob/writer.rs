@@ -30,8 +30,33 @@ pub struct DataSpace {
     chunk_size: u32,
     pub entries: Vec<ChunkEntry>,
     pub size: u64,
-    stored: File,
+    /// The stored chunks, in data-space order: one file per lane (see [`Self::then`]).
+    stored: Vec<(File, u64)>,
     pub stored_len: u64,
+    /// Bytes at the start holding the files the image reads as it starts (0: none).
+    pub startup_size: u64,
+}
+
+impl DataSpace {
+    /// This data space (the start-up lane, a whole number of chunks) followed by `rest`,
+    /// whose data-space offsets move up by [`Self::size`].
+    pub fn then(mut self, rest: DataSpace) -> Result<DataSpace, BlobError> {
+        if !self.size.is_multiple_of(u64::from(self.chunk_size)) {
+            return Err(BlobError::Io(io::Error::other(
+                "a start-up lane must end on a chunk boundary",
+            )));
+        }
+        self.startup_size = self.size;
+        for mut entry in rest.entries {
+            entry.offset += self.size;
+            entry.stored_offset += self.stored_len;
+            self.entries.push(entry);
+        }
+        self.size += rest.size;
+        self.stored_len += rest.stored_len;
+        self.stored.extend(rest.stored);
+        Ok(self)
+    }
 }
 
 impl DataSpaceWriter {
@@ -66,6 +91,13 @@ impl DataSpaceWriter {
     /// Current offset in the data space.
     pub fn position(&self) -> u64 {
         self.position
+    }
+
+    /// Pads with zeros to the next chunk boundary (where a following lane starts).
+    pub fn align_chunk(&mut self) -> Result<(), BlobError> {
+        let chunk = self.chunk_size as u64;
+        let pad = (self.position.div_ceil(chunk) * chunk - self.position) as usize;
+        self.write(&vec![0u8; pad])
     }
 
     /// Pads with zeros to the next multiple of 4 KiB (file data starts block-aligned).
@@ -128,8 +160,9 @@ impl DataSpaceWriter {
             chunk_size: self.chunk_size as u32,
             entries: self.entries,
             size: self.position,
-            stored,
+            stored: vec![(stored, self.stored_len)],
             stored_len: self.stored_len,
+            startup_size: 0,
         })
     }
 }
@@ -145,6 +178,8 @@ pub struct BlobInfo {
     pub metadata_len: u64,
     pub data_space_size: u64,
     pub chunk_size: u32,
+    /// Data-space bytes at the start holding the image's start-up files (0: none).
+    pub startup_size: u64,
 }
 
 pub struct BlobWriter;
@@ -178,12 +213,14 @@ impl BlobWriter {
         out.write_all(metadata)?;
         out.write_all(&table)?;
         let verified_digest = format!("sha256:{}", hex(&out.hash.clone().finalize()));
-        data.stored.seek(SeekFrom::Start(0))?;
-        let copied = io::copy(&mut (&mut data.stored).take(data.stored_len), &mut out)?;
-        if copied != data.stored_len {
-            return Err(BlobError::Io(io::Error::other(
-                "data section shorter than written",
-            )));
+        for (stored, len) in &mut data.stored {
+            stored.seek(SeekFrom::Start(0))?;
+            let copied = io::copy(&mut stored.take(*len), &mut out)?;
+            if copied != *len {
+                return Err(BlobError::Io(io::Error::other(
+                    "data section shorter than written",
+                )));
+            }
         }
         out.flush()?;
         Ok(BlobInfo {
@@ -193,6 +230,7 @@ impl BlobWriter {
             metadata_len: metadata.len() as u64,
             data_space_size: data.size,
             chunk_size: data.chunk_size,
+            startup_size: data.startup_size,
         })
     }
 }

@@ -211,7 +211,7 @@ pub fn convert_layout(
             reason: e.to_string(),
         })?;
         let mut desc = Descriptor::new(MediaType::from(LAYER_MEDIA_TYPE), blob.size, new_digest);
-        desc.set_annotations(Some(HashMap::from([
+        let mut notes = HashMap::from([
             (
                 annotation::VERIFIED_DIGEST.to_owned(),
                 blob.verified_digest.clone(),
@@ -233,7 +233,14 @@ pub fn convert_layout(
                 converted.diff_id.clone(),
             ),
             (annotation::SOURCE_DIGEST.to_owned(), digest.clone()),
-        ])));
+        ]);
+        if blob.startup_size > 0 {
+            notes.insert(
+                annotation::STARTUP_SIZE.to_owned(),
+                blob.startup_size.to_string(),
+            );
+        }
+        desc.set_annotations(Some(notes));
         layers.push(desc);
         bindings.push(crate::manifest::layer_binding(
             &blob.verified_digest,

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
+use super::lanes::Lanes;
 use super::{ConvertError, INLINE_MAX};
-use crate::blob::DataSpaceWriter;
+use crate::blob::{DataSpace, DataSpaceWriter};
 use crate::erofs::{CHUNK_SIZE, Content, FileData, FsTree, Metadata, NodeId};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -54,6 +55,11 @@ impl LayerTree {
         &self.tree
     }
 
+    /// The data space the files went to, their block addresses final.
+    pub fn finish_data(&mut self, lanes: Lanes) -> Result<DataSpace, ConvertError> {
+        lanes.finish(&mut self.tree)
+    }
+
     /// The directory holding the last component, creating missing parents.
     fn parent_dir(&mut self, parts: &[&[u8]], path: &[u8]) -> Result<NodeId, ConvertError> {
         let mut dir = FsTree::ROOT;
@@ -92,7 +98,7 @@ impl LayerTree {
     pub fn add<R: Read>(
         &mut self,
         mut entry: tar::Entry<'_, R>,
-        data: &mut DataSpaceWriter,
+        lanes: &mut Lanes,
     ) -> Result<(), ConvertError> {
         let header = entry.header().clone();
         // Pax records first: until they parse cleanly, the path the tar crate derived from
@@ -159,10 +165,14 @@ impl LayerTree {
         let content = match kind {
             tar::EntryType::Directory => Content::Directory(BTreeMap::new()),
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                Content::File(file_data(&mut entry, data).map_err(|e| match e {
+                let (data, lane) = lanes.for_path(&parts);
+                let content = Content::File(file_data(&mut entry, data).map_err(|e| match e {
                     ConvertError::Io(io) => bad(format!("reading contents: {io}")),
                     other => other,
-                })?)
+                })?);
+                let node = self.tree.insert(dir, name, meta, content)?;
+                lanes.placed(node, lane);
+                return Ok(());
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -366,8 +376,9 @@ mod tests {
             .expect("tar");
         let bytes = builder.into_inner().expect("tar");
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut data =
-            DataSpaceWriter::new(crate::blob::Compression::None, 4096, dir.path()).expect("data");
+        let mut data = Lanes::single(
+            DataSpaceWriter::new(crate::blob::Compression::None, 4096, dir.path()).expect("data"),
+        );
         let mut tree = LayerTree::new();
         let mut archive = tar::Archive::new(&bytes[..]);
         for entry in archive.entries().expect("entries") {

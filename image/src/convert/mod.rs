@@ -6,6 +6,7 @@
 //! layer's size. At the end the EROFS metadata is written and the blob assembled.
 
 mod image;
+mod lanes;
 mod layer_tree;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -13,12 +14,11 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::blob::{
-    BlobError, BlobInfo, BlobWriter, Compression, DEFAULT_CHUNK_SIZE, DataSpaceWriter, hex,
-};
+use crate::blob::{BlobError, BlobInfo, BlobWriter, Compression, DEFAULT_CHUNK_SIZE, hex};
 use crate::erofs::{ErofsError, TreeError, WriteOptions, write_metadata};
 pub use image::{ImageError, LayerReport, convert_layout};
 pub(crate) use image::{is_index, platform_matches};
+pub use lanes::{Lane, Lanes};
 pub use layer_tree::LayerTree;
 
 /// Files up to this size live inline in the metadata (they come with the first fetch).
@@ -32,7 +32,10 @@ pub struct ConvertOptions {
     /// [`crate::manifest::data_tag`] of the layer's diff id.
     pub data_tag: Option<String>,
     /// Paths the image reads as it starts (see [`crate::manifest::parse_prefetch_list`]),
-    /// stored on the manifest; empty keeps the source manifest's list, if any.
+    /// stored on the manifest; empty keeps the source manifest's list, if any. The files
+    /// they name (directories: everything below) are laid out first in each layer's
+    /// data space ([`lanes`]), and the layer says how far they reach
+    /// ([`crate::manifest::annotation::STARTUP_SIZE`]).
     pub prefetch: Vec<String>,
     /// `registry/repository` the converted image will be served from: its config binds
     /// every lazy layer to it ([`crate::manifest::layer_binding`]). Whole-image
@@ -125,12 +128,7 @@ pub fn convert_layer(
         inner: tar_stream,
         hash: Sha256::new(),
     };
-    let mut data = DataSpaceWriter::with_threads(
-        options.compression,
-        options.chunk_size,
-        options.threads,
-        temp_dir,
-    )?;
+    let mut data = Lanes::new(options, temp_dir)?;
     let mut tree = LayerTree::new();
     let mut entries = 0u64;
     {
@@ -148,7 +146,7 @@ pub fn convert_layer(
     io::copy(&mut hashed, &mut io::sink())?;
     let diff_id = format!("sha256:{}", hex(&hashed.hash.finalize()));
     let source_size = source_size.get();
-    let data = data.finish()?;
+    let data = tree.finish_data(data)?;
     let data_blocks = u32::try_from(data.size / 4096).map_err(|_| ConvertError::TooLarge)?;
     let data_tag = options
         .data_tag

@@ -68,6 +68,11 @@ impl CacheObject for AnonFd {
     fn complete(&self, msg_id: u32) -> io::Result<()> {
         AnonFd::complete(self, msg_id)
     }
+
+    // The anon fd seeks in the cache file behind it (cachefiles_ondemand_fd_llseek).
+    fn holds(&self, offset: u64, len: u64) -> bool {
+        crate::kernel::range_is_data(self.file.as_fd(), offset, len)
+    }
 }
 
 /// `/dev/cachefiles`, opened and (once [`Device::bind`] succeeded) bound in ondemand mode.

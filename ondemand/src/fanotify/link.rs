@@ -265,4 +265,9 @@ impl CacheObject for DataFile {
     fn complete(&self, msg_id: u32) -> io::Result<()> {
         send(self.socket.as_fd(), &ToBroker::Done { msg_id }, None)
     }
+
+    fn holds(&self, offset: u64, len: u64) -> bool {
+        let len = len.min(self.size.saturating_sub(offset));
+        crate::kernel::range_is_data(self.file.as_fd(), offset, len)
+    }
 }

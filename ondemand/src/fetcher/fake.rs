@@ -248,6 +248,8 @@ pub struct FakeSource {
     pub delay: Duration,
     /// What it says its pieces are ([`BlobSource::piece_size`]).
     pub piece: Option<u64>,
+    /// What it says its image reads as it starts ([`BlobSource::startup_len`]).
+    pub startup: u64,
     /// Every `(offset, len)` read, in order.
     pub calls: std::sync::Mutex<Vec<(u64, usize)>>,
 }
@@ -261,6 +263,7 @@ impl FakeSource {
             failures: AtomicU32::new(0),
             delay: Duration::ZERO,
             piece: None,
+            startup: 0,
             calls: std::sync::Mutex::default(),
         }
     }
@@ -282,6 +285,10 @@ impl BlobSource for FakeSource {
 
     fn piece_size(&self) -> Option<u64> {
         self.piece
+    }
+
+    fn startup_len(&self) -> u64 {
+        self.startup
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {

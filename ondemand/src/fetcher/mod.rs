@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
 use nix::errno::Errno;
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -87,6 +87,9 @@ struct Object<O> {
     unit: u64,
     ahead: ReadAhead,
 }
+
+/// Start-up units in flight at once per object (each a range request of up to a unit).
+const STARTUP_FETCHES: usize = 4;
 
 /// The largest fetch unit, whatever a source's pieces (a blob's chunks are bounded so).
 const MAX_UNIT: u64 = 64 << 20;
@@ -227,21 +230,20 @@ impl<K: Kernel> Fetcher<K> {
         };
         let size = source.size();
         let unit = fetch_unit(self.parts.config.chunk_size, source.piece_size());
-        self.lock_objects().insert(
-            open.object_id,
-            Arc::new(Object {
-                cookie: cookie.clone(),
-                origin: source.origin(),
-                anon,
-                source,
-                unit,
-                ahead: ReadAhead::default(),
-            }),
-        );
+        let object = Arc::new(Object {
+            cookie: cookie.clone(),
+            origin: source.origin(),
+            anon,
+            source,
+            unit,
+            ahead: ReadAhead::default(),
+        });
+        self.lock_objects().insert(open.object_id, object.clone());
         match self.parts.device.copen(open.msg_id, Ok(size)) {
             Ok(()) => {
                 self.parts.stats.add(Counter::Opens, 1);
                 tracing::debug!(%cookie, object = open.object_id, size, unit, "OPEN");
+                self.fetch_startup(open.object_id, &object);
             }
             Err(err) => {
                 tracing::error!(%cookie, %err, "copen failed");
@@ -339,6 +341,39 @@ impl<K: Kernel> Fetcher<K> {
                 }
             });
         }
+    }
+
+    /// Starts fetching the object's start-up region (the files its image reads as it
+    /// starts, laid out first), [`STARTUP_FETCHES`] units at a time; a READ of a unit
+    /// joins its fetch, or starts it at once if it is still queued. Units a previous
+    /// fetcher wrote are skipped.
+    fn fetch_startup(&self, object_id: u32, object: &Arc<Object<K::Object>>) {
+        let len = object.source.startup_len().min(object.source.size());
+        let fetches: Vec<ChunkFetch> = (0..len.div_ceil(object.unit))
+            .filter(|&index| {
+                let start = index * object.unit;
+                !object
+                    .anon
+                    .holds(start, object.unit.min(object.source.size() - start))
+            })
+            .map(|index| self.chunk(object_id, object, index))
+            .collect();
+        if fetches.is_empty() {
+            return;
+        }
+        let units = fetches.len();
+        self.parts.stats.add(Counter::StartupFetches, units as u64);
+        let cookie = object.cookie.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let failed = futures::stream::iter(fetches)
+                .buffer_unordered(STARTUP_FETCHES)
+                .filter(|result| futures::future::ready(result.is_err()))
+                .count()
+                .await;
+            // A failed unit is fetched again by the READ that needs it.
+            tracing::info!(%cookie, units, failed, elapsed = ?started.elapsed(), "start-up region fetched");
+        });
     }
 
     /// The shared fetch-and-write of chunk `index`, started if nobody has started it.

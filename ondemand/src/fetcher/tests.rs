@@ -214,6 +214,49 @@ async fn a_forward_walk_is_fetched_ahead_and_a_jump_is_not() {
     let _ = run.finish().await;
 }
 
+/// The units holding the files an image reads as it starts are fetched as its object
+/// is opened, before any READ asks; a READ of one joins its fetch, and nothing past the
+/// start-up region is fetched unasked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_startup_region_is_fetched_at_open_and_reads_join_it() {
+    let mut source = FakeSource::new(data(10 * MIB as usize));
+    source.startup = 5 * MIB + 4096; // six units
+    source.delay = Duration::from_millis(20);
+    let source = Arc::new(source);
+    let config = FetcherConfig {
+        readahead: 0,
+        ..FetcherConfig::default()
+    };
+    let run = start(&[("layer", source.clone())], &[], config);
+    assert_eq!(run.open(1, "layer").await, Ok(10 * MIB));
+    run.script.read(10, 1, 4 * MIB, 4096);
+    run.script
+        .recorder()
+        .wait_until(|a| writes(a).len() == 6 && completes(a).len() == 1)
+        .await;
+    assert_eq!(run.stats.get(Counter::StartupFetches), 6);
+    let mut calls = source.calls.lock().expect("calls").clone();
+    calls.sort_unstable();
+    let units: Vec<(u64, usize)> = (0..6).map(|u| (u * MIB, MIB as usize)).collect();
+    assert_eq!(calls, units, "the start-up units, once each");
+    assert_eq!(
+        run.script.file(1)[..6 * MIB as usize],
+        source.data[..6 * MIB as usize],
+        "start-up bytes differ"
+    );
+    run.script.read(11, 1, 8 * MIB, 4096);
+    run.script
+        .recorder()
+        .wait_until(|a| completes(a).len() == 2)
+        .await;
+    assert_eq!(
+        source.reads(),
+        7,
+        "one more unit, for the READ past the region"
+    );
+    let _ = run.finish().await;
+}
+
 #[test]
 fn fetch_units_are_whole_pieces_and_pages() {
     use crate::fetcher::fetch_unit;

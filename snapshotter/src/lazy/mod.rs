@@ -10,6 +10,7 @@
 mod fanotify;
 pub mod layers;
 pub mod prefetch;
+pub mod record;
 pub mod remote;
 pub mod resolve;
 mod source;
@@ -40,6 +41,9 @@ pub struct LazyRecord {
     /// The manifest's chunk size (0 in records of older versions: unknown).
     #[serde(default)]
     pub chunk_size: u64,
+    /// The manifest's start-up size (0 in records of older versions: none).
+    #[serde(default)]
+    pub startup_size: u64,
     /// The layer's diff id in its image's config: its verified digest bound to the
     /// repository it is read from (empty in records of older versions).
     #[serde(default)]
@@ -66,6 +70,7 @@ impl LazyRecord {
             metadata_size: layer.metadata_size,
             data_space_size: layer.data_space_size,
             chunk_size: layer.chunk_size.into(),
+            startup_size: layer.startup_size,
             data_tag: layer.data_tag(),
         }
     }
@@ -83,6 +88,7 @@ impl LazyRecord {
             },
             view,
             chunk_size: self.chunk_size,
+            startup_size: self.startup_size,
             throttle: None,
         }
     }

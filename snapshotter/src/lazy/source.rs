@@ -183,6 +183,10 @@ impl SourceFactory for LazySourceFactory {
             view: spec.view,
             size,
             piece,
+            startup: match spec.view {
+                View::Data => spec.startup_size.min(size),
+                View::Metadata => 0,
+            },
         };
         Ok(match spec.throttle {
             Some(throttle) => Arc::new(lazy_erofs_ondemand::source::Throttled::new(
@@ -216,6 +220,8 @@ pub struct LazyLayerSource {
     size: u64,
     /// The blob's chunk size, for the data view.
     piece: Option<u64>,
+    /// The manifest's start-up size, for the data view.
+    startup: u64,
 }
 
 impl std::fmt::Debug for LazyLayerSource {
@@ -240,6 +246,10 @@ impl BlobSource for LazyLayerSource {
 
     fn piece_size(&self) -> Option<u64> {
         self.piece
+    }
+
+    fn startup_len(&self) -> u64 {
+        self.startup
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, SourceError> {
@@ -314,6 +324,7 @@ mod tests {
             size: 0,
             view: View::Data,
             chunk_size: 0,
+            startup_size: 0,
             throttle: None,
         }
     }

@@ -120,6 +120,13 @@ impl Collector for FetcherCollector {
         )?;
         self.counter(
             e,
+            "startup_fetches",
+            "Units of an image's start-up files fetched as their layer was opened, before any READ",
+            "",
+            &[("", Counter::StartupFetches)],
+        )?;
+        self.counter(
+            e,
             "fetch_retries",
             "Chunk fetches retried",
             "",

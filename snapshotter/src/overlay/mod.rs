@@ -173,6 +173,12 @@ impl OverlaySnapshotter {
             .map_or(0, |lazy| lazy.mounts.unmount_all())
     }
 
+    /// Where the lazy layer `fsid` is mounted, if this process mounted it.
+    pub fn layer_mount(&self, fsid: &str) -> Option<PathBuf> {
+        let mounts = &self.inner.lazy.as_ref()?.mounts;
+        mounts.is_mounted(fsid).then(|| mounts.path(fsid))
+    }
+
     /// How many containers' overlays stack lazy layers right now.
     pub fn overlays_using_layers(&self) -> usize {
         self.inner
