@@ -88,11 +88,13 @@ pub fn run(args: &RecordArgs) -> Result<()> {
     }
     // One line a script can read: what the run read, to compare with what was fetched.
     eprintln!(
-        "recorded layers={} files={} read_bytes={} walked={}",
+        "recorded layers={} files={} read_bytes={} file_bytes={} walked={} failed={}",
         roots.len(),
         set.paths.len(),
         set.bytes,
-        set.files_walked
+        set.file_bytes,
+        set.files_walked,
+        set.failed
     );
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Prefetch lists in the test VM: an image converted with `lazy-erofs convert
-//! --prefetch FILE` is pulled lazily into a real containerd; the snapshotter reads the
-//! listed paths as soon as the top layer is mounted, and a container reading them later
-//! gets the right bytes without a single registry request.
+//! --prefetch FILE` is pulled lazily into a real containerd. The listed files are laid
+//! out first in their layer, the fetcher fetches that region as the layer is opened and
+//! the snapshotter reads the listed paths as soon as the top layer is mounted; a
+//! container reading them later gets the right bytes without a single registry request.
+//! `lazy-erofs record-startup` then names what the containers read.
 
 mod common;
 #[path = "snapshotter/containerd.rs"]
@@ -58,6 +60,11 @@ fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_read
         .iter()
         .map(|d| LazyLayer::from_descriptor(d)?.context("layer not lazy"))
         .collect::<Result<_>>()?;
+    ensure!(
+        layers[0].startup_size > 0 && layers[1].startup_size == 0,
+        "start-up sizes {:?}: bash and zoneinfo are in the base layer only",
+        layers.iter().map(|l| l.startup_size).collect::<Vec<_>>()
+    );
     let sent = || -> u64 {
         layers
             .iter()
@@ -87,6 +94,13 @@ fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_read
         report.contains("missing=1") && report.contains("failed=0"),
         "{report}"
     );
+    let log = daemon.log();
+    let region = log
+        .lines()
+        .find(|l| l.contains("start-up region fetched"))
+        .with_context(|| format!("the fetcher never fetched the start-up region\n{log}"))?;
+    ensure!(region.contains("failed=0"), "{region}");
+    println!("{region}");
 
     let ctr_run = |id: &str, script: &str| -> Result<String> {
         containerd
@@ -132,6 +146,31 @@ fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_read
     ensure!(
         extra == 0,
         "{extra} bytes fetched for paths the prefetch had read"
+    );
+
+    // What was read: the listed files, the unlisted ones the control container read,
+    // not a file nobody opened.
+    let recorded = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+        .args(["record-startup", "--image", &image, "--address"])
+        .arg(&daemon.socket)
+        .output()?;
+    let (list, summary) = (
+        String::from_utf8_lossy(&recorded.stdout),
+        String::from_utf8_lossy(&recorded.stderr),
+    );
+    ensure!(recorded.status.success(), "record-startup: {summary}");
+    println!("{}", summary.trim());
+    let listed: Vec<&str> = list.lines().collect();
+    ensure!(
+        listed.contains(&"/usr/bin/bash")
+            && listed.iter().any(|p| p.starts_with("/usr/share/info/"))
+            && listed.iter().any(|p| p.starts_with("/usr/share/zoneinfo/")),
+        "record-startup missed what was read: {} paths\n{list}",
+        listed.len()
+    );
+    ensure!(
+        !listed.contains(&"/usr/bin/perl"),
+        "record-startup lists /usr/bin/perl, which nothing read"
     );
     Ok(())
 }

@@ -38,4 +38,4 @@ pub use source::{
     SourceFactory, Throttle, View,
 };
 pub use supervisor::{BlobTable, Event, Summary, Supervisor, SupervisorConfig};
-pub use sys::{AlignedBuf, cached_pages};
+pub use sys::{AlignedBuf, cached_bytes};

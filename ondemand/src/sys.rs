@@ -238,44 +238,43 @@ mod tests {
     }
 }
 
-/// `cachestat(2)` (Linux 6.5): not in the libc crate for x86_64 yet; 451 on every
-/// architecture (the unified syscall table).
-const SYS_CACHESTAT: nix::libc::c_long = 451;
-
-#[repr(C)]
-struct CachestatRange {
-    off: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Cachestat {
-    nr_cache: u64,
-    nr_dirty: u64,
-    nr_writeback: u64,
-    nr_evicted: u64,
-    nr_recently_evicted: u64,
-}
-
-/// Pages of `fd`'s file in the page cache (what has been read of it since it was
-/// opened first, unless evicted), by `cachestat(2)`; the whole file.
-pub fn cached_pages(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
-    let range = CachestatRange { off: 0, len: 0 };
-    let mut stat = Cachestat::default();
-    // SAFETY: both pointers are to live, properly laid out structs for the duration of
-    // the call (the kernel reads `range`, writes `stat`); the fd is valid for the borrow.
-    let rc = unsafe {
-        nix::libc::syscall(
-            SYS_CACHESTAT,
-            fd.as_raw_fd(),
-            &range as *const CachestatRange,
-            &mut stat as *mut Cachestat,
-            0u32,
-        )
+/// Bytes of `fd`'s file (`len` bytes long) in the page cache: what has been read of it
+/// since it was first opened, unless evicted. By `mincore(2)` over a read-only shared
+/// mapping, which reads nothing (`cachestat(2)` would need no mapping, but kernels are
+/// built without it).
+pub fn cached_bytes(fd: BorrowedFd<'_>, len: u64) -> std::io::Result<u64> {
+    use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+    let Some(size) = usize::try_from(len)
+        .ok()
+        .and_then(std::num::NonZeroUsize::new)
+    else {
+        return Ok(0);
     };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
+    // SAFETY: a fresh read-only shared mapping of a whole file, never dereferenced here:
+    // only its address is handed to mincore, then it is unmapped.
+    let addr = unsafe {
+        mmap(
+            None,
+            size,
+            ProtFlags::PROT_READ,
+            MapFlags::MAP_SHARED,
+            fd,
+            0,
+        )
     }
-    Ok(stat.nr_cache)
+    .map_err(std::io::Error::from)?;
+    let pages = size.get().div_ceil(PAGE_SIZE);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `addr` is the start of a live mapping of `size` bytes, and `vec` holds one
+    // byte per page of it, as mincore writes.
+    let rc = unsafe { nix::libc::mincore(addr.as_ptr(), size.get(), vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping made above, which nothing else refers to.
+    let unmapped = unsafe { munmap(addr, size.get()) };
+    if rc != 0 {
+        return Err(err);
+    }
+    unmapped.map_err(std::io::Error::from)?;
+    let resident = vec.iter().filter(|&&b| b & 1 == 1).count() as u64;
+    Ok(resident * PAGE_SIZE as u64)
 }

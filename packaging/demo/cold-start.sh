@@ -93,11 +93,28 @@ read_trace() {
         }'
 }
 
+# The start-up set: one cold run of the lazy image, then the files it read
+# (`record-startup`); the image converted again with them laid out first.
+startup=$host/bench/python:startup
+reset_node
+drop_caches
+"$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$lazy" >/dev/null
+run_ms lazy-erofs "$lazy" record >/dev/null
+"$bin/lazy-erofs" record-startup --address "$work/snapshotter.sock" --image "$lazy" \
+    -o "$work/startup.txt" 2>"$work/record.log" || { cat "$work/record.log" >&2; exit 1; }
+recorded=$(grep '^recorded ' "$work/record.log")
+read_bytes=$(sed 's/.* read_bytes=\([0-9]*\).*/\1/' <<<"$recorded")
+echo "startup_set $recorded"
+"$bin/lazy-erofs" convert "oci:$work/layout" "$startup" --insecure "$host" \
+    --prefetch "$work/startup.txt" >>"$work/convert.log" 2>&1 ||
+    { cat "$work/convert.log" >&2; exit 1; }
+step "start-up set: $recorded; pushed $startup"
+
 printf '\n| profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | floor (all local, page cache dropped) | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|---|\n' >"$work/table.md"
 # label|rate|one-way delay (netem on both ends: RTT is twice the delay)|order of the
 # lazy runs (the second lazy run of a profile measured slower whatever its setting, so
-# each setting goes first once)
-for profile in "unshaped|||on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|off on"; do
+# readahead on and the start-up image each go first once)
+for profile in "unshaped|||startup on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|on startup off"; do
     IFS='|' read -r label rate delay order <<<"$profile"
     if [ -z "$rate" ]; then shape none; else shape "$rate" "$delay"; fi
 
@@ -109,37 +126,40 @@ for profile in "unshaped|||on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|off on"; 
     overlay_cold=$(elapsed_ms "$start")
     overlay_warm=$(run_ms overlayfs "$plain" o-warm)
 
-    # lazy-erofs with readahead off (the fetcher before it read ahead) and on, each on
-    # a cold node, traced; the floor: the same pull + run again with every chunk it
-    # needs already in the cache and the page cache dropped.
-    for readahead in $order; do
-        snapshotter_toml=$([ "$readahead" = off ] && printf '[fetch]\nreadahead = 0\n' || true)
+    # lazy-erofs with readahead off (the fetcher before it read ahead), on, and on with
+    # the start-up image, each on a cold node, traced; the floor: the same pull + run
+    # again with every chunk it needs already in the cache and the page cache dropped.
+    for setting in $order; do
+        image=$lazy named="readahead $setting"
+        [ "$setting" = startup ] && image=$startup named="start-up files first"
+        snapshotter_toml=$([ "$setting" = off ] && printf '[fetch]\nreadahead = 0\n' || true)
         snapshotter_log="info,read_trace=debug"
         reset_node
         log_from=$(($(wc -l <"$work/snapshotter.log") + 1))
         drop_caches
         before=$(registry_blob_bytes)
         start=$(now)
-        "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$lazy" >/dev/null
-        run_ms lazy-erofs "$lazy" "l-cold-$readahead" >/dev/null
+        "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$image" >/dev/null
+        run_ms lazy-erofs "$image" "l-cold-$setting" >/dev/null
         lazy_cold=$(elapsed_ms "$start")
         fetched=$(( $(registry_blob_bytes) - before ))
-        lazy_warm=$(run_ms lazy-erofs "$lazy" "l-warm-$readahead")
+        lazy_warm=$(run_ms lazy-erofs "$image" "l-warm-$setting")
         drop_caches
         start=$(now)
-        "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$lazy" >/dev/null
-        run_ms lazy-erofs "$lazy" "l-floor-$readahead" >/dev/null
+        "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$image" >/dev/null
+        run_ms lazy-erofs "$image" "l-floor-$setting" >/dev/null
         floor=$(elapsed_ms "$start")
         ratio=$(awk "BEGIN { printf \"%.2f\", $overlay_cold / $lazy_cold }")
         slug=$(printf '%s' "$label" | tr -c 'a-zA-Z0-9' '-' | tr -s '-' | sed 's/-$//')
-        step "$label, readahead $readahead: overlayfs cold ${overlay_cold} ms, lazy-erofs cold ${lazy_cold} ms (${ratio}x); warm ${overlay_warm} / ${lazy_warm} ms; floor ${floor} ms; lazy fetched $((fetched >> 10)) KiB of $((gzip_bytes >> 10)) KiB (gzip image)"
-        printf '| %s, readahead %s | %d ms | %d ms | %sx | %d ms | %d ms | %d ms | %d / %d KiB |\n' "$label" "$readahead" \
+        step "$label, $named: overlayfs cold ${overlay_cold} ms, lazy-erofs cold ${lazy_cold} ms (${ratio}x); warm ${overlay_warm} / ${lazy_warm} ms; floor ${floor} ms; lazy fetched $((fetched >> 10)) KiB of $((gzip_bytes >> 10)) KiB (gzip image)"
+        printf '| %s, %s | %d ms | %d ms | %sx | %d ms | %d ms | %d ms | %d / %d KiB |\n' "$label" "$named" \
             "$overlay_cold" "$lazy_cold" "$ratio" "$overlay_warm" "$lazy_warm" "$floor" \
             $((fetched >> 10)) $((gzip_bytes >> 10)) >>"$work/table.md"
-        echo "cold_start profile=$slug readahead=$readahead lazy_ms=$lazy_cold floor_ms=$floor" \
+        echo "cold_start profile=$slug setting=$setting lazy_ms=$lazy_cold floor_ms=$floor" \
             "ratio=$(awk "BEGIN { printf \"%.2f\", $lazy_cold / $floor }")" \
-            "overlay_ms=$overlay_cold warm_ms=$lazy_warm overlay_warm_ms=$overlay_warm fetched_bytes=$fetched"
-        tail -n +"$log_from" "$work/snapshotter.log" | read_trace "profile=$slug readahead=$readahead"
+            "overlay_ms=$overlay_cold warm_ms=$lazy_warm overlay_warm_ms=$overlay_warm fetched_bytes=$fetched" \
+            "read_bytes=$read_bytes fetched_per_read=$(awk "BEGIN { printf \"%.2f\", $fetched / $read_bytes }")"
+        tail -n +"$log_from" "$work/snapshotter.log" | read_trace "profile=$slug setting=$setting"
     done
 done
 shape none

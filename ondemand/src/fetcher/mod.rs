@@ -88,8 +88,10 @@ struct Object<O> {
     ahead: ReadAhead,
 }
 
-/// Start-up units in flight at once per object (each a range request of up to a unit).
+/// Start-up runs in flight at once per object, and the bytes of one run (one range
+/// request, of whole units).
 const STARTUP_FETCHES: usize = 4;
+const STARTUP_RUN: u64 = 4 << 20;
 
 /// The largest fetch unit, whatever a source's pieces (a blob's chunks are bounded so).
 const MAX_UNIT: u64 = 64 << 20;
@@ -344,55 +346,87 @@ impl<K: Kernel> Fetcher<K> {
     }
 
     /// Starts fetching the object's start-up region (the files its image reads as it
-    /// starts, laid out first), [`STARTUP_FETCHES`] units at a time; a READ of a unit
-    /// joins its fetch, or starts it at once if it is still queued. Units a previous
-    /// fetcher wrote are skipped.
+    /// starts, laid out first): runs of up to [`STARTUP_RUN`] bytes, one range request
+    /// each, [`STARTUP_FETCHES`] at a time. A READ of a unit joins its run's fetch, or
+    /// starts it at once if it is still queued. Units a previous fetcher wrote are
+    /// skipped.
     fn fetch_startup(&self, object_id: u32, object: &Arc<Object<K::Object>>) {
-        let len = object.source.startup_len().min(object.source.size());
-        let fetches: Vec<ChunkFetch> = (0..len.div_ceil(object.unit))
-            .filter(|&index| {
-                let start = index * object.unit;
-                !object
-                    .anon
-                    .holds(start, object.unit.min(object.source.size() - start))
-            })
-            .map(|index| self.chunk(object_id, object, index))
-            .collect();
+        let size = object.source.size();
+        let units = object.source.startup_len().min(size).div_ceil(object.unit);
+        let per_run = (STARTUP_RUN / object.unit).max(1);
+        let held = |index: u64| {
+            let start = index * object.unit;
+            object.anon.holds(start, object.unit.min(size - start))
+        };
+        let (mut fetches, mut fetched, mut index) = (Vec::new(), 0, 0);
+        while index < units {
+            if held(index) {
+                index += 1;
+                continue;
+            }
+            let mut len = 1;
+            while len < per_run && index + len < units && !held(index + len) {
+                len += 1;
+            }
+            let (fetch, covered) = self.run(object_id, object, index, len);
+            fetches.push(fetch);
+            fetched += covered;
+            index += covered;
+        }
         if fetches.is_empty() {
             return;
         }
-        let units = fetches.len();
-        self.parts.stats.add(Counter::StartupFetches, units as u64);
+        self.parts.stats.add(Counter::StartupFetches, fetched);
         let cookie = object.cookie.clone();
         tokio::spawn(async move {
             let started = Instant::now();
+            let runs = fetches.len();
             let failed = futures::stream::iter(fetches)
                 .buffer_unordered(STARTUP_FETCHES)
                 .filter(|result| futures::future::ready(result.is_err()))
                 .count()
                 .await;
             // A failed unit is fetched again by the READ that needs it.
-            tracing::info!(%cookie, units, failed, elapsed = ?started.elapsed(), "start-up region fetched");
+            tracing::info!(%cookie, units = fetched, runs, failed, elapsed = ?started.elapsed(), "start-up region fetched");
         });
     }
 
     /// The shared fetch-and-write of chunk `index`, started if nobody has started it.
     fn chunk(&self, object_id: u32, object: &Arc<Object<K::Object>>, index: u64) -> ChunkFetch {
-        let key = (object_id, index);
+        self.run(object_id, object, index, 1).0
+    }
+
+    /// The shared fetch-and-write of units `first..first + len` in one request, started
+    /// unless `first` is in flight (whose fetch is returned); the run stops short of a
+    /// unit in flight or written. Returns the fetch and how many units it covers.
+    fn run(
+        &self,
+        object_id: u32,
+        object: &Arc<Object<K::Object>>,
+        first: u64,
+        len: u64,
+    ) -> (ChunkFetch, u64) {
         let mut inflight = self
             .inflight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(fetch) = inflight.get(&key) {
-            return fetch.clone();
+        if let Some(fetch) = inflight.get(&(object_id, first)) {
+            return (fetch.clone(), 1);
         }
         // Verified and written (ahead of this READ, which raced the write): done.
-        if object.ahead.is_written(index) {
-            return futures::future::ready(Ok(())).boxed().shared();
+        if object.ahead.is_written(first) {
+            return (futures::future::ready(Ok(())).boxed().shared(), 1);
         }
-        if let Some(why) = self.failures.recent(key) {
-            return futures::future::ready(Err(Arc::new(why))).boxed().shared();
+        if let Some(why) = self.failures.recent((object_id, first)) {
+            return (
+                futures::future::ready(Err(Arc::new(why))).boxed().shared(),
+                1,
+            );
         }
+        let free = |index: u64| {
+            !inflight.contains_key(&(object_id, index)) && !object.ahead.is_written(index)
+        };
+        let len = (1..len).take_while(|&n| free(first + n)).count() as u64 + 1;
         let (object, stats, config, map, failures) = (
             object.clone(),
             self.parts.stats.clone(),
@@ -401,23 +435,27 @@ impl<K: Kernel> Fetcher<K> {
             self.failures.clone(),
         );
         // A child of the READ that started it; later READs of the chunk share it.
-        let span = tracing::info_span!("chunk", index);
+        let span = tracing::info_span!("chunk", index = first, units = len);
         let fetch = async move {
-            let result = fetch_and_write(&object, index, &stats, config).await;
-            if let Err(ChunkError::OutOfTime(why)) = &result {
-                failures.remember(key, why.clone());
+            let result = fetch_and_write(&object, first, len, &stats, config).await;
+            let mut map = map
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for index in first..first + len {
+                if let Err(ChunkError::OutOfTime(why)) = &result {
+                    failures.remember((object_id, index), why.clone());
+                }
+                map.remove(&(object_id, index));
             }
-            let result = result.map_err(|e| Arc::new(e.to_string()));
-            map.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&key);
-            result
+            result.map_err(|e| Arc::new(e.to_string()))
         }
         .instrument(span)
         .boxed()
         .shared();
-        inflight.insert(key, fetch.clone());
-        fetch
+        for index in first..first + len {
+            inflight.insert((object_id, index), fetch.clone());
+        }
+        (fetch, len)
     }
 }
 
@@ -433,13 +471,14 @@ enum ChunkError {
 
 async fn fetch_and_write<O: CacheObject>(
     object: &Arc<Object<O>>,
-    index: u64,
+    first: u64,
+    units: u64,
     stats: &Stats,
     config: FetcherConfig,
 ) -> Result<(), ChunkError> {
     let size = object.source.size();
-    let start = index * object.unit;
-    let len = usize::try_from(object.unit.min(size.saturating_sub(start)))
+    let start = first * object.unit;
+    let len = usize::try_from((units * object.unit).min(size.saturating_sub(start)))
         .map_err(|e| ChunkError::Failed(e.to_string()))?;
     let mut attempt = 0;
     let asked = Instant::now();
@@ -488,13 +527,15 @@ async fn fetch_and_write<O: CacheObject>(
     stats.add(Counter::BytesWritten, write_len as u64);
     tracing::debug!(
         target: "read_trace",
-        index,
+        index = first,
         len,
         source_us = (fetched - asked).as_micros() as u64,
         write_us = fetched.elapsed().as_micros() as u64,
         "unit"
     );
-    object.ahead.written(index);
+    for index in first..first + units {
+        object.ahead.written(index);
+    }
     Ok(())
 }
 

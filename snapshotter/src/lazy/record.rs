@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use lazy_erofs_ondemand::cached_pages;
+use lazy_erofs_ondemand::cached_bytes;
 
 /// The start-up set of the layers walked.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -22,23 +22,21 @@ pub struct StartupSet {
     pub paths: BTreeSet<String>,
     /// Bytes of those files in the page cache: what the run read.
     pub bytes: u64,
+    /// Their sizes, summed: what laying them out first makes a fetcher fetch.
+    pub file_bytes: u64,
     /// Regular files looked at.
     pub files_walked: u64,
+    /// Files whose page cache could not be looked at (logged, left out).
+    pub failed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("walking {path}: {source}")]
+    #[error("walking {path}")]
     Walk {
         path: PathBuf,
         #[source]
         source: walkdir::Error,
-    },
-    #[error("{path}: cachestat (Linux 6.5 or later): {source}")]
-    Cachestat {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
     },
 }
 
@@ -74,14 +72,17 @@ fn walk(root: &Path, set: &mut StartupSet) -> Result<(), RecordError> {
         else {
             continue;
         };
-        let pages = cached_pages(file.as_fd()).map_err(|source| RecordError::Cachestat {
-            path: entry.path().to_owned(),
-            source,
-        })?;
-        if pages == 0 {
+        let size = file.metadata().map_or(0, |m| m.len());
+        let Ok(cached) = cached_bytes(file.as_fd(), size) else {
+            tracing::warn!(path = %entry.path().display(), "cannot tell what of it was read");
+            set.failed += 1;
+            continue;
+        };
+        if cached == 0 {
             continue;
         }
-        set.bytes += pages * 4096;
+        set.bytes += cached;
+        set.file_bytes += size;
         let Ok(relative) = entry.path().strip_prefix(root) else {
             continue;
         };
