@@ -209,35 +209,6 @@ impl Drop for SharedCounters {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aligned_buf_is_page_aligned_and_whole_pages() {
-        let buf = AlignedBuf::new(5000);
-        assert_eq!(buf.as_ptr() as usize % PAGE_SIZE, 0);
-        assert_eq!(buf.len(), 8192);
-        assert!(buf.iter().all(|&b| b == 0));
-        assert_eq!(AlignedBuf::new(0).len(), PAGE_SIZE);
-    }
-
-    #[test]
-    fn shared_counters_are_shared_between_mappings() {
-        use std::sync::atomic::Ordering;
-        let a = SharedCounters::create("test", 10).expect("memfd");
-        let dup = a.fd().try_clone_to_owned().expect("dup");
-        let b = SharedCounters::map(dup, 10).expect("map");
-        a.counters()[3].fetch_add(7, Ordering::SeqCst);
-        assert_eq!(b.counters()[3].load(Ordering::SeqCst), 7);
-        let small = a.fd().try_clone_to_owned().expect("dup");
-        assert!(
-            SharedCounters::map(small, 1000).is_err(),
-            "too small a file must be refused"
-        );
-    }
-}
-
 /// Bytes of `fd`'s file (`len` bytes long) in the page cache: what has been read of it
 /// since it was first opened, unless evicted. By `mincore(2)` over a read-only shared
 /// mapping, which reads nothing (`cachestat(2)` would need no mapping, but kernels are
@@ -277,4 +248,33 @@ pub fn cached_bytes(fd: BorrowedFd<'_>, len: u64) -> std::io::Result<u64> {
     unmapped.map_err(std::io::Error::from)?;
     let resident = vec.iter().filter(|&&b| b & 1 == 1).count() as u64;
     Ok(resident * PAGE_SIZE as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_page_aligned_and_whole_pages() {
+        let buf = AlignedBuf::new(5000);
+        assert_eq!(buf.as_ptr() as usize % PAGE_SIZE, 0);
+        assert_eq!(buf.len(), 8192);
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(AlignedBuf::new(0).len(), PAGE_SIZE);
+    }
+
+    #[test]
+    fn shared_counters_are_shared_between_mappings() {
+        use std::sync::atomic::Ordering;
+        let a = SharedCounters::create("test", 10).expect("memfd");
+        let dup = a.fd().try_clone_to_owned().expect("dup");
+        let b = SharedCounters::map(dup, 10).expect("map");
+        a.counters()[3].fetch_add(7, Ordering::SeqCst);
+        assert_eq!(b.counters()[3].load(Ordering::SeqCst), 7);
+        let small = a.fd().try_clone_to_owned().expect("dup");
+        assert!(
+            SharedCounters::map(small, 1000).is_err(),
+            "too small a file must be refused"
+        );
+    }
 }
