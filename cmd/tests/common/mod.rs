@@ -65,17 +65,29 @@ pub fn convert(src: &Path, dst: &Path, image: &str) -> Result<()> {
 
 /// [`convert`] with data chunks of `chunk_size` bytes.
 pub fn convert_chunked(src: &Path, dst: &Path, image: &str, chunk_size: u32) -> Result<()> {
-    lazy_erofs_image::convert::convert_layout(
+    convert_with(
         src,
         dst,
-        "linux/amd64",
-        &lazy_erofs_image::convert::ConvertOptions {
-            repository: Some(repository_of(image)?),
+        image,
+        lazy_erofs_image::convert::ConvertOptions {
             chunk_size,
             ..lazy_erofs_image::convert::ConvertOptions::default()
         },
-        &mut |_, _, r| r,
-    )?;
+    )
+}
+
+/// Converts for `image`'s repository with `options`.
+pub fn convert_with(
+    src: &Path,
+    dst: &Path,
+    image: &str,
+    options: lazy_erofs_image::convert::ConvertOptions,
+) -> Result<()> {
+    let options = lazy_erofs_image::convert::ConvertOptions {
+        repository: Some(repository_of(image)?),
+        ..options
+    };
+    lazy_erofs_image::convert::convert_layout(src, dst, "linux/amd64", &options, &mut |_, _, r| r)?;
     Ok(())
 }
 

@@ -45,6 +45,24 @@ pub fn pushed_image_chunked(
     size: usize,
     chunk_size: u32,
 ) -> Result<Image> {
+    pushed_image_with(
+        work,
+        count,
+        size,
+        lazy_erofs_image::convert::ConvertOptions {
+            chunk_size,
+            ..lazy_erofs_image::convert::ConvertOptions::default()
+        },
+    )
+}
+
+/// [`pushed_image`] converted with `options` (its repository is the image's).
+pub fn pushed_image_with(
+    work: &Path,
+    count: usize,
+    size: usize,
+    options: lazy_erofs_image::convert::ConvertOptions,
+) -> Result<Image> {
     let registry_dir = work.join("registry");
     std::fs::create_dir_all(&registry_dir)?;
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
@@ -67,7 +85,7 @@ pub fn pushed_image_chunked(
     let reference = format!("{}/lazy/fanotify:1", registry.host);
     let src = common::oci_layout(&build, std::slice::from_ref(&tar), &["sh"], &reference)?;
     let dst = build.join("dst");
-    common::convert_chunked(&src, &dst, &reference, chunk_size)?;
+    common::convert_with(&src, &dst, &reference, options)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(
         Registry::new(&RegistryOptions::insecure(&registry.host)).push_layout(&dst, &reference),

@@ -92,8 +92,12 @@ impl Inventory {
 /// Takes stock. Entries in use count as used now.
 pub fn take(store: &Store, mounts: &LayerMounts) -> Result<Inventory, SnapshotError> {
     let mut users: BTreeMap<String, (bool, Vec<LayerUse>)> = BTreeMap::new();
-    for (_, record) in store.list()? {
-        let Some(layer) = record.lazy else { continue };
+    // Snapshots' layers, and layers mounted ahead of their snapshot (in use all the same).
+    let recorded = store
+        .list()?
+        .into_iter()
+        .filter_map(|(_, record)| record.lazy);
+    for layer in recorded.chain(mounts.mounted_layers()) {
         let Some(key) = mounts.cache_key(&layer) else {
             continue;
         };

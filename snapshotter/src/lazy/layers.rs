@@ -70,6 +70,9 @@ pub struct LayerMounts {
     domain: String,
     /// fsids mounted by this process (anything else under `mnt/` is stale).
     mounted: Mutex<HashSet<String>>,
+    /// What each mounted layer is: a layer mounted ahead has no snapshot record yet, and
+    /// the cache inventory must still see it in use.
+    records: Mutex<HashMap<String, LazyRecord>>,
     /// fscache mounts a previous process left on a kept cache, until [`LayerMounts::adopt`]
     /// takes each over (or [`LayerMounts::clear_unadopted`] drops it).
     kept: Mutex<HashSet<String>>,
@@ -209,6 +212,7 @@ impl LayerMounts {
             registry,
             domain,
             mounted: Mutex::new(mounted),
+            records: Mutex::default(),
             kept: Mutex::new(kept),
             mounting: Mutex::default(),
             gc: RwLock::default(),
@@ -244,6 +248,16 @@ impl LayerMounts {
 
     pub fn is_mounted(&self, fsid: &str) -> bool {
         lock(&self.mounted).contains(fsid)
+    }
+
+    /// The layers this process has mounted.
+    pub fn mounted_layers(&self) -> Vec<LazyRecord> {
+        let mounted = lock(&self.mounted);
+        lock(&self.records)
+            .iter()
+            .filter(|(fsid, _)| mounted.contains(*fsid))
+            .map(|(_, record)| record.clone())
+            .collect()
     }
 
     /// Excludes mounts while a cache GC pass removes caches.
@@ -300,6 +314,7 @@ impl LayerMounts {
             }
         }
         tracing::info!(fsid = %layer.fsid, layer = %layer.digest, elapsed = ?started.elapsed(), "lazy layer mounted");
+        lock(&self.records).insert(layer.fsid.clone(), layer.clone());
         lock(&self.mounted).insert(layer.fsid.clone());
         Ok(path)
     }
@@ -314,6 +329,7 @@ impl LayerMounts {
         if let Backend::Fscache { blobs, .. } = &self.backend {
             self.register(blobs, layer);
         }
+        lock(&self.records).insert(layer.fsid.clone(), layer.clone());
         lock(&self.mounted).insert(layer.fsid.clone());
         tracing::info!(fsid = %layer.fsid, layer = %layer.digest, "lazy layer mount taken over");
         true
@@ -355,6 +371,7 @@ impl LayerMounts {
             tracing::warn!(path = %path.display(), error = %e, "cannot unmount a lazy layer");
         }
         let _ = std::fs::remove_dir(&path);
+        lock(&self.records).remove(&layer.fsid);
         lock(&self.mounting).remove(&layer.fsid);
         match &self.backend {
             Backend::Fscache { blobs, .. } => {
@@ -429,6 +446,43 @@ fn mount(source: &str, target: &Path, options: &str) -> Result<(), SnapshotError
             target.display()
         ))
     })
+}
+
+/// Layers of one image mounted ahead at once.
+const MOUNTS_AHEAD: usize = 4;
+
+/// Mounts `layers` (an image's lazy layers above the one being prepared) with `ensure`,
+/// [`MOUNTS_AHEAD`] at a time in the background. containerd prepares an image's layers
+/// one after another and each lazy mount waits for its verified region; mounted ahead,
+/// their fetches (and the start-up regions' after them) overlap instead, and each later
+/// Prepare finds its layer mounted or waits on that same mount ([`LayerMounts::ensure`]
+/// serialises per layer). A failure is only logged: the layer's own Prepare mounts it
+/// again and reports the error. Runs on the current tokio runtime.
+pub fn mount_ahead<F>(layers: Vec<LazyRecord>, ensure: F)
+where
+    F: Fn(&LazyRecord) -> Option<Result<PathBuf, SnapshotError>> + Send + Sync + 'static,
+{
+    use futures::StreamExt;
+    use tracing::Instrument;
+    if layers.is_empty() {
+        return;
+    }
+    let ensure = Arc::new(ensure);
+    let span = tracing::Span::current();
+    let mounts = futures::stream::iter(layers).for_each_concurrent(MOUNTS_AHEAD, move |layer| {
+        let ensure = ensure.clone();
+        async move {
+            let fsid = layer.fsid.clone();
+            match tokio::task::spawn_blocking(move || ensure(&layer)).await {
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(%fsid, error = %e, "mounting a layer ahead failed")
+                }
+                Err(e) => tracing::warn!(%fsid, error = %e, "mount-ahead task failed"),
+                Ok(_) => {}
+            }
+        }
+    });
+    tokio::spawn(mounts.instrument(span));
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ use crate::api::SnapshotError;
 pub struct Resolved {
     pub record: LazyRecord,
     pub prefetch: Option<PrefetchPlan>,
+    /// The image's lazy layers above this one, on the first Prepare of its manifest
+    /// (empty afterwards): to mount ahead of their own Prepares.
+    pub above: Vec<LazyRecord>,
 }
 
 /// Manifests kept: a Prepare of each layer of an image reads its manifest once, so a
@@ -30,6 +33,8 @@ const MANIFESTS_KEPT: NonZeroUsize = NonZeroUsize::new(256).expect("non-zero");
 pub struct LayerResolver {
     registry: Arc<Registry>,
     manifests: Mutex<LruCache<String, Arc<ImageManifest>>>,
+    /// Manifests whose upper layers were handed out to mount ahead.
+    ahead: Mutex<LruCache<String, ()>>,
 }
 
 impl LayerResolver {
@@ -37,6 +42,7 @@ impl LayerResolver {
         Self {
             registry,
             manifests: Mutex::new(LruCache::new(MANIFESTS_KEPT)),
+            ahead: Mutex::new(LruCache::new(MANIFESTS_KEPT)),
         }
     }
 
@@ -94,9 +100,28 @@ impl LayerResolver {
         } else {
             None
         };
+        let first = self
+            .ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .put(pinned.clone(), ())
+            .is_none();
+        let above = if first {
+            manifest
+                .layers()
+                .iter()
+                .skip_while(|d| d.digest().to_string() != remote.layer_digest)
+                .skip(1)
+                .filter_map(|d| lazy(d).ok().flatten())
+                .map(|l| LazyRecord::new(&pinned, &repository, &l))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Some(Resolved {
             record: LazyRecord::new(&pinned, &repository, &layer),
             prefetch,
+            above,
         }))
     }
 

@@ -518,6 +518,10 @@ impl Snapshotter for OverlaySnapshotter {
                 .await?
             {
                 remote.check_chain(&parent, &resolved.record.binding)?;
+                let inner = self.inner.clone();
+                crate::lazy::layers::mount_ahead(resolved.above, move |layer| {
+                    inner.lazy.as_ref().map(|lazy| lazy.mounts.ensure(layer))
+                });
                 let target = remote.target.clone();
                 let record = resolved.record;
                 let fresh = self

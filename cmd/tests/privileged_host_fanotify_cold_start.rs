@@ -1,0 +1,197 @@
+//! What makes a cold start fast, on the fanotify backend (this host's kernel; the 7.x
+//! test VM runs it too):
+//! - start-up files first: an image converted with a prefetch list has those files at
+//!   the start of its layer. The first read of the layer opens it, and the fetcher then
+//!   fetches the whole start-up region before anyone reads it; the listed files then
+//!   read right without another registry byte, and an unlisted file is still fetched on
+//!   demand;
+//! - mounting ahead: the first Prepare of an image's lazy layer mounts the layers above
+//!   it too, before containerd prepares them.
+
+mod common;
+#[path = "snapshotter/daemon.rs"]
+mod daemon;
+mod fanotify;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use lazy_erofs_image::convert::ConvertOptions;
+use lazy_erofs_image::manifest::LazyLayer;
+use lazy_erofs_image::registry::{Registry, RegistryOptions};
+
+const FILE_SIZE: usize = 3 << 20;
+
+#[test]
+fn privileged_host_fanotify_startup_region_is_fetched_before_it_is_read() -> Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (fanotify, mount)"
+    );
+    let work = fanotify::work_dir()?;
+    let work = work.path();
+    let options = ConvertOptions {
+        prefetch: vec!["/data/file1".into(), "/data/file3".into()],
+        ..ConvertOptions::default()
+    };
+    let image = fanotify::pushed_image_with(work, 4, FILE_SIZE, options)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let client = Registry::new(&RegistryOptions::insecure(&image.registry.host));
+    let (manifest, _) = runtime.block_on(client.pull_manifest(&image.reference))?;
+    let layer = LazyLayer::from_descriptor(&manifest.layers()[0])?.context("not lazy")?;
+    ensure!(
+        layer.startup_size >= 2 * FILE_SIZE as u64 && layer.startup_size < 3 * FILE_SIZE as u64,
+        "start-up size {} for two files of {FILE_SIZE} bytes",
+        layer.startup_size
+    );
+    let sent = || image.registry.blob_bytes_sent(&layer.digest).0;
+    let _serve = fanotify::serve(work, &image, None, true)?;
+    let _unmount = fanotify::MountGuard(&work.join("mnt/0"));
+
+    // One page of a listed file: the layer opens, the start-up region follows.
+    let before = sent();
+    let (name, bytes) = &image.files[1];
+    let file1 = std::fs::File::open(fanotify::path(work, name))?;
+    ensure!(
+        fanotify::read_range(&file1, 0, 4096)? == bytes[..4096],
+        "{name} differs"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The listed files are incompressible: the region costs at least their bytes.
+    while sent() < before + 2 * FILE_SIZE as u64 {
+        ensure!(
+            Instant::now() < deadline,
+            "only {} bytes fetched after the first read, {} in the start-up region",
+            sent() - before,
+            layer.startup_size
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The registry's count can trail the fetcher's write: let the region finish.
+    std::thread::sleep(Duration::from_millis(500));
+    let after_region = sent();
+    for i in [1, 3] {
+        let (name, bytes) = &image.files[i];
+        let read = std::fs::read(fanotify::path(work, name))?;
+        ensure!(&read == bytes, "{name} differs");
+    }
+    ensure!(
+        sent() == after_region,
+        "{} more bytes fetched for the listed files, fetched at open",
+        sent() - after_region
+    );
+    // Control: an unlisted file is still fetched when read, and reads right.
+    let (name, bytes) = &image.files[2];
+    ensure!(
+        &std::fs::read(fanotify::path(work, name))? == bytes,
+        "{name} differs"
+    );
+    ensure!(
+        sent() > after_region,
+        "reading an unlisted file fetched nothing: the measure is blind"
+    );
+    println!(
+        "start-up region {} bytes; {} bytes sent after the first read; unlisted file {} more",
+        layer.startup_size,
+        after_region - before,
+        sent() - after_region
+    );
+    Ok(())
+}
+
+/// containerd prepares an image's layers one at a time; the first lazy Prepare mounts
+/// the image's other lazy layers in the background, so theirs find them mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_host_fanotify_layers_above_the_first_prepared_are_mounted_ahead() -> Result<()>
+{
+    use lazy_erofs_snapshotter::lazy::remote;
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (fanotify, mount)"
+    );
+    let work = fanotify::work_dir()?;
+    let work = work.path();
+    let registry_dir = work.join("registry");
+    std::fs::create_dir_all(&registry_dir)?;
+    let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
+    let image = format!("{}/lazy/ahead:1", registry.host);
+    let build = work.join("build");
+    std::fs::create_dir_all(&build)?;
+    let tars: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| {
+            let tar = build.join(format!("layer{i}.tar"));
+            let bytes = lazy_erofs_test_support::pseudo_random(1 << 20, 31 + i);
+            std::fs::write(
+                &tar,
+                lazy_erofs_test_support::layer_tar(&[(&format!("data/layer{i}"), &bytes)])?,
+            )?;
+            Ok(tar)
+        })
+        .collect::<Result<_>>()?;
+    let src = common::oci_layout(&build, &tars, &["sh"], &image)?;
+    let dst = build.join("dst");
+    common::convert(&src, &dst, &image)?;
+    let client = Registry::new(&RegistryOptions::insecure(&registry.host));
+    client.push_layout(&dst, &image).await?;
+    let (manifest, manifest_digest) = client.pull_manifest(&image).await?;
+    let layers: Vec<LazyLayer> = manifest
+        .layers()
+        .iter()
+        .map(|d| LazyLayer::from_descriptor(d)?.context("not lazy"))
+        .collect::<Result<_>>()?;
+    let repository = format!("{}/lazy/ahead", registry.host);
+    let labels: std::collections::HashMap<String, String> = [
+        (remote::SNAPSHOT_REF, layers[0].binding(&repository)),
+        (remote::LAYER_DIGEST, layers[0].digest.clone()),
+        (remote::IMAGE_REF, image.clone()),
+        (remote::MANIFEST_DIGEST, manifest_digest),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+
+    let config = format!("[registry]\ninsecure_hosts = [\"{}\"]\n", registry.host);
+    let daemon = daemon::Daemon::start_with(&work.join("snapshotter"), &config)?;
+    let err = daemon
+        .client()
+        .await?
+        .prepare(common::lazy_prepare(labels))
+        .await
+        .expect_err("a lazy layer's Prepare answers AlreadyExists");
+    ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");
+    let mounted = || -> Result<Vec<String>> {
+        let status = common::run(
+            std::process::Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+                .args(["status", "--json", "--address"])
+                .arg(&daemon.socket),
+        )?;
+        let status: serde_json::Value = serde_json::from_str(&status)?;
+        Ok(status["layers"]
+            .as_array()
+            .context("layers")?
+            .iter()
+            .filter(|l| l["mount"].is_string())
+            .filter_map(|l| l["digest"].as_str().map(str::to_owned))
+            .collect())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = mounted()?;
+        if layers.iter().all(|l| now.contains(&l.digest)) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "after the first Prepare, mounted {} of 3 layers\n{}",
+            now.len(),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = daemon.log();
+    ensure!(
+        log.matches("lazy layer mounted").count() == 3,
+        "three mounts, once each:\n{log}"
+    );
+    Ok(())
+}
