@@ -140,6 +140,7 @@ for profile in "unshaped|||startup on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|o
         before=$(registry_blob_bytes)
         start=$(now)
         "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$image" >/dev/null
+        pull_ms=$(elapsed_ms "$start")
         run_ms lazy-erofs "$image" "l-cold-$setting" >/dev/null
         lazy_cold=$(elapsed_ms "$start")
         fetched=$(( $(registry_blob_bytes) - before ))
@@ -147,6 +148,7 @@ for profile in "unshaped|||startup on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|o
         drop_caches
         start=$(now)
         "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$image" >/dev/null
+        floor_pull_ms=$(elapsed_ms "$start")
         run_ms lazy-erofs "$image" "l-floor-$setting" >/dev/null
         floor=$(elapsed_ms "$start")
         ratio=$(awk "BEGIN { printf \"%.2f\", $overlay_cold / $lazy_cold }")
@@ -158,7 +160,7 @@ for profile in "unshaped|||startup on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|o
         echo "cold_start profile=$slug setting=$setting lazy_ms=$lazy_cold floor_ms=$floor" \
             "ratio=$(awk "BEGIN { printf \"%.2f\", $lazy_cold / $floor }")" \
             "overlay_ms=$overlay_cold warm_ms=$lazy_warm overlay_warm_ms=$overlay_warm fetched_bytes=$fetched" \
-            "read_bytes=$read_bytes fetched_per_read=$(awk "BEGIN { printf \"%.2f\", $fetched / $read_bytes }")"
+            "pull_ms=$pull_ms floor_pull_ms=$floor_pull_ms read_bytes=$read_bytes fetched_per_read=$(awk "BEGIN { printf \"%.2f\", $fetched / $read_bytes }")"
         tail -n +"$log_from" "$work/snapshotter.log" | read_trace "profile=$slug setting=$setting"
     done
 done

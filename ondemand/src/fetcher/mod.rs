@@ -241,15 +241,20 @@ impl<K: Kernel> Fetcher<K> {
             ahead: ReadAhead::default(),
         });
         self.lock_objects().insert(open.object_id, object.clone());
+        // Its runs are in flight before the kernel can send a READ, which then joins one.
+        let startup = self.fetch_startup(open.object_id, &object);
         match self.parts.device.copen(open.msg_id, Ok(size)) {
             Ok(()) => {
                 self.parts.stats.add(Counter::Opens, 1);
                 tracing::debug!(%cookie, object = open.object_id, size, unit, "OPEN");
-                self.fetch_startup(open.object_id, &object);
+                if let Some(startup) = startup {
+                    tokio::spawn(startup);
+                }
             }
             Err(err) => {
                 tracing::error!(%cookie, %err, "copen failed");
                 self.lock_objects().remove(&open.object_id);
+                self.forget_fetches(open.object_id);
             }
         }
     }
@@ -345,12 +350,16 @@ impl<K: Kernel> Fetcher<K> {
         }
     }
 
-    /// Starts fetching the object's start-up region (the files its image reads as it
-    /// starts, laid out first): runs of up to [`STARTUP_RUN`] bytes, one range request
-    /// each, [`STARTUP_FETCHES`] at a time. A READ of a unit joins its run's fetch, or
-    /// starts it at once if it is still queued. Units a previous fetcher wrote are
-    /// skipped.
-    fn fetch_startup(&self, object_id: u32, object: &Arc<Object<K::Object>>) {
+    /// The fetch of the object's start-up region (the files its image reads as it
+    /// starts, laid out first), to spawn once the object is open: runs of up to
+    /// [`STARTUP_RUN`] bytes, one range request each, [`STARTUP_FETCHES`] at a time. A
+    /// READ of a unit joins its run's fetch, or starts it at once if it is still queued.
+    /// Units a previous fetcher wrote are skipped. `None` when there is nothing to fetch.
+    fn fetch_startup(
+        &self,
+        object_id: u32,
+        object: &Arc<Object<K::Object>>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let size = object.source.size();
         let units = object.source.startup_len().min(size).div_ceil(object.unit);
         let per_run = (STARTUP_RUN / object.unit).max(1);
@@ -374,11 +383,11 @@ impl<K: Kernel> Fetcher<K> {
             index += covered;
         }
         if fetches.is_empty() {
-            return;
+            return None;
         }
         self.parts.stats.add(Counter::StartupFetches, fetched);
         let cookie = object.cookie.clone();
-        tokio::spawn(async move {
+        Some(async move {
             let started = Instant::now();
             let runs = fetches.len();
             let failed = futures::stream::iter(fetches)
@@ -388,7 +397,15 @@ impl<K: Kernel> Fetcher<K> {
                 .await;
             // A failed unit is fetched again by the READ that needs it.
             tracing::info!(%cookie, units = fetched, runs, failed, elapsed = ?started.elapsed(), "start-up region fetched");
-        });
+        })
+    }
+
+    /// Drops the fetches registered for an object that never opened (nobody polls them).
+    fn forget_fetches(&self, object_id: u32) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(object, _), _| *object != object_id);
     }
 
     /// The shared fetch-and-write of chunk `index`, started if nobody has started it.
