@@ -41,9 +41,11 @@ pub enum Counter {
     ReadAheadFetches,
     /// Units of an image's start-up region fetched as its object was opened.
     StartupFetches,
+    /// Readaheads not started: the bytes in flight ahead of READs were at their bound.
+    ReadAheadSkipped,
 }
 
-const NAMED: usize = Counter::StartupFetches as usize + 1;
+const NAMED: usize = Counter::ReadAheadSkipped as usize + 1;
 
 /// Latency histograms; bucket i holds latencies below 2^(i/4) µs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -93,6 +93,31 @@ read_trace() {
         }'
 }
 
+# Warm starts, both images on one node: each run once (cold), then runs alternating
+# overlayfs and lazy-erofs, the median of each (single runs under TCG vary by ±0.3 s).
+# WARM_ONLY=1 stops after this.
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+warm_compare() {
+    local runs=${WARM_RUNS:-7} i o=() l=()
+    reset_node
+    drop_caches
+    ctr image pull --plain-http --snapshotter overlayfs "$plain" >/dev/null
+    "$bin/lazy-erofs" pull --address "$work/containerd.sock" --insecure "$host" "$lazy" >/dev/null
+    run_ms overlayfs "$plain" w-o >/dev/null
+    run_ms lazy-erofs "$lazy" w-l >/dev/null
+    for i in $(seq 1 "$runs"); do
+        o+=("$(run_ms overlayfs "$plain" "w-o-$i")")
+        l+=("$(run_ms lazy-erofs "$lazy" "w-l-$i")")
+    done
+    warm_overlay=$(printf '%s\n' "${o[@]}" | median)
+    warm_lazy=$(printf '%s\n' "${l[@]}" | median)
+    step "warm starts, alternating: overlayfs ${o[*]} ms; lazy-erofs ${l[*]} ms"
+    echo "warm_start runs=$runs lazy_ms=$warm_lazy overlay_ms=$warm_overlay" \
+        "ratio=$(awk "BEGIN { printf \"%.2f\", $warm_lazy / $warm_overlay }")"
+}
+warm_compare
+[ "${WARM_ONLY:-0}" = 1 ] && exit 0
+
 # The start-up set: one cold run of the lazy image, then the files it read
 # (`record-startup`); the image converted again with them laid out first.
 startup=$host/bench/python:startup

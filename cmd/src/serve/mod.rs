@@ -412,6 +412,7 @@ pub fn fetcher(args: &FetcherArgs) -> Result<()> {
     let config = FetcherConfig {
         deadline: options.retry.budget,
         readahead: loaded.fetch.readahead,
+        readahead_budget: FetcherConfig::budget_for(loaded.fetch.readahead),
         ..FetcherConfig::default()
     };
     child::run(&args.socket, factory, config)?;

@@ -154,32 +154,56 @@ impl<R: RangeRead> BlobReader<R> {
         stored: &[u8],
         timings: &mut Timings,
     ) -> Result<Vec<u8>, BlobError> {
+        let mut bytes = vec![0; self.chunk_len(index)?];
+        self.decode_into(index, stored, &mut bytes, timings)?;
+        Ok(bytes)
+    }
+
+    /// The uncompressed length of chunk `index`.
+    fn chunk_len(&self, index: usize) -> Result<usize, BlobError> {
+        let entry = self.entry(index)?;
+        Ok(
+            (self.header.data_space_size - entry.offset).min(u64::from(self.header.chunk_size))
+                as usize,
+        )
+    }
+
+    /// Chunk `index` from its stored bytes into `out` (its uncompressed length),
+    /// decompressed and checked against its digest. On an error `out` holds unverified
+    /// bytes: the caller must drop them.
+    fn decode_into(
+        &self,
+        index: usize,
+        stored: &[u8],
+        out: &mut [u8],
+        timings: &mut Timings,
+    ) -> Result<(), BlobError> {
         let entry = self.entry(index)?;
         let started = Instant::now();
-        let expected_len = (self.header.data_space_size - entry.offset)
-            .min(u64::from(self.header.chunk_size)) as usize;
-        let bytes = if entry.compressed {
-            zstd::bulk::decompress(stored, expected_len).map_err(|e| BlobError::Chunk {
+        let len = if entry.compressed {
+            zstd::bulk::decompress_to_buffer(stored, out).map_err(|e| BlobError::Chunk {
                 index,
                 reason: format!("zstd: {e}"),
             })?
         } else {
-            stored.to_vec()
+            let len = stored.len().min(out.len());
+            out[..len].copy_from_slice(&stored[..len]);
+            stored.len()
         };
-        if bytes.len() != expected_len {
+        if len != out.len() {
             return Err(BlobError::Chunk {
                 index,
-                reason: format!("{} bytes, expected {expected_len}", bytes.len()),
+                reason: format!("{len} bytes, expected {}", out.len()),
             });
         }
         let decompressed = Instant::now();
         timings.decompress += decompressed - started;
-        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let digest: [u8; 32] = Sha256::digest(&*out).into();
         timings.verify += decompressed.elapsed();
         if digest != entry.sha256 {
             return Err(BlobError::ChunkDigest { index });
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// Chunks `first..last` as runs stored back to back, each run at most
@@ -223,12 +247,26 @@ impl<R: RangeRead> BlobReader<R> {
     /// `len` verified bytes of the data space at `offset`.
     pub fn read_data(&self, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
         let size = self.header.data_space_size;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|_| offset.checked_add(len).is_some_and(|e| e <= size))
+            .ok_or(BlobError::OutOfRange { offset, len, size })?;
+        let mut out = vec![0; len];
+        self.read_data_into(offset, &mut out)?;
+        Ok(out)
+    }
+
+    /// Fills `out` with verified bytes of the data space at `offset`: whole chunks are
+    /// decompressed straight into it, with no copy of their own. On an error `out` holds
+    /// unverified bytes: the caller must drop them.
+    pub fn read_data_into(&self, offset: u64, out: &mut [u8]) -> Result<(), BlobError> {
+        let size = self.header.data_space_size;
+        let len = out.len() as u64;
         let end = offset
             .checked_add(len)
             .filter(|&e| e <= size)
             .ok_or(BlobError::OutOfRange { offset, len, size })?;
         let chunk = u64::from(self.header.chunk_size);
-        let mut out = Vec::with_capacity(len as usize);
         let (first, last) = ((offset / chunk) as usize, end.div_ceil(chunk) as usize);
         let mut timings = Timings::default();
         let runs = self.runs(first, last)?;
@@ -251,11 +289,17 @@ impl<R: RangeRead> BlobReader<R> {
                         index,
                         reason: "short range read".into(),
                     })?;
-                let bytes = self.decode_timed(index, piece, &mut timings)?;
                 let start = index as u64 * chunk;
-                let from = offset.max(start) - start;
-                let to = end.min(start + bytes.len() as u64) - start;
-                out.extend_from_slice(&bytes[from as usize..to as usize]);
+                let chunk_len = self.chunk_len(index)? as u64;
+                let (from, to) = (offset.max(start), end.min(start + chunk_len));
+                let into = &mut out[(from - offset) as usize..(to - offset) as usize];
+                if from == start && to == start + chunk_len {
+                    self.decode_into(index, piece, into, &mut timings)?;
+                } else {
+                    // A chunk the range cuts: verified whole, then the part asked for.
+                    let bytes = self.decode_timed(index, piece, &mut timings)?;
+                    into.copy_from_slice(&bytes[(from - start) as usize..(to - start) as usize]);
+                }
             }
         }
         // The per-READ trace (`RUST_LOG=…,read_trace=debug`): where a fetch's time went.
@@ -270,7 +314,7 @@ impl<R: RangeRead> BlobReader<R> {
             verify_us = timings.verify.as_micros() as u64,
             "data"
         );
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -2,7 +2,11 @@
 //! them, so a sequential reader finds the next unit fetched (or in flight) instead of
 //! waiting a whole registry round trip per unit. Like the kernel's page-cache
 //! readahead: a READ that starts where the stream's last one ended (or inside what was
-//! read ahead) doubles the window, up to the configured bytes; any other READ resets it.
+//! read ahead) may grow the window, up to the configured bytes; any other READ resets
+//! it. Units are started in batches: only once no more than half the window is left
+//! ahead of the reader does the window double and the units up to its end start, so the
+//! fetcher asks for them in a few large range requests instead of one per unit (each
+//! request costs the registry a few milliseconds whatever its size).
 //! Only the third READ of a forward stream starts it: a program that reads a small file,
 //! a file's head, or two neighbouring files fetches nothing extra (the python cold
 //! start's 43 scattered READs fetch exactly the units they fetched without readahead;
@@ -10,7 +14,12 @@
 
 use std::collections::HashSet;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use super::{Fetcher, Object, RUN_BYTES};
+use crate::kernel::Kernel;
+use crate::stats::Counter;
+use crate::sys::PAGE_SIZE;
 
 /// Forward READs in a row before anything is fetched ahead of the next.
 const MIN_STREAK: u32 = 2;
@@ -61,13 +70,20 @@ impl ReadAhead {
         }
         state.streak += 1;
         state.next = state.next.max(end);
-        if state.streak < MIN_STREAK {
+        if state.streak < MIN_STREAK || state.until.saturating_sub(end) > state.window / 2 {
             return Vec::new();
         }
         state.window = (state.window * 2).clamp(1, max_window);
         let range: Range<u64> = state.until.max(end)..(end + state.window).min(units);
         state.until = state.until.max(range.end);
         range.filter(|unit| !state.written.contains(unit)).collect()
+    }
+
+    /// The units from `index` on were not started after all (over the budget): a later
+    /// forward READ asks for them again.
+    pub(super) fn not_started(&self, index: u64) {
+        let mut state = self.lock();
+        state.until = state.until.min(index);
     }
 
     /// Unit `index` is in the cache file.
@@ -87,6 +103,59 @@ impl ReadAhead {
     }
 }
 
+impl<K: Kernel> Fetcher<K> {
+    /// Starts the fetches of the units after a forward-walking READ of `first..last`, in
+    /// runs of up to [`RUN_BYTES`] (one range request each); nobody waits for them, a
+    /// later READ of one joins its run's fetch.
+    pub(super) fn read_ahead(
+        &self,
+        object_id: u32,
+        object: &Arc<Object<K::Object>>,
+        first: u64,
+        last: u64,
+    ) {
+        let units = object.source.size().div_ceil(object.unit);
+        let window = self.parts.config.readahead.div_ceil(object.unit);
+        let ahead = object.ahead.after_read(first, last, units, window);
+        let per_run = (RUN_BYTES / object.unit).max(1);
+        let mut at = 0;
+        while let Some(&index) = ahead.get(at) {
+            let mut len = 1;
+            while len < per_run && ahead.get(at + len as usize) == Some(&(index + len)) {
+                len += 1;
+            }
+            // Over budget: the rest is left to the READs that come for it.
+            let Some(permit) = self.ahead_permit(len * object.unit) else {
+                self.parts.stats.add(Counter::ReadAheadSkipped, 1);
+                object.ahead.not_started(index);
+                return;
+            };
+            let (fetch, covered) = self.run(object_id, object, index, len, Some(permit));
+            self.parts.stats.add(Counter::ReadAheadFetches, covered);
+            at += covered as usize;
+            tokio::spawn(async move {
+                if let Err(err) = fetch.await {
+                    tracing::debug!(
+                        index,
+                        "readahead failed (a READ of it fetches again): {err}"
+                    );
+                }
+            });
+        }
+    }
+
+    /// The budget for `bytes` more in flight ahead of READs, if it has room; a run larger
+    /// than the whole budget (a blob of huge chunks) needs all of it.
+    fn ahead_permit(&self, bytes: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let pages = usize::try_from(bytes / PAGE_SIZE as u64)
+            .unwrap_or(usize::MAX)
+            .min(self.ahead_budget_pages)
+            .max(1);
+        let pages = u32::try_from(pages).ok()?;
+        self.ahead_budget.clone().try_acquire_many_owned(pages).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ReadAhead;
@@ -100,9 +169,14 @@ mod tests {
         // The kernel asks for unit 3 (in flight): the window doubles past what was asked.
         assert_eq!(ahead.after_read(3, 4, 100, 8), vec![4, 5]);
         assert_eq!(ahead.after_read(4, 5, 100, 8), vec![6, 7, 8]);
-        assert_eq!(ahead.after_read(5, 6, 100, 8), vec![9, 10, 11, 12, 13]);
-        let capped = ahead.after_read(6, 7, 100, 8);
-        assert_eq!(capped, vec![14], "capped at 8 past 7");
+        // More than half the window (4) is still ahead: nothing yet, then a batch.
+        assert!(ahead.after_read(5, 6, 100, 8).is_empty());
+        assert_eq!(ahead.after_read(6, 7, 100, 8), vec![9, 10, 11, 12, 13, 14]);
+        for unit in 7..10 {
+            assert!(ahead.after_read(unit, unit + 1, 100, 8).is_empty());
+        }
+        let capped = ahead.after_read(10, 11, 100, 8);
+        assert_eq!(capped, vec![15, 16, 17, 18], "capped at 8 past 11");
     }
 
     #[test]

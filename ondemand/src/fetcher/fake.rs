@@ -238,7 +238,7 @@ impl Script {
 }
 
 /// A blob in memory that counts its reads, hangs (a minute) in the first `hangs` of
-/// them, fails the next `failures`, and takes `delay` per read.
+/// them, fails the next `failures`, and takes `delay` per read at or past `slow_from`.
 #[derive(Debug)]
 pub struct FakeSource {
     pub data: Vec<u8>,
@@ -246,6 +246,7 @@ pub struct FakeSource {
     pub hangs: AtomicU32,
     pub failures: AtomicU32,
     pub delay: Duration,
+    pub slow_from: u64,
     /// What it says its pieces are ([`BlobSource::piece_size`]).
     pub piece: Option<u64>,
     /// What it says its image reads as it starts ([`BlobSource::startup_len`]).
@@ -262,6 +263,7 @@ impl FakeSource {
             hangs: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             delay: Duration::ZERO,
+            slow_from: 0,
             piece: None,
             startup: 0,
             calls: std::sync::Mutex::default(),
@@ -303,7 +305,9 @@ impl BlobSource for FakeSource {
         if hang.is_ok() {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
-        tokio::time::sleep(self.delay).await;
+        if offset >= self.slow_from {
+            tokio::time::sleep(self.delay).await;
+        }
         let failed = self
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));

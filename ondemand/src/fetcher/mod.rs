@@ -56,6 +56,17 @@ pub struct FetcherConfig {
     /// Bytes fetched ahead of a reader walking forward, at most (0: off). Readahead
     /// fetches are verified like any other and only ever written whole.
     pub readahead: u64,
+    /// Bytes in flight ahead of READs over all objects at once, at most: many readers
+    /// walking forward together must not hold unbounded buffers. A readahead past it is
+    /// not started (the READ that comes for those bytes fetches them).
+    pub readahead_budget: u64,
+}
+
+impl FetcherConfig {
+    /// The default budget for a readahead window: two windows in flight.
+    pub fn budget_for(readahead: u64) -> u64 {
+        readahead.saturating_mul(2)
+    }
 }
 
 impl Default for FetcherConfig {
@@ -66,7 +77,8 @@ impl Default for FetcherConfig {
             retry_base: Duration::from_millis(50),
             deadline: Duration::from_secs(30),
             failure_memo: Duration::from_secs(1),
-            readahead: 4 << 20,
+            readahead: 16 << 20,
+            readahead_budget: Self::budget_for(16 << 20),
         }
     }
 }
@@ -88,10 +100,11 @@ struct Object<O> {
     ahead: ReadAhead,
 }
 
-/// Start-up runs in flight at once per object, and the bytes of one run (one range
-/// request, of whole units).
+/// Start-up runs in flight at once per object.
 const STARTUP_FETCHES: usize = 4;
-const STARTUP_RUN: u64 = 4 << 20;
+/// The bytes of one run of whole units fetched ahead of READs (start-up region,
+/// readahead): one range request.
+const RUN_BYTES: u64 = 4 << 20;
 
 /// The largest fetch unit, whatever a source's pieces (a blob's chunks are bounded so).
 const MAX_UNIT: u64 = 64 << 20;
@@ -127,6 +140,9 @@ struct Fetcher<K: Kernel> {
     objects: Mutex<HashMap<u32, Arc<Object<K::Object>>>>,
     inflight: Arc<Mutex<HashMap<(u32, u64), ChunkFetch>>>,
     failures: Arc<FailureMemo>,
+    /// Pages in flight ahead of READs over all objects ([`FetcherConfig::readahead_budget`]).
+    ahead_budget: Arc<tokio::sync::Semaphore>,
+    ahead_budget_pages: usize,
 }
 
 /// Serves requests until the device fails (or is closed under us). Runs on the current
@@ -134,11 +150,17 @@ struct Fetcher<K: Kernel> {
 pub async fn serve<K: Kernel>(parts: FetcherParts<K>) -> Result<(), FetcherError> {
     let device = parts.device.clone();
     let failures = Arc::new(FailureMemo::new(parts.config.failure_memo));
+    let budget_pages = usize::try_from(parts.config.readahead_budget / PAGE_SIZE as u64)
+        .unwrap_or(usize::MAX)
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize);
     let fetcher = Arc::new(Fetcher {
         parts,
         objects: Mutex::new(HashMap::new()),
         inflight: Arc::new(Mutex::new(HashMap::new())),
         failures,
+        ahead_budget: Arc::new(tokio::sync::Semaphore::new(budget_pages)),
+        ahead_budget_pages: budget_pages,
     });
     let (tx, mut rx) = mpsc::channel::<Received<K::Object>>(1024);
     std::thread::Builder::new()
@@ -331,28 +353,9 @@ impl<K: Kernel> Fetcher<K> {
         }
     }
 
-    /// Starts the fetches of the units after a forward-walking READ of `first..last`;
-    /// nobody waits for them, a later READ of one joins its fetch.
-    fn read_ahead(&self, object_id: u32, object: &Arc<Object<K::Object>>, first: u64, last: u64) {
-        let units = object.source.size().div_ceil(object.unit);
-        let window = self.parts.config.readahead.div_ceil(object.unit);
-        for index in object.ahead.after_read(first, last, units, window) {
-            self.parts.stats.add(Counter::ReadAheadFetches, 1);
-            let fetch = self.chunk(object_id, object, index);
-            tokio::spawn(async move {
-                if let Err(err) = fetch.await {
-                    tracing::debug!(
-                        index,
-                        "readahead failed (a READ of it fetches again): {err}"
-                    );
-                }
-            });
-        }
-    }
-
     /// The fetch of the object's start-up region (the files its image reads as it
     /// starts, laid out first), to spawn once the object is open: runs of up to
-    /// [`STARTUP_RUN`] bytes, one range request each, [`STARTUP_FETCHES`] at a time. A
+    /// [`RUN_BYTES`] bytes, one range request each, [`STARTUP_FETCHES`] at a time. A
     /// READ of a unit joins its run's fetch, or starts it at once if it is still queued.
     /// Units a previous fetcher wrote are skipped. `None` when there is nothing to fetch.
     fn fetch_startup(
@@ -362,7 +365,7 @@ impl<K: Kernel> Fetcher<K> {
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let size = object.source.size();
         let units = object.source.startup_len().min(size).div_ceil(object.unit);
-        let per_run = (STARTUP_RUN / object.unit).max(1);
+        let per_run = (RUN_BYTES / object.unit).max(1);
         let held = |index: u64| {
             let start = index * object.unit;
             object.anon.holds(start, object.unit.min(size - start))
@@ -377,7 +380,7 @@ impl<K: Kernel> Fetcher<K> {
             while len < per_run && index + len < units && !held(index + len) {
                 len += 1;
             }
-            let (fetch, covered) = self.run(object_id, object, index, len);
+            let (fetch, covered) = self.run(object_id, object, index, len, None);
             fetches.push(fetch);
             fetched += covered;
             index += covered;
@@ -410,18 +413,21 @@ impl<K: Kernel> Fetcher<K> {
 
     /// The shared fetch-and-write of chunk `index`, started if nobody has started it.
     fn chunk(&self, object_id: u32, object: &Arc<Object<K::Object>>, index: u64) -> ChunkFetch {
-        self.run(object_id, object, index, 1).0
+        self.run(object_id, object, index, 1, None).0
     }
 
     /// The shared fetch-and-write of units `first..first + len` in one request, started
     /// unless `first` is in flight (whose fetch is returned); the run stops short of a
-    /// unit in flight or written. Returns the fetch and how many units it covers.
+    /// unit in flight or written. Returns the fetch and how many units it covers. A
+    /// readahead's `budget` permit is held until its fetch is done (all of it, should
+    /// the run stop short), or dropped at once if nothing new starts.
     fn run(
         &self,
         object_id: u32,
         object: &Arc<Object<K::Object>>,
         first: u64,
         len: u64,
+        budget: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> (ChunkFetch, u64) {
         let mut inflight = self
             .inflight
@@ -455,6 +461,7 @@ impl<K: Kernel> Fetcher<K> {
         let span = tracing::info_span!("chunk", index = first, units = len);
         let fetch = async move {
             let result = fetch_and_write(&object, first, len, &stats, config).await;
+            drop(budget);
             let mut map = map
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -265,47 +265,51 @@ impl BlobSource for LazyLayerSource {
             .map_err(|e| read_error(std::io::Error::other(e.to_string())))?;
         check_size(reader, self.view, self.size)
             .map_err(|reason| read_error(std::io::Error::other(reason)))?;
-        let bytes = match self.view {
+        let mut buf = AlignedBuf::new(len);
+        match self.view {
             View::Metadata => {
                 let metadata = reader.metadata();
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
-                metadata
-                    .get(start..start.saturating_add(len))
-                    .ok_or(SourceError::Truncated {
+                let bytes = metadata.get(start..start.saturating_add(len)).ok_or(
+                    SourceError::Truncated {
                         offset,
                         len,
                         got: metadata.len().saturating_sub(start),
-                    })?
-                    .to_vec()
+                    },
+                )?;
+                buf[..len].copy_from_slice(bytes);
+                Ok(buf)
             }
+            // Verified chunks are decompressed straight into the buffer the kernel gets.
             View::Data => {
                 let (blob, span) = (self.blob.clone(), tracing::Span::current());
                 let name = self.blob.digest.clone();
-                tokio::task::spawn_blocking(move || -> Result<Vec<u8>, SourceError> {
+                tokio::task::spawn_blocking(move || -> Result<AlignedBuf, SourceError> {
                     let _read = span.entered();
                     let reader = blob
                         .reader
                         .get()
                         .ok_or_else(|| unavailable(&blob.digest, "reader gone".to_owned()))?;
-                    reader.read_data(offset, len as u64).map_err(|e| match e {
-                        BlobError::ChunkDigest { .. } => SourceError::Unverified {
-                            name: blob.digest.clone(),
-                            reason: e.to_string(),
-                        },
-                        e => SourceError::Read {
-                            offset,
-                            len,
-                            source: std::io::Error::other(e.to_string()),
-                        },
-                    })
+                    // On an error the buffer (unverified bytes) is dropped here.
+                    reader
+                        .read_data_into(offset, &mut buf[..len])
+                        .map_err(|e| match e {
+                            BlobError::ChunkDigest { .. } => SourceError::Unverified {
+                                name: blob.digest.clone(),
+                                reason: e.to_string(),
+                            },
+                            e => SourceError::Read {
+                                offset,
+                                len,
+                                source: std::io::Error::other(e.to_string()),
+                            },
+                        })?;
+                    Ok(buf)
                 })
                 .await
-                .map_err(|e| unavailable(&name, format!("reader task: {e}")))??
+                .map_err(|e| unavailable(&name, format!("reader task: {e}")))?
             }
-        };
-        let mut buf = AlignedBuf::new(len);
-        buf[..len].copy_from_slice(&bytes);
-        Ok(buf)
+        }
     }
 }
 

@@ -120,6 +120,13 @@ impl Collector for FetcherCollector {
         )?;
         self.counter(
             e,
+            "readahead_skipped",
+            "Readaheads not started because the bytes in flight ahead of readers were at their bound",
+            "",
+            &[("", Counter::ReadAheadSkipped)],
+        )?;
+        self.counter(
+            e,
             "startup_fetches",
             "Units of an image's start-up files fetched as their layer was opened, before any READ",
             "",

@@ -164,102 +164,6 @@ async fn a_source_in_large_pieces_is_fetched_a_whole_piece_at_a_time() {
     let _ = run.finish().await;
 }
 
-/// A reader walking forward finds the next units fetched before it asks for them; a
-/// READ elsewhere starts nothing ahead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forward_walk_is_fetched_ahead_and_a_jump_is_not() {
-    let source = Arc::new(FakeSource::new(data(16 * MIB as usize)));
-    let config = FetcherConfig {
-        readahead: 2 * MIB,
-        ..FetcherConfig::default()
-    };
-    let run = start(&[("layer", source.clone())], &[], config);
-    assert_eq!(run.open(1, "layer").await, Ok(16 * MIB));
-    run.script.read(10, 1, 0, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 1)
-        .await;
-    run.script.read(11, 1, MIB, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 2)
-        .await;
-    assert_eq!(source.reads(), 2, "two READs fetched ahead");
-    run.script.read(12, 1, 2 * MIB, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 3)
-        .await;
-    run.script.read(13, 1, 3 * MIB, 128 << 10);
-    // Units 0 to 3 asked for; 3, then 4 and 5 fetched ahead (3 joined by its READ).
-    run.script
-        .recorder()
-        .wait_until(|a| writes(a).len() == 6)
-        .await;
-    assert_eq!(run.stats.get(Counter::ReadAheadFetches), 3);
-    assert_eq!(source.reads(), 6, "each unit fetched once");
-    assert_eq!(
-        run.script.file(1)[..6 * MIB as usize],
-        source.data[..6 * MIB as usize],
-        "bytes fetched ahead differ"
-    );
-    run.script.read(14, 1, 12 * MIB, 4096);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 5)
-        .await;
-    assert_eq!(source.reads(), 7, "a jump fetched ahead");
-    assert_eq!(run.stats.get(Counter::ReadAheadFetches), 3);
-    let _ = run.finish().await;
-}
-
-/// The units holding the files an image reads as it starts are fetched as its object
-/// is opened, before any READ asks, in runs of 4 MiB (one request each); a READ of one
-/// joins its run's fetch, and nothing past the start-up region is fetched unasked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_startup_region_is_fetched_at_open_and_reads_join_it() {
-    let mut source = FakeSource::new(data(10 * MIB as usize));
-    source.startup = 5 * MIB + 4096; // six units
-    source.delay = Duration::from_millis(20);
-    let source = Arc::new(source);
-    let config = FetcherConfig {
-        readahead: 0,
-        ..FetcherConfig::default()
-    };
-    let run = start(&[("layer", source.clone())], &[], config);
-    assert_eq!(run.open(1, "layer").await, Ok(10 * MIB));
-    run.script.read(10, 1, 4 * MIB, 4096);
-    run.script
-        .recorder()
-        .wait_until(|a| writes(a).len() == 2 && completes(a).len() == 1)
-        .await;
-    assert_eq!(run.stats.get(Counter::StartupFetches), 6);
-    let mut calls = source.calls.lock().expect("calls").clone();
-    calls.sort_unstable();
-    assert_eq!(
-        calls,
-        [(0, 4 * MIB as usize), (4 * MIB, 2 * MIB as usize)],
-        "the start-up units, once each, in two runs"
-    );
-    assert_eq!(
-        run.script.file(1)[..6 * MIB as usize],
-        source.data[..6 * MIB as usize],
-        "start-up bytes differ"
-    );
-    run.script.read(11, 1, 8 * MIB, 4096);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 2)
-        .await;
-    assert_eq!(
-        source.reads(),
-        3,
-        "one more unit, for the READ past the region"
-    );
-    let _ = run.finish().await;
-}
-
 #[test]
 fn fetch_units_are_whole_pieces_and_pages() {
     use crate::fetcher::fetch_unit;
@@ -544,3 +448,5 @@ fn backoff_doubles_with_bounded_jitter() {
         );
     }
 }
+
+mod ahead;
