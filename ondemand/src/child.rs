@@ -100,6 +100,10 @@ pub fn run(
     if nix::unistd::getppid() != parent {
         return Err(ChildError::Orphaned);
     }
+    // Fetch buffers (a unit, a readahead run) go back to the kernel when freed.
+    if !crate::sys::unmap_large_blocks(1 << 20) {
+        tracing::debug!("the allocator keeps its own threshold for mapped blocks");
+    }
     let stream = UnixStream::connect(socket).map_err(|source| ChildError::Connect {
         path: socket.display().to_string(),
         source,

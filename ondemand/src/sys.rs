@@ -68,6 +68,26 @@ pub fn nobody_else_has_open(fd: BorrowedFd<'_>) -> bool {
     taken
 }
 
+/// Makes every heap block of at least `bytes` a mapping of its own, unmapped when freed.
+/// glibc otherwise raises that threshold to the largest block freed so far, and the
+/// fetcher's multi-MiB fetch buffers then stay in its per-thread arenas once freed
+/// (peak RSS 190–260 MiB instead of 61 MiB over one 256 MiB sequential read). Returns
+/// whether the allocator took it (false where it is not glibc's).
+pub fn unmap_large_blocks(bytes: usize) -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        let bytes = nix::libc::c_int::try_from(bytes).unwrap_or(nix::libc::c_int::MAX);
+        // SAFETY: mallopt only sets an allocator parameter; glibc serialises it with the
+        // arenas' own locks.
+        unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, bytes) == 1 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let _ = bytes;
+        false
+    }
+}
+
 /// A zeroed, page-aligned heap buffer: writes to cachefiles anon fds are direct I/O and
 /// fail with EINVAL from unaligned user memory.
 pub struct AlignedBuf {
