@@ -14,22 +14,10 @@ async fn a_forward_walk_is_fetched_ahead_and_a_jump_is_not() {
     };
     let run = start(&[("layer", source.clone())], &[], config);
     assert_eq!(run.open(1, "layer").await, Ok(16 * MIB));
-    run.script.read(10, 1, 0, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 1)
-        .await;
-    run.script.read(11, 1, MIB, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 2)
-        .await;
+    run.read_and_wait(10, 1, 0, 128 << 10, 1).await;
+    run.read_and_wait(11, 1, MIB, 128 << 10, 2).await;
     assert_eq!(source.reads(), 2, "two READs fetched ahead");
-    run.script.read(12, 1, 2 * MIB, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 3)
-        .await;
+    run.read_and_wait(12, 1, 2 * MIB, 128 << 10, 3).await;
     run.script.read(13, 1, 3 * MIB, 128 << 10);
     // Units 0 to 3 asked for; 3, then 4 and 5 fetched ahead (3 joined by its READ), 4
     // and 5 in one request.
@@ -56,11 +44,7 @@ async fn a_forward_walk_is_fetched_ahead_and_a_jump_is_not() {
         source.data[..6 * MIB as usize],
         "bytes fetched ahead differ"
     );
-    run.script.read(14, 1, 12 * MIB, 4096);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 5)
-        .await;
+    run.read_and_wait(14, 1, 12 * MIB, 4096, 5).await;
     assert_eq!(source.reads(), 6, "a jump fetched ahead");
     assert_eq!(run.stats.get(Counter::ReadAheadFetches), 3);
     let _ = run.finish().await;
@@ -83,26 +67,21 @@ async fn readahead_past_the_budget_is_left_to_the_reads() {
     let run = start(&[("layer", source.clone())], &[], config);
     assert_eq!(run.open(1, "layer").await, Ok(8 * MIB));
     for unit in 0..3 {
-        run.script.read(10 + unit as u32, 1, unit * MIB, 128 << 10);
-        run.script
-            .recorder()
-            .wait_until(|a| completes(a).len() == unit as usize + 1)
-            .await;
+        run.read_and_wait(
+            10 + unit as u32,
+            1,
+            unit * MIB,
+            128 << 10,
+            unit as usize + 1,
+        )
+        .await;
     }
     assert_eq!(run.stats.get(Counter::ReadAheadFetches), 1, "unit 3 ahead");
     // Unit 3 takes half a second: units 4 and 5 do not fit beside it.
-    run.script.read(13, 1, 3 * MIB, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 4)
-        .await;
+    run.read_and_wait(13, 1, 3 * MIB, 128 << 10, 4).await;
     assert_eq!(run.stats.get(Counter::ReadAheadSkipped), 1);
     assert_eq!(run.stats.get(Counter::ReadAheadFetches), 1);
-    run.script.read(14, 1, 4 * MIB, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 5)
-        .await;
+    run.read_and_wait(14, 1, 4 * MIB, 128 << 10, 5).await;
     run.script
         .recorder()
         .wait_until(|a| writes(a).len() == 6)
@@ -158,11 +137,7 @@ async fn the_startup_region_is_fetched_at_open_and_reads_join_it() {
         source.data[..6 * MIB as usize],
         "start-up bytes differ"
     );
-    run.script.read(11, 1, 8 * MIB, 4096);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 2)
-        .await;
+    run.read_and_wait(11, 1, 8 * MIB, 4096, 2).await;
     assert_eq!(
         source.reads(),
         3,

@@ -53,6 +53,25 @@ fn start(
     }
 }
 
+impl Run {
+    /// Sends READ `msg_id` of `len` bytes at `offset` and waits until `completed` READs
+    /// have been completed in all.
+    async fn read_and_wait(
+        &self,
+        msg_id: u32,
+        object_id: u32,
+        offset: u64,
+        len: u64,
+        completed: usize,
+    ) {
+        self.script.read(msg_id, object_id, offset, len);
+        self.script
+            .recorder()
+            .wait_until(|a| completes(a).len() == completed)
+            .await;
+    }
+}
+
 fn fast_retries() -> FetcherConfig {
     FetcherConfig {
         retry_base: Duration::from_millis(1),
@@ -148,11 +167,7 @@ async fn a_source_in_large_pieces_is_fetched_a_whole_piece_at_a_time() {
     assert_eq!(run.open(1, "layer").await, Ok(6 * MIB));
     run.script.read(10, 1, 0, 128 << 10);
     run.script.read(11, 1, 2 * MIB, 128 << 10);
-    run.script.read(12, 1, 5 * MIB, 128 << 10);
-    run.script
-        .recorder()
-        .wait_until(|a| completes(a).len() == 3)
-        .await;
+    run.read_and_wait(12, 1, 5 * MIB, 128 << 10, 3).await;
     let mut calls = source.calls.lock().expect("calls").clone();
     calls.sort_unstable(); // fetched concurrently
     assert_eq!(
