@@ -388,9 +388,10 @@ impl<K: Kernel> Fetcher<K> {
         if fetches.is_empty() {
             return None;
         }
-        self.parts.stats.add(Counter::StartupFetches, fetched);
-        let cookie = object.cookie.clone();
+        let (cookie, stats) = (object.cookie.clone(), self.parts.stats.clone());
+        // Counted once it runs: an object whose copen fails never fetches its region.
         Some(async move {
+            stats.add(Counter::StartupFetches, fetched);
             let started = Instant::now();
             let runs = fetches.len();
             let failed = futures::stream::iter(fetches)

@@ -145,3 +145,34 @@ async fn the_startup_region_is_fetched_at_open_and_reads_join_it() {
     );
     let _ = run.finish().await;
 }
+
+/// An object whose `copen` fails fetches none of its start-up region and counts none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_copen_fetches_and_counts_no_startup_region() {
+    let mut source = FakeSource::new(data(4 * MIB as usize));
+    source.startup = 2 * MIB;
+    let source = Arc::new(source);
+    // OPEN message 1001 (object 1) fails its copen; object 2's succeeds.
+    let run = start(
+        &[("layer", source.clone())],
+        &[1001],
+        FetcherConfig::default(),
+    );
+    assert_eq!(run.open(1, "layer").await, Ok(4 * MIB), "tried to answer");
+    assert_eq!(run.open(2, "layer").await, Ok(4 * MIB));
+    run.script
+        .recorder()
+        .wait_until(|a| !writes(a).is_empty())
+        .await;
+    assert_eq!(
+        run.stats.get(Counter::StartupFetches),
+        2,
+        "object 2's units"
+    );
+    assert_eq!(
+        *source.calls.lock().expect("calls"),
+        [(0, 2 * MIB as usize)],
+        "one run, for object 2"
+    );
+    let _ = run.finish().await;
+}
