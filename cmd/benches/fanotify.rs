@@ -70,9 +70,10 @@ fn registry_get_mb_s(work: &Path, image: &fanotify::Image) -> Result<f64> {
         .and_then(Path::file_name)
         .and_then(|d| d.to_str())
         .context("blob path")?;
-    let repo = image.reference[image.registry.host.len() + 1..]
-        .split(':')
-        .next()
+    let repo = image
+        .reference
+        .strip_prefix(&format!("{}/", image.registry.host))
+        .and_then(|r| r.split(':').next())
         .context("repository")?;
     let url = format!(
         "http://{}/v2/{repo}/blobs/sha256:{digest}",

@@ -273,6 +273,17 @@ impl FakeSource {
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
     }
+
+    /// Every `(offset, len)` read, in offset order (reads run concurrently).
+    pub fn sorted_calls(&self) -> Vec<(u64, usize)> {
+        let mut calls = self
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        calls.sort_unstable();
+        calls
+    }
 }
 
 #[async_trait]

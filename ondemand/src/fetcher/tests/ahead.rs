@@ -26,8 +26,7 @@ async fn a_forward_walk_is_fetched_ahead_and_a_jump_is_not() {
         .wait_until(|a| writes(a).len() == 5)
         .await;
     assert_eq!(run.stats.get(Counter::ReadAheadFetches), 3);
-    let mut calls = source.calls.lock().expect("calls").clone();
-    calls.sort_unstable(); // they run concurrently
+    let calls = source.sorted_calls();
     assert_eq!(
         calls,
         vec![
@@ -86,8 +85,7 @@ async fn readahead_past_the_budget_is_left_to_the_reads() {
         .recorder()
         .wait_until(|a| writes(a).len() == 6)
         .await;
-    let mut calls = source.calls.lock().expect("calls").clone();
-    calls.sort_unstable(); // fetched concurrently
+    let calls = source.sorted_calls();
     assert_eq!(
         calls[3..],
         [
@@ -125,8 +123,7 @@ async fn the_startup_region_is_fetched_at_open_and_reads_join_it() {
         .wait_until(|a| writes(a).len() == 2 && completes(a).len() == 1)
         .await;
     assert_eq!(run.stats.get(Counter::StartupFetches), 6);
-    let mut calls = source.calls.lock().expect("calls").clone();
-    calls.sort_unstable();
+    let calls = source.sorted_calls();
     assert_eq!(
         calls,
         [(0, 4 * MIB as usize), (4 * MIB, 2 * MIB as usize)],

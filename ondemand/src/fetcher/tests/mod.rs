@@ -168,8 +168,7 @@ async fn a_source_in_large_pieces_is_fetched_a_whole_piece_at_a_time() {
     run.script.read(10, 1, 0, 128 << 10);
     run.script.read(11, 1, 2 * MIB, 128 << 10);
     run.read_and_wait(12, 1, 5 * MIB, 128 << 10, 3).await;
-    let mut calls = source.calls.lock().expect("calls").clone();
-    calls.sort_unstable(); // fetched concurrently
+    let calls = source.sorted_calls();
     assert_eq!(
         calls,
         vec![(0, 4 * MIB as usize), (4 * MIB, 2 * MIB as usize)],
