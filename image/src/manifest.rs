@@ -5,8 +5,21 @@ use std::collections::HashMap;
 
 use oci_spec::image::Descriptor;
 
-/// Media type of a lazy layer blob (format v1).
-pub const LAYER_MEDIA_TYPE: &str = "application/vnd.lazy-erofs.layer.v1";
+/// Media type of a lazy layer blob (format v1). It sits under
+/// `application/vnd.oci.image.layer.` because containerd's unpacker (CRI pulls) takes only
+/// such types for layers: it fetches any other blob whole as an ordinary child and then
+/// fails the pull ("mismatched image rootfs and manifest layers"). A snapshotter without
+/// lazy layers gets "no processor for media-type", never a wrong apply.
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.lazy-erofs";
+
+/// The media type earlier converters wrote for the same blob format; still read (such
+/// images work with `lazy-erofs pull`, not with CRI pulls: convert them again).
+pub const LEGACY_LAYER_MEDIA_TYPE: &str = "application/vnd.lazy-erofs.layer.v1";
+
+/// Whether a descriptor of `media_type` is a lazy layer.
+pub fn is_lazy_layer_type(media_type: &str) -> bool {
+    media_type == LAYER_MEDIA_TYPE || media_type == LEGACY_LAYER_MEDIA_TYPE
+}
 
 /// Annotation keys on a lazy layer's descriptor.
 pub mod annotation {
@@ -195,7 +208,7 @@ impl LazyLayer {
     /// `Ok(None)` for a descriptor that is not a lazy layer; an error for a lazy layer
     /// whose annotations are missing or malformed.
     pub fn from_descriptor(desc: &Descriptor) -> Result<Option<Self>, ManifestError> {
-        if desc.media_type().to_string() != LAYER_MEDIA_TYPE {
+        if !is_lazy_layer_type(desc.media_type().as_ref()) {
             return Ok(None);
         }
         let digest = desc.digest().to_string();
@@ -381,6 +394,18 @@ mod tests {
     fn plain_layers_are_not_lazy() {
         let d = descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &[]);
         assert_eq!(LazyLayer::from_descriptor(&d), Ok(None));
+    }
+
+    #[test]
+    fn containerd_takes_the_media_type_for_a_layer_and_the_old_one_still_reads() {
+        // containerd's images.IsLayerType: every type under this prefix; a `+suffix`
+        // would name a compression its differ then tries.
+        assert!(LAYER_MEDIA_TYPE.starts_with("application/vnd.oci.image.layer."));
+        assert!(!LAYER_MEDIA_TYPE.contains('+'));
+        for media_type in [LAYER_MEDIA_TYPE, LEGACY_LAYER_MEDIA_TYPE] {
+            let layer = LazyLayer::from_descriptor(&descriptor(media_type, &complete()));
+            assert!(matches!(layer, Ok(Some(_))), "{media_type}: {layer:?}");
+        }
     }
 
     #[test]

@@ -154,9 +154,15 @@ impl DockerRegistry {
     /// such requests it answered.
     pub fn blob_bytes_sent(&self, digest: &str) -> (u64, usize) {
         let log = fs::read_to_string(&self.access_log).unwrap_or_default();
-        let needle = format!("/blobs/{digest} ");
+        // The path ends at a space, or at a query (containerd asks a mirror with
+        // `?ns=<registry>`).
+        let needle = format!("/blobs/{digest}");
+        let names_blob = |line: &str| {
+            line.match_indices(&needle)
+                .any(|(at, _)| matches!(line.as_bytes().get(at + needle.len()), Some(b' ' | b'?')))
+        };
         log.lines()
-            .filter(|line| line.contains("\"GET ") && line.contains(&needle))
+            .filter(|line| line.contains("\"GET ") && names_blob(line))
             .filter_map(|line| {
                 // ... "GET /v2/... HTTP/1.1" 206 1048576 "" "agent"
                 let after = line.split('"').nth(2)?;

@@ -27,7 +27,17 @@ enum Runs {
 impl Containerd {
     /// Starts containerd with its state under `dir` and lazy-erofs at `snapshotter_socket`.
     pub fn start(dir: &Path, snapshotter_socket: &Path) -> Result<Self> {
-        let (config, address, log) = Self::configure(dir, snapshotter_socket)?;
+        Self::start_with(dir, snapshotter_socket, None)
+    }
+
+    /// [`Containerd::start`] with its CRI plugin on, configured by `cri` (the plugin's
+    /// TOML tables), as a kubelet's node runs it.
+    pub fn start_cri(dir: &Path, snapshotter_socket: &Path, cri: &str) -> Result<Self> {
+        Self::start_with(dir, snapshotter_socket, Some(cri))
+    }
+
+    fn start_with(dir: &Path, snapshotter_socket: &Path, cri: Option<&str>) -> Result<Self> {
+        let (config, address, log) = Self::configure(dir, snapshotter_socket, cri)?;
         let child = Command::new("containerd")
             .arg("--config")
             .arg(&config)
@@ -46,7 +56,7 @@ impl Containerd {
     /// Starts containerd as a transient systemd service (`systemd-run`, `Type=notify`
     /// like Debian's containerd.service), for tests in the VM booted with systemd.
     pub fn start_unit(dir: &Path, snapshotter_socket: &Path) -> Result<Self> {
-        let (config, address, log) = Self::configure(dir, snapshotter_socket)?;
+        let (config, address, log) = Self::configure(dir, snapshotter_socket, None)?;
         let unit = "lazytest-containerd.service".to_owned();
         let out = Command::new("systemd-run")
             .arg(format!("--unit={unit}"))
@@ -80,8 +90,13 @@ impl Containerd {
         .wait_serving()
     }
 
-    /// Writes the configuration; returns it, the socket address and the log path.
-    fn configure(dir: &Path, snapshotter_socket: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    /// Writes the configuration (CRI off unless `cri` configures it); returns it, the
+    /// socket address and the log path.
+    fn configure(
+        dir: &Path,
+        snapshotter_socket: &Path,
+        cri: Option<&str>,
+    ) -> Result<(PathBuf, PathBuf, PathBuf)> {
         std::fs::create_dir_all(dir)?;
         let address = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");
@@ -91,18 +106,24 @@ impl Containerd {
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 [grpc]
   address = "{address}"
 [proxy_plugins]
   [proxy_plugins.lazy-erofs]
     type = "snapshot"
     address = "{socket}"
-"#,
+{cri}"#,
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),
                 address = address.display(),
                 socket = snapshotter_socket.display(),
+                disabled = if cri.is_some() {
+                    ""
+                } else {
+                    "\"io.containerd.grpc.v1.cri\""
+                },
+                cri = cri.unwrap_or_default(),
             ),
         )?;
         Ok((config, address, dir.join("containerd.log")))
@@ -132,11 +153,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// `ctr` in the test namespace with `args`, to spawn.
     pub fn ctr_command(&self, args: &[&str]) -> Command {
+        self.ctr_command_in(NAMESPACE, args)
+    }
+
+    /// `ctr` in `namespace` with `args`, to spawn.
+    pub fn ctr_command_in(&self, namespace: &str, args: &[&str]) -> Command {
         let mut command = Command::new("ctr");
         command
             .arg("--address")
             .arg(&self.address)
-            .args(["--namespace", NAMESPACE])
+            .args(["--namespace", namespace])
             .args(args);
         command
     }
@@ -164,7 +190,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Runs `ctr` in the test namespace; its stdout, or an error with its stderr.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out = self.ctr_command(args).output().context("running ctr")?;
+        self.ctr_in(NAMESPACE, args)
+    }
+
+    /// Runs `ctr` in `namespace`; its stdout, or an error with its stderr.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
+        let out = self
+            .ctr_command_in(namespace, args)
+            .output()
+            .context("running ctr")?;
         if !out.status.success() {
             bail!(
                 "ctr {}: {}\n{}",

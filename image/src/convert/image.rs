@@ -10,7 +10,7 @@ use std::time::Instant;
 use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest, MediaType};
 
 use super::{ConvertError, ConvertOptions, convert_layer};
-use crate::manifest::{LAYER_MEDIA_TYPE, LazyLayer, annotation};
+use crate::manifest::{LAYER_MEDIA_TYPE, LazyLayer, annotation, is_lazy_layer_type};
 use crate::oci_layout::{DigestReader, LayoutError, OciLayout};
 
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +162,9 @@ pub fn convert_layout(
         let digest = layer.digest().to_string();
         let media_type = layer.media_type().to_string();
         let started = Instant::now();
-        if media_type == LAYER_MEDIA_TYPE {
-            // Already lazy: copy it through (checked against its digest on the way).
+        if is_lazy_layer_type(&media_type) {
+            // Already lazy: copy it through (checked against its digest on the way),
+            // under today's media type.
             let tmp = target.temp_file()?;
             let mut reader = DigestReader::new(source.open_blob(&digest)?);
             std::io::copy(&mut reader, &mut tmp.as_file()).map_err(|e| ImageError::Layer {
@@ -189,7 +190,9 @@ pub fn convert_layout(
                 seconds: started.elapsed().as_secs_f64(),
                 converted: false,
             });
-            layers.push(layer.clone());
+            let mut layer = layer.clone();
+            layer.set_media_type(MediaType::from(LAYER_MEDIA_TYPE));
+            layers.push(layer);
             continue;
         }
         if !is_tar_layer(&media_type) {
