@@ -22,6 +22,27 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub fetch: FetchConfig,
     pub registry: RegistryOptions,
+    pub cri: CriConfig,
+}
+
+/// The `[cri]` table: the kubelet's image service proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    /// Socket of the image service proxy (kubelet `--image-service-endpoint`); empty:
+    /// none.
+    pub image_proxy: PathBuf,
+    /// containerd's socket, where the proxy forwards every call.
+    pub containerd: PathBuf,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        Self {
+            image_proxy: PathBuf::new(),
+            containerd: PathBuf::from("/run/containerd/containerd.sock"),
+        }
+    }
 }
 
 /// The `[fetch]` table: how the fetcher reads lazy layers.

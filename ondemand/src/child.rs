@@ -15,7 +15,7 @@ use crate::fanotify::link::BrokerLink;
 use crate::fault::{Fault, FaultTrigger};
 use crate::fetcher::{self, FetcherConfig, FetcherParts, Resolver};
 use crate::handover::{self, Backend, HandoverError, ToChild, ToParent};
-use crate::source::{BlobSpec, SourceFactory};
+use crate::source::{BlobSpec, RegistryCredentials, SourceFactory};
 use crate::stats::{Counter, Stats};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +42,11 @@ pub enum ChildError {
     Runtime(std::io::Error),
 }
 
-/// Asks the supervisor over the hand-over socket; one question at a time.
+/// Asks the supervisor over the hand-over socket; one question at a time. Credentials
+/// that come with an answer go to the sources' factory before the blob is opened.
 struct SupervisorResolver {
     conn: tokio::sync::Mutex<Conn>,
+    factory: Arc<dyn SourceFactory>,
 }
 
 struct Conn {
@@ -57,7 +59,7 @@ impl Conn {
         &mut self,
         domain: Option<&str>,
         cookie: &str,
-    ) -> Result<Option<BlobSpec>, HandoverError> {
+    ) -> Result<Option<(BlobSpec, Option<RegistryCredentials>)>, HandoverError> {
         handover::write_line(
             &self.writer,
             &ToParent::Resolve {
@@ -66,7 +68,7 @@ impl Conn {
             },
         )?;
         Ok(match handover::read_line(&mut self.reader)? {
-            ToChild::Blob { spec } => Some(spec),
+            ToChild::Blob { spec, credentials } => Some((spec, credentials)),
             ToChild::Unknown => None,
         })
     }
@@ -82,7 +84,14 @@ impl Resolver for SupervisorResolver {
         let mut conn = self.conn.lock().await;
         // Blocking I/O on a local socket answered from memory: microseconds, and OPENs
         // are rare (one per layer mount).
-        tokio::task::block_in_place(|| conn.ask(domain, cookie)).map_err(|e| e.to_string())
+        let answer =
+            tokio::task::block_in_place(|| conn.ask(domain, cookie)).map_err(|e| e.to_string())?;
+        Ok(answer.map(|(spec, credentials)| {
+            if let Some(credentials) = credentials {
+                self.factory.provide_credentials(&credentials);
+            }
+            spec
+        }))
     }
 }
 
@@ -148,6 +157,7 @@ pub fn run(
     };
     let resolver = Arc::new(SupervisorResolver {
         conn: tokio::sync::Mutex::new(conn),
+        factory: factory.clone(),
     });
     let faults = Arc::new(FaultTrigger::new(Fault::from_env()));
     let runtime = tokio::runtime::Builder::new_multi_thread()

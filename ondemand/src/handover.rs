@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::source::BlobSpec;
+use crate::source::{BlobSpec, RegistryCredentials};
 use crate::sys;
 
 /// The version of this protocol. The supervisor starts its fetcher from its own
@@ -68,8 +68,15 @@ pub enum ToParent {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One answer per OPEN, built and dropped at once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ToChild {
-    Blob { spec: BlobSpec },
+    Blob {
+        spec: BlobSpec,
+        /// Credentials given for the blob's registry at run time, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credentials: Option<RegistryCredentials>,
+    },
     Unknown,
 }
 
@@ -259,6 +266,34 @@ mod tests {
             read_line::<ToChild>(&mut input),
             Err(HandoverError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn a_blob_answer_carries_its_registry_credentials_and_never_prints_them() {
+        let spec = BlobSpec::Local(crate::source::LocalBlob {
+            path: "/blob".into(),
+            throttle: None,
+        });
+        let bare = ToChild::Blob {
+            spec: spec.clone(),
+            credentials: None,
+        };
+        let mut line = Vec::new();
+        write_line(&mut line, &bare).expect("write");
+        assert!(!String::from_utf8_lossy(&line).contains("credentials"));
+        let given = ToChild::Blob {
+            spec,
+            credentials: Some(RegistryCredentials {
+                registry: "registry.example".into(),
+                username: "kubelet".into(),
+                password: "hunter2".into(),
+            }),
+        };
+        let mut line = Vec::new();
+        write_line(&mut line, &given).expect("write");
+        let back: ToChild = read_line(&mut BufReader::new(&line[..])).expect("read");
+        assert_eq!(back, given);
+        assert!(!format!("{back:?}").contains("hunter2"), "{back:?}");
     }
 
     #[test]

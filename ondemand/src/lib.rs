@@ -34,8 +34,8 @@ mod sys;
 pub use cachefiles::device::{AnonFd, Device, DeviceError};
 pub use kernel::{CacheObject, Kernel, Request};
 pub use source::{
-    BlobSource, BlobSpec, FileSource, LazyLayerSpec, LocalBlob, LocalSourceFactory, SourceError,
-    SourceFactory, Throttle, View,
+    BlobSource, BlobSpec, FileSource, LazyLayerSpec, LocalBlob, LocalSourceFactory,
+    RegistryCredentials, SourceError, SourceFactory, Throttle, View, registry_of,
 };
 pub use supervisor::{BlobTable, Event, Summary, Supervisor, SupervisorConfig};
 pub use sys::{AlignedBuf, cached_bytes};

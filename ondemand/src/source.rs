@@ -298,6 +298,37 @@ pub struct LazyLayerSpec {
     pub throttle: Option<Throttle>,
 }
 
+/// Credentials a client gave for pulls from one registry (a kubelet's pull secret, via
+/// the CRI image proxy). They live in the supervisor's memory and reach the fetcher with
+/// the blobs of that registry; never written to disk, never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    /// The registry host as written in image references (`docker.io` for Docker Hub).
+    pub registry: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The registry host of an image reference, as written: its first component when that
+/// names a host (has a `.` or `:`, or is `localhost`), else Docker Hub.
+pub fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
+    }
+}
+
 /// A local file blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalBlob {
@@ -312,6 +343,10 @@ pub trait SourceFactory: Send + Sync {
     /// Opens the source `spec` describes; may fetch and verify (a registry source reads
     /// the layer's verified region here).
     async fn open(&self, name: &str, spec: &BlobSpec) -> Result<Arc<dyn BlobSource>, SourceError>;
+
+    /// Credentials the supervisor sent with a blob of their registry, for the sources
+    /// opened from now on (and refetched regions). Sources without a registry ignore them.
+    fn provide_credentials(&self, _credentials: &RegistryCredentials) {}
 }
 
 /// The refusal of a factory handed a kind of blob it does not serve.
@@ -347,6 +382,19 @@ impl SourceFactory for LocalSourceFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_registry_of_a_reference_is_its_host_or_docker_hub() {
+        for (image, registry) in [
+            ("registry.example/app:1", "registry.example"),
+            ("127.0.0.1:5000/lazy/python:1", "127.0.0.1:5000"),
+            ("localhost/app", "localhost"),
+            ("library/python:3", "docker.io"),
+            ("python", "docker.io"),
+        ] {
+            assert_eq!(registry_of(image), registry, "{image}");
+        }
+    }
 
     #[test]
     fn throttle_parsing() {

@@ -26,7 +26,7 @@ use crate::cachefiles::device::Device;
 use crate::fanotify::Broker;
 use crate::fanotify::link;
 use crate::handover::{self, Backend, Handover, HandoverError, ToChild, ToParent};
-use crate::source::BlobSpec;
+use crate::source::{BlobSpec, RegistryCredentials, registry_of};
 use crate::stats::{Counter, Stats, StatsSummary, monotonic_ns, quantile};
 
 /// Where a blob is registered: an fscache cookie name, in one EROFS domain or in any.
@@ -35,8 +35,13 @@ type BlobKey = (Option<String>, String);
 /// (domain, cookie) → blob description, shared with the thread answering the child's
 /// questions. A blob registered in a domain is served only to OPENs in that domain's
 /// volume, so a layer whose image names another layer's cookie cannot reach it.
+/// Beside it, credentials given at run time per registry, sent with that registry's
+/// blobs (memory only: a restarted snapshotter waits for the next pull to get them).
 #[derive(Debug, Clone, Default)]
-pub struct BlobTable(Arc<RwLock<BTreeMap<BlobKey, BlobSpec>>>);
+pub struct BlobTable {
+    blobs: Arc<RwLock<BTreeMap<BlobKey, BlobSpec>>>,
+    credentials: Arc<RwLock<BTreeMap<String, RegistryCredentials>>>,
+}
 
 impl BlobTable {
     /// Registers `name` for OPENs in any volume (the `serve` command's blobs).
@@ -59,7 +64,7 @@ impl BlobTable {
     /// in any.
     pub fn get(&self, domain: Option<&str>, name: &str) -> Option<BlobSpec> {
         let table = self
-            .0
+            .blobs
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         domain
@@ -68,8 +73,28 @@ impl BlobTable {
             .cloned()
     }
 
+    /// Credentials for `credentials.registry`'s blobs from now on (replacing earlier ones).
+    pub fn set_credentials(&self, credentials: RegistryCredentials) {
+        self.credentials
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(credentials.registry.clone(), credentials);
+    }
+
+    /// The credentials given for the registry `spec` is read from, if any.
+    pub fn credentials_for(&self, spec: &BlobSpec) -> Option<RegistryCredentials> {
+        let BlobSpec::Registry(layer) = spec else {
+            return None;
+        };
+        self.credentials
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(registry_of(&layer.image))
+            .cloned()
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<BlobKey, BlobSpec>> {
-        self.0
+        self.blobs
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -417,7 +442,10 @@ fn answer_questions(mut reader: BufReader<UnixStream>, writer: UnixStream, blobs
         let answer = match handover::read_line::<ToParent>(&mut reader) {
             Ok(ToParent::Resolve { cookie, domain }) => match blobs.get(domain.as_deref(), &cookie)
             {
-                Some(spec) => ToChild::Blob { spec },
+                Some(spec) => ToChild::Blob {
+                    credentials: blobs.credentials_for(&spec),
+                    spec,
+                },
                 None => ToChild::Unknown,
             },
             Ok(ToParent::Ready { .. }) => continue,

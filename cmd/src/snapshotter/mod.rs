@@ -18,12 +18,13 @@ use clap::Args;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::fdstore::FdStore;
 use lazy_erofs_ondemand::stats::Stats;
+use lazy_erofs_snapshotter::cri::{self, PullCredentials};
 use lazy_erofs_snapshotter::metrics::{CacheFigures, Metrics, StatsObserver};
 use lazy_erofs_snapshotter::overlay::OverlaySnapshotter;
 use lazy_erofs_snapshotter::server;
 
 use self::admin::FetcherInfo;
-use crate::config::Config;
+use crate::config::{Config, CriConfig};
 use crate::registry_args::RegistryArgs;
 
 /// How long in-flight calls get to finish after SIGTERM.
@@ -83,6 +84,8 @@ struct Opened {
     stats: Arc<Stats>,
     fetcher: Option<Arc<Mutex<FetcherInfo>>>,
     backend: &'static str,
+    /// Where the CRI image proxy puts the credentials pulls carry.
+    pull_credentials: Arc<PullCredentials>,
 }
 
 /// The snapshotter over its lazy backend, then the supervisor: layer mounts taken over
@@ -101,6 +104,10 @@ fn open_snapshotter(
     let observer = Arc::new(StatsObserver(stats.clone()));
     let registry = Arc::new(Registry::new(&config.registry).with_observer(observer));
     let name = backend.name();
+    let pull_credentials = Arc::new(PullCredentials::new(
+        registry.clone(),
+        backend.blobs().cloned(),
+    ));
     let snapshotter = OverlaySnapshotter::open_lazy(root, backend, registry)
         .with_context(|| format!("opening snapshotter root {}", root.display()))?;
     let fetcher = pending
@@ -116,6 +123,7 @@ fn open_snapshotter(
         stats,
         fetcher,
         backend: name,
+        pull_credentials,
     })
 }
 
@@ -193,8 +201,14 @@ async fn serve(
     let Opened {
         snapshotter,
         supervisor,
+        pull_credentials,
         ..
     } = opened;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let image_proxy =
+        image_proxy(&config.cri, pull_credentials, stop_rx.clone()).inspect_err(|_| {
+            let _ = std::fs::remove_file(&settings.address);
+        })?;
     // Slow recovery after the socket serves: Mounts calls mount what they need meanwhile.
     tokio::spawn({
         let snapshotter = snapshotter.clone();
@@ -212,9 +226,9 @@ async fn serve(
         address = %settings.address.display(),
         "serving"
     );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = server::serve(listener, snapshotter.clone(), extras, async {
-        let _ = stop_rx.await;
+    let mut stopped = stop_rx;
+    let server = server::serve(listener, snapshotter.clone(), extras, async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
     });
     tokio::pin!(server);
     if let Err(e) = store.ready("serving") {
@@ -228,7 +242,7 @@ async fn serve(
     let _ = store.stopping("stopping");
     // Stop accepting, let in-flight calls finish; containerd keeps its connection open
     // for good, so do not wait for connections to close beyond the grace period.
-    let _ = stop_tx.send(());
+    let _ = stop_tx.send(true);
     if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
         .await
         .is_err()
@@ -237,6 +251,10 @@ async fn serve(
     }
     // A socket left behind would only look like a dead daemon; remove it.
     let _ = std::fs::remove_file(&settings.address);
+    if let Some(proxy) = image_proxy {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, proxy).await;
+        let _ = std::fs::remove_file(&config.cri.image_proxy);
+    }
     let keep_mounts = supervisor.as_ref().is_some_and(|s| s.keep_mounts);
     if keep_mounts {
         // systemd keeps the cache bound: the mounts and every read waiting on them
@@ -267,4 +285,32 @@ fn stop_mounts(snapshotter: &OverlaySnapshotter) {
     if refused > 0 {
         tracing::warn!(refused, "lazy layer mounts could not be unmounted");
     }
+}
+
+/// The kubelet's image service proxy on `config.image_proxy`, if configured, serving
+/// until `stop` turns true.
+fn image_proxy(
+    config: &CriConfig,
+    credentials: Arc<PullCredentials>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    if config.image_proxy.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let listener = server::bind(&config.image_proxy)
+        .with_context(|| format!("cri.image_proxy {}", config.image_proxy.display()))?;
+    let proxy = cri::ImageProxy::new(config.containerd.clone(), credentials);
+    tracing::info!(
+        address = %config.image_proxy.display(),
+        containerd = %config.containerd.display(),
+        "CRI image proxy serving"
+    );
+    Ok(Some(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        if let Err(err) = cri::serve(listener, proxy, shutdown).await {
+            tracing::error!(%err, "CRI image proxy stopped");
+        }
+    })))
 }

@@ -1,5 +1,6 @@
-//! Who we are to each registry host: credentials from the configuration file, else from
-//! docker's `config.json` (and its credential helpers), else anonymous; and the
+//! Who we are to each registry host: credentials a client gave for it (a kubelet's pull
+//! secret, through the CRI image proxy), else the configuration file's, else docker's
+//! `config.json` (and its credential helpers), else anonymous; and the
 //! `Authorization` header for the requests we send ourselves (range reads, uploads),
 //! with bearer tokens cached until the registry refuses them.
 
@@ -114,6 +115,17 @@ impl Auth {
         Ok(found)
     }
 
+    /// Credentials given at run time for `hosts` (a registry and its mirrors): they win
+    /// over the configuration's, and tokens negotiated with other credentials go.
+    pub fn provide(&self, hosts: &[String], credentials: &Credentials) {
+        let mut known = lock(&self.credentials);
+        for host in hosts {
+            known.insert(host.clone(), credentials.clone());
+        }
+        drop(known);
+        lock(&self.tokens).retain(|(host, _, _), _| !hosts.contains(host));
+    }
+
     pub fn registry_auth(&self, host: &str) -> Result<RegistryAuth, RegistryError> {
         Ok(match self.credentials(host)? {
             Credentials::Anonymous => RegistryAuth::Anonymous,
@@ -183,6 +195,35 @@ mod tests {
             "https://index.docker.io/v1/"
         );
         assert_eq!(docker_config_keys("127.0.0.1:5000")[0], "127.0.0.1:5000");
+    }
+
+    #[test]
+    fn provided_credentials_win_over_the_configuration_and_drop_its_tokens() {
+        let mut options = RegistryOptions {
+            docker_config: false,
+            ..RegistryOptions::default()
+        };
+        options.hosts.insert(
+            "r.example".into(),
+            super::super::HostOptions::basic("config", "p"),
+        );
+        let auth = Auth::new(&options);
+        auth.credentials("r.example").expect("configured");
+        let key = ("r.example".to_owned(), "app".to_owned(), false);
+        lock(&auth.tokens).insert(key.clone(), Authorization::Bearer("old".into()));
+        let other = ("m.example".to_owned(), "app".to_owned(), false);
+        lock(&auth.tokens).insert(other.clone(), Authorization::None);
+        let given = Credentials::Basic {
+            username: "kubelet".into(),
+            password: "secret".into(),
+        };
+        auth.provide(&["r.example".into()], &given);
+        assert!(matches!(
+            auth.credentials("r.example"),
+            Ok(Credentials::Basic { username, .. }) if username == "kubelet"
+        ));
+        assert!(!lock(&auth.tokens).contains_key(&key));
+        assert!(lock(&auth.tokens).contains_key(&other));
     }
 
     #[test]

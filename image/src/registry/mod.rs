@@ -117,6 +117,24 @@ impl Registry {
         }
     }
 
+    /// Credentials a client gave for pulls from `registry` (a host as written in image
+    /// references, e.g. from a kubelet's `PullImage`): used for it and its configured
+    /// mirrors, as containerd's CRI plugin uses them, ahead of the configuration's. Held
+    /// in memory only.
+    pub fn provide_credentials(
+        &self,
+        registry: &str,
+        credentials: &Credentials,
+    ) -> Result<(), RegistryError> {
+        let reference = parse_reference(&format!("{registry}/credentials"))?;
+        let mut hosts = vec![reference.resolve_registry().to_owned()];
+        if let Some(entry) = self.options.host(reference.registry()) {
+            hosts.extend(entry.mirrors.iter().cloned());
+        }
+        self.auth.provide(&hosts, credentials);
+        Ok(())
+    }
+
     /// Reports every HTTP attempt of range reads and manifest pulls to `observer`.
     pub fn with_observer(mut self, observer: std::sync::Arc<dyn observe::Observer>) -> Self {
         self.observer = Some(observer);

@@ -59,6 +59,14 @@ impl Backend {
             Self::FileBacked => "whole",
         }
     }
+
+    /// The table the fetcher is answered from, when a fetcher serves this backend.
+    pub fn blobs(&self) -> Option<&BlobTable> {
+        match self {
+            Self::Fscache { blobs, .. } | Self::Fanotify { blobs, .. } => Some(blobs),
+            Self::FileBacked => None,
+        }
+    }
 }
 
 pub struct LayerMounts {

@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use lazy_erofs_image::blob::{BlobError, BlobReader, RangeRead};
-use lazy_erofs_image::registry::Registry;
-use lazy_erofs_ondemand::{AlignedBuf, BlobSource, BlobSpec, SourceError, SourceFactory};
+use lazy_erofs_image::registry::{Credentials, Registry};
+use lazy_erofs_ondemand::{
+    AlignedBuf, BlobSource, BlobSpec, RegistryCredentials, SourceError, SourceFactory,
+};
 pub use lazy_erofs_ondemand::{LazyLayerSpec, View};
 
 /// Blocking ranged reads for [`BlobReader`], run on the blocking pool of a runtime
@@ -194,6 +196,19 @@ impl SourceFactory for LazySourceFactory {
             )),
             None => Arc::new(source),
         })
+    }
+
+    fn provide_credentials(&self, credentials: &RegistryCredentials) {
+        let given = Credentials::Basic {
+            username: credentials.username.clone(),
+            password: credentials.password.clone(),
+        };
+        if let Err(err) = self
+            .registry
+            .provide_credentials(&credentials.registry, &given)
+        {
+            tracing::warn!(registry = %credentials.registry, %err, "credentials not taken");
+        }
     }
 }
 
