@@ -55,9 +55,10 @@ fn privileged_vm_containerd_cache_gc_frees_removed_images_and_never_a_mounted_la
     let a = push(work, &registry, &base, "a", SMALL_MIB, 0x9c1)?;
     let b = push(work, &registry, &base, "b", SMALL_MIB, 0x9c2)?;
     let c = push(work, &registry, &base, "c", BIG_MIB, 0x9c3)?;
+    // No free-space floor: this test is about grace and max_bytes, not the disk it runs on.
     let config = format!(
         "[registry]\ninsecure_hosts = [\"{}\"]\n\
-         [cache]\nunreferenced_grace = \"1h\"\ngc_interval = \"0s\"\n\
+         [cache]\nunreferenced_grace = \"1h\"\ngc_interval = \"0s\"\nmin_free_percent = 0\n\
          [metrics]\naddress = \"127.0.0.1:0\"\n",
         registry.host
     );
