@@ -127,37 +127,23 @@ fn story(backend: &str, with_restart: bool) -> Result<()> {
     ];
     proxy.queue(&faults);
     let hash_started = Instant::now();
-    let big_sent = || registry.blob_bytes_sent(&layers[3].digest).0;
-    let mut kills = 0;
-    let mut sent_at_last_kill = big_sent();
-    let status = loop {
-        if let Some(status) = hasher.try_wait()? {
-            break status;
-        }
-        if hash_started.elapsed() > Duration::from_secs(600) {
+    let mut status = None;
+    // Kill once the current fetcher has moved the read on by 8 MiB: the reader finishes
+    // after ~30 kills.
+    let kills = daemon.kill_fetcher_per(
+        8 << 20,
+        || registry.blob_bytes_sent(&layers[3].digest).0,
+        || Ok(hasher.try_wait()?.inspect(|s| status = Some(*s)).is_some()),
+        Duration::from_secs(600),
+    );
+    let kills = match kills {
+        Ok(kills) => kills,
+        Err(err) => {
             let _ = hasher.kill();
-            anyhow::bail!(
-                "sha256sum still running after 600 s and {kills} kills\n{}",
-                daemon.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        // Kill once the current fetcher has moved the read on by 8 MiB: every fetcher
-        // makes progress, so the reader finishes after ~30 kills.
-        if big_sent() < sent_at_last_kill + (8 << 20) {
-            continue;
-        }
-        if let Ok(pid) = daemon.fetcher_pid()
-            && nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .is_ok()
-        {
-            kills += 1;
-            sent_at_last_kill = big_sent();
+            return Err(err.context(daemon.log()));
         }
     };
+    let status = status.context("no exit status")?;
     let out = hasher.wait_with_output()?;
     let hashed = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(

@@ -16,6 +16,11 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 python_packages=${DEBIAN_PYTHON_PACKAGES:-"python3"}
 [ -f "$out/python.tar" ] && { echo "$out"; exit 0; }
 [ "$(id -u)" = 0 ] || { echo "debian-layers.sh: needs root" >&2; exit 1; }
+# Test binaries run side by side on a cold cache: one builds, the others wait for it.
+mkdir -p "$cache/testdata"
+exec 9>"$out.lock"
+flock 9
+[ -f "$out/python.tar" ] && { echo "$out"; exit 0; }
 work=$(mktemp -d "$cache/testdata-work.XXXXXX")
 cleanup() {
     for m in "$work/merged/proc" "$work/merged/sys" "$work/merged/dev" "$work/merged" \

@@ -43,16 +43,25 @@ pub struct Pod {
 impl Cri {
     /// Connects to the CRI services on containerd's socket at `address`.
     pub fn connect(address: &Path) -> Result<Self> {
+        Self::connect_with_image_endpoint(address, address)
+    }
+
+    /// The runtime service at `address`, the image service at `images` (as the kubelet's
+    /// `--image-service-endpoint` splits them).
+    pub fn connect_with_image_endpoint(address: &Path, images: &Path) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let channel = runtime
-            .block_on(containerd_client::connect(address))
-            .with_context(|| format!("connecting to {}", address.display()))?;
+        let connect = |socket: &Path| {
+            runtime
+                .block_on(containerd_client::connect(socket))
+                .with_context(|| format!("connecting to {}", socket.display()))
+        };
+        let (pods, images) = (connect(address)?, connect(images)?);
         Ok(Self {
+            images: ImageServiceClient::new(images),
+            pods: RuntimeServiceClient::new(pods),
             runtime,
-            images: ImageServiceClient::new(channel.clone()),
-            pods: RuntimeServiceClient::new(channel),
         })
     }
 
@@ -243,4 +252,21 @@ pub fn container_output(pod: &Pod, name: &str) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// Polls the container's CRI log until it holds a whole line (or `timeout`); the
+/// output so far.
+pub fn wait_output(pod: &Pod, name: &str, timeout: Duration) -> Result<String> {
+    let started = Instant::now();
+    loop {
+        if let Ok(out) = container_output(pod, name)
+            && out.contains('\n')
+        {
+            return Ok(out);
+        }
+        if started.elapsed() > timeout {
+            bail!("no output from {name} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

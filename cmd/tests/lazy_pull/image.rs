@@ -38,20 +38,26 @@ pub fn big_files_layer(work: &Path) -> Result<BigFiles> {
     let big_hash = write("big.bin", BIG_FILE_MIB, 0x1a2e)?;
     let late_hash = write("late.bin", LATE_FILE_MIB, 0x1a7e)?;
     let tar = work.join("big.tar");
-    common::run(
-        Command::new("tar")
-            .args(["--numeric-owner", "-C"])
-            .arg(&dir)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("./data"),
-    )?;
+    tar_of(&dir, "./data", &tar)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(BigFiles {
         tar,
         big_hash,
         late_hash,
     })
+}
+
+/// A layer tar at `tar` of `entry` under `dir`, owners by number.
+pub fn tar_of(dir: &Path, entry: &str, tar: &Path) -> Result<()> {
+    common::run(
+        Command::new("tar")
+            .args(["--numeric-owner", "-C"])
+            .arg(dir)
+            .arg("-cf")
+            .arg(tar)
+            .arg(entry),
+    )?;
+    Ok(())
 }
 
 /// The Debian + python3 layers plus `extra`, converted for `image` (the name it is
@@ -63,17 +69,19 @@ pub fn push_converted(
     image: &str,
     extra: &[PathBuf],
 ) -> Result<Vec<LazyLayer>> {
-    let pushed = format!(
-        "{}/{}",
-        registry.host,
-        image.split_once('/').context("image")?.1
-    );
-    let layers = lazy_erofs_test_support::debian_layers()?;
-    let mut tars = vec![
-        layers.join("base.tar"),
-        layers.join("packages.tar"),
-        layers.join("python.tar"),
-    ];
+    let options = RegistryOptions::insecure(&registry.host);
+    push_converted_with(work, &options, &registry.host, image, extra)
+}
+
+/// [`push_converted`] to the registry at `host`, reached with `options` (credentials).
+pub fn push_converted_with(
+    work: &Path,
+    options: &RegistryOptions,
+    host: &str,
+    image: &str,
+    extra: &[PathBuf],
+) -> Result<Vec<LazyLayer>> {
+    let mut tars = python_tars()?;
     tars.extend_from_slice(extra);
     let src = common::oci_layout(work, &tars, &["python3"], image)?;
     let dst = work.join("dst");
@@ -81,17 +89,72 @@ pub fn push_converted(
     common::convert(&src, &dst, image)?;
     std::fs::remove_dir_all(&src)?;
     println!("convert: {:.1} s", started.elapsed().as_secs_f64());
-    let client = Registry::new(&RegistryOptions::insecure(&registry.host));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(client.push_layout(&dst, &pushed))?;
-    let (manifest, _) = runtime.block_on(client.pull_manifest(&pushed))?;
+    let pushed = push_layout(options, &dst, &at_host(host, image)?)?;
+    std::fs::remove_dir_all(&dst)?;
+    let (manifest, _) = runtime()?.block_on(Registry::new(options).pull_manifest(&pushed))?;
     manifest
         .layers()
         .iter()
         .map(|d| LazyLayer::from_descriptor(d)?.context("layer not lazy"))
         .collect()
+}
+
+/// The same Debian + python3 layers as an ordinary image (gzip tar layers, as
+/// registries usually hold them), pushed to the registry at `host` for `image`.
+/// Returns the pushed layers' digests and sizes.
+pub fn push_plain(
+    work: &Path,
+    options: &RegistryOptions,
+    host: &str,
+    image: &str,
+) -> Result<Vec<(String, u64)>> {
+    let layout = work.join("plain-layout");
+    let script = lazy_erofs_test_support::checkout().join("packaging/demo/oci-layout.py");
+    common::run(
+        Command::new("python3")
+            .arg(script)
+            .args(["--gzip", "--ref", image])
+            .arg(&layout)
+            .arg(r#"["python3"]"#)
+            .args(python_tars()?),
+    )?;
+    let pushed = push_layout(options, &layout, &at_host(host, image)?)?;
+    std::fs::remove_dir_all(&layout)?;
+    let (manifest, _) = runtime()?.block_on(Registry::new(options).pull_manifest(&pushed))?;
+    Ok(manifest
+        .layers()
+        .iter()
+        .map(|d| (d.digest().to_string(), d.size()))
+        .collect())
+}
+
+/// Pushes the OCI layout at `layout` as `reference`; returns `reference`.
+pub fn push_layout(options: &RegistryOptions, layout: &Path, reference: &str) -> Result<String> {
+    runtime()?.block_on(Registry::new(options).push_layout(layout, reference))?;
+    Ok(reference.to_owned())
+}
+
+fn python_tars() -> Result<Vec<PathBuf>> {
+    let layers = lazy_erofs_test_support::debian_layers()?;
+    Ok(["base.tar", "packages.tar", "python.tar"]
+        .iter()
+        .map(|name| layers.join(name))
+        .collect())
+}
+
+/// `image`'s repository and tag at `host` (where it is pushed; it is pulled by another
+/// name through a mirror, or through a proxy).
+fn at_host(host: &str, image: &str) -> Result<String> {
+    Ok(format!(
+        "{host}/{}",
+        image.split_once('/').context("image")?.1
+    ))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Bytes the registry sent for `layers` so far, and their total size.

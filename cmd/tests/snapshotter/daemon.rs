@@ -107,6 +107,41 @@ impl Daemon {
         Ok(text.trim().parse()?)
     }
 
+    /// SIGKILLs the fetcher each time `progress` (bytes the registry sent) has moved on by
+    /// `step` since the last kill, until `done`: every replacement makes some progress
+    /// before it is killed in turn, so the reader finishes. Returns the kills.
+    pub fn kill_fetcher_per(
+        &self,
+        step: u64,
+        progress: impl Fn() -> u64,
+        mut done: impl FnMut() -> Result<bool>,
+        timeout: Duration,
+    ) -> Result<usize> {
+        let started = Instant::now();
+        let mut kills = 0;
+        let mut at_last_kill = progress();
+        while !done()? {
+            if started.elapsed() > timeout {
+                bail!("the reader was not done after {timeout:?} and {kills} fetcher kills");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            if progress() < at_last_kill + step {
+                continue;
+            }
+            if let Ok(pid) = self.fetcher_pid()
+                && nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+            {
+                kills += 1;
+                at_last_kill = progress();
+            }
+        }
+        Ok(kills)
+    }
+
     pub async fn client(&self) -> Result<SnapshotsClient<Channel>> {
         let channel = containerd_client::connect(&self.socket).await?;
         Ok(SnapshotsClient::new(channel))
