@@ -151,6 +151,74 @@ fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// What the CRI image proxy does with a pull secret: a registry with no configured
+/// credentials, pulled through a mirror that wants a password, reads once they are
+/// provided for the registry's name.
+#[test]
+fn provided_credentials_open_a_password_mirror() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let htpasswd = dir.path().join("htpasswd");
+    let status = Command::new("htpasswd")
+        .args(["-Bbc"])
+        .arg(&htpasswd)
+        .args(["puller", "s3cret"])
+        .status()
+        .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
+    ensure!(status.success(), "htpasswd failed");
+    let registry_proc = start_docker_registry(dir.path(), Some(&htpasswd))?;
+    let dst = common::converted_layout(dir.path())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let host = registry_proc.host.clone();
+    let mut push = RegistryOptions {
+        insecure_hosts: vec![host.clone()],
+        docker_config: false,
+        ..RegistryOptions::default()
+    };
+    push.hosts
+        .insert(host.clone(), HostOptions::basic("puller", "s3cret"));
+    runtime.block_on(Registry::new(&push).push_layout(&dst, &format!("{host}/lazy/app:1")))?;
+    let (manifest, _) =
+        runtime.block_on(Registry::new(&push).pull_manifest(&format!("{host}/lazy/app:1")))?;
+    let layer = manifest.layers()[0].digest().to_string();
+    let local = fs::read(
+        dst.join("blobs/sha256")
+            .join(layer.trim_start_matches("sha256:")),
+    )?;
+
+    let mut options = RegistryOptions {
+        insecure_hosts: vec![host.clone()],
+        docker_config: false,
+        ..RegistryOptions::default()
+    };
+    // The origin has no address: only the mirror can answer.
+    options.hosts.insert(
+        "registry.invalid".into(),
+        HostOptions {
+            mirrors: vec![host.clone()],
+            ..HostOptions::default()
+        },
+    );
+    options.retry.max_attempts = 1;
+    let registry = Registry::new(&options);
+    let image = "registry.invalid/lazy/app:1";
+    let err = runtime
+        .block_on(registry.read_range(image, &layer, 0, 4096))
+        .expect_err("read without credentials");
+    println!("without credentials: {err}");
+    registry.provide_credentials(
+        "registry.invalid",
+        &lazy_erofs_image::registry::Credentials::Basic {
+            username: "puller".into(),
+            password: "s3cret".into(),
+        },
+    )?;
+    let bytes = runtime.block_on(registry.read_range(image, &layer, 0, 4096))?;
+    assert_eq!(bytes, local[..4096]);
+    Ok(())
+}
+
 #[test]
 fn large_blobs_are_pushed_in_chunks_and_read_back() -> Result<()> {
     let dir = tempfile::tempdir()?;

@@ -346,7 +346,9 @@ pub trait SourceFactory: Send + Sync {
 
     /// Credentials the supervisor sent with a blob of their registry, for the sources
     /// opened from now on (and refetched regions). Sources without a registry ignore them.
-    fn provide_credentials(&self, _credentials: &RegistryCredentials) {}
+    /// No default: a wrapping factory that forgot to pass them on dropped a pull
+    /// secret silently, and every lazy read of that registry failed with 401.
+    fn provide_credentials(&self, credentials: &RegistryCredentials);
 }
 
 /// The refusal of a factory handed a kind of blob it does not serve.
@@ -377,6 +379,9 @@ impl SourceFactory for LocalSourceFactory {
             None => Arc::new(file),
         })
     }
+
+    /// Local files need none.
+    fn provide_credentials(&self, _credentials: &RegistryCredentials) {}
 }
 
 #[cfg(test)]

@@ -18,8 +18,9 @@ use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::stats::Stats;
 use lazy_erofs_ondemand::{
-    BlobSource, BlobSpec, Device, Event, LocalBlob, LocalSourceFactory, SourceError, SourceFactory,
-    Supervisor, SupervisorConfig, Throttle, child, fetcher::FetcherConfig,
+    BlobSource, BlobSpec, Device, Event, LocalBlob, LocalSourceFactory, RegistryCredentials,
+    SourceError, SourceFactory, Supervisor, SupervisorConfig, Throttle, child,
+    fetcher::FetcherConfig,
 };
 use lazy_erofs_snapshotter::lazy::{LazyLayerSpec, LazySourceFactory, View};
 use lazy_erofs_snapshotter::metrics::StatsObserver;
@@ -392,6 +393,10 @@ impl SourceFactory for AnySourceFactory {
             BlobSpec::Registry(_) => self.lazy.open(name, spec).await,
             BlobSpec::Local(_) => self.local.open(name, spec).await,
         }
+    }
+
+    fn provide_credentials(&self, credentials: &RegistryCredentials) {
+        self.lazy.provide_credentials(credentials);
     }
 }
 

@@ -375,4 +375,6 @@ impl SourceFactory for FakeBlobs {
             }),
         }
     }
+
+    fn provide_credentials(&self, _credentials: &crate::source::RegistryCredentials) {}
 }
