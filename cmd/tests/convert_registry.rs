@@ -13,7 +13,9 @@ use base64::prelude::{BASE64_STANDARD, Engine as _};
 use lazy_erofs_image::blob::BlobReader;
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{HostOptions, Registry, RegistryBlob, RegistryOptions};
-use lazy_erofs_test_support::{DockerRegistry, make_oci_layout, start_docker_registry};
+use lazy_erofs_test_support::{
+    DockerRegistry, make_oci_layout, start_docker_registry_with_password,
+};
 
 const USER: &str = "tester";
 const PASSWORD: &str = "s3cret-Pa55";
@@ -27,15 +29,7 @@ struct Setup {
 
 fn setup() -> Result<Setup> {
     let dir = tempfile::tempdir()?;
-    let htpasswd = dir.path().join("htpasswd");
-    let status = Command::new("htpasswd")
-        .arg("-Bbc")
-        .arg(&htpasswd)
-        .args([USER, PASSWORD])
-        .status()
-        .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
-    ensure!(status.success(), "htpasswd failed");
-    let registry = start_docker_registry(dir.path(), Some(&htpasswd))?;
+    let registry = start_docker_registry_with_password(dir.path(), USER, PASSWORD)?;
     let empty_docker_config = dir.path().join("no-docker-config");
     fs::create_dir(&empty_docker_config)?;
     Ok(Setup {

@@ -318,14 +318,7 @@ fn busybox_layer(work: &Path) -> Result<PathBuf> {
 
 /// `dir/what` archived as `tar` (numeric owners); `dir` removed.
 fn tar(dir: &Path, tar: &Path, what: &str) -> Result<PathBuf> {
-    common::run(
-        Command::new("tar")
-            .args(["--numeric-owner", "-C"])
-            .arg(dir)
-            .arg("-cf")
-            .arg(tar)
-            .arg(what),
-    )?;
+    common::tar_of(dir, what, tar)?;
     std::fs::remove_dir_all(dir)?;
     Ok(tar.to_path_buf())
 }

@@ -24,7 +24,6 @@ mod daemon;
 mod image;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use admin::{cli_json, entry, evicted_keys, layer};
@@ -34,7 +33,6 @@ use cri::{Credentials, Cri, Pod};
 use daemon::Daemon;
 use image::{
     BIG_FILE_MIB, PYTHON, big_files_layer, fetched, push_converted_with, push_layout, push_plain,
-    tar_of,
 };
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{HostOptions, RegistryOptions};
@@ -54,7 +52,13 @@ const PASSWORD: &str = "pull-secret-7f3a";
 fn privileged_vm_cri_pods_run_lazily_with_the_kubelets_credentials() -> Result<()> {
     let scratch = common::scratch()?;
     let work = scratch.path();
-    let registry = password_registry(work)?;
+    let registry_dir = work.join("registry");
+    std::fs::create_dir_all(&registry_dir)?;
+    let registry = lazy_erofs_test_support::start_docker_registry_with_password(
+        &registry_dir,
+        USER,
+        PASSWORD,
+    )?;
     let mut push = RegistryOptions::insecure(&registry.host);
     push.hosts
         .insert(registry.host.clone(), HostOptions::basic(USER, PASSWORD));
@@ -284,21 +288,6 @@ fn overlayfs_cold_start(
     Ok(first_output)
 }
 
-/// docker-registry on loopback wanting [`USER`]'s password for everything.
-fn password_registry(work: &Path) -> Result<DockerRegistry> {
-    let dir = work.join("registry");
-    std::fs::create_dir_all(&dir)?;
-    let htpasswd = dir.join("htpasswd");
-    common::run(
-        Command::new("htpasswd")
-            .arg("-Bbc")
-            .arg(&htpasswd)
-            .args([USER, PASSWORD]),
-    )
-    .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
-    lazy_erofs_test_support::start_docker_registry(&dir, Some(&htpasswd))
-}
-
 /// A pause image as an ordinary image (one uncompressed tar layer): busybox sleeping.
 /// Returns its reference under [`MIRRORED`].
 fn push_pause(work: &Path, options: &RegistryOptions, host: &str) -> Result<String> {
@@ -307,7 +296,7 @@ fn push_pause(work: &Path, options: &RegistryOptions, host: &str) -> Result<Stri
     std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
         .context("/bin/busybox (busybox-static)")?;
     let tar = work.join("pause.tar");
-    tar_of(&dir, "./bin", &tar)?;
+    common::tar_of(&dir, "./bin", &tar)?;
     let reference = format!("{MIRRORED}/pause:1");
     let layout_dir = work.join("pause-layout");
     std::fs::create_dir_all(&layout_dir)?;

@@ -6,17 +6,16 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use lazy_erofs_image::blob::{BlobError, BlobReader};
 use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::{
     HostOptions, Registry, RegistryBlob, RegistryOptions, parse_reference,
 };
 
-use lazy_erofs_test_support::start_docker_registry;
+use lazy_erofs_test_support::{start_docker_registry, start_docker_registry_with_password};
 
 fn start_registry(dir: &Path) -> Result<lazy_erofs_test_support::DockerRegistry> {
     start_docker_registry(dir, None)
@@ -108,15 +107,7 @@ fn unknown_image_is_a_clear_error() -> Result<()> {
 #[test]
 fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let htpasswd = dir.path().join("htpasswd");
-    let status = Command::new("htpasswd")
-        .args(["-Bbc"])
-        .arg(&htpasswd)
-        .args(["tester", "s3cret"])
-        .status()
-        .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
-    ensure!(status.success(), "htpasswd failed");
-    let registry_proc = start_docker_registry(dir.path(), Some(&htpasswd))?;
+    let registry_proc = start_docker_registry_with_password(dir.path(), "tester", "s3cret")?;
     let dst = common::converted_layout(dir.path())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -157,15 +148,7 @@ fn basic_auth_push_works_and_anonymous_push_is_refused() -> Result<()> {
 #[test]
 fn provided_credentials_open_a_password_mirror() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let htpasswd = dir.path().join("htpasswd");
-    let status = Command::new("htpasswd")
-        .args(["-Bbc"])
-        .arg(&htpasswd)
-        .args(["puller", "s3cret"])
-        .status()
-        .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
-    ensure!(status.success(), "htpasswd failed");
-    let registry_proc = start_docker_registry(dir.path(), Some(&htpasswd))?;
+    let registry_proc = start_docker_registry_with_password(dir.path(), "puller", "s3cret")?;
     let dst = common::converted_layout(dir.path())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -195,6 +195,27 @@ pub fn start_docker_registry(
     start_docker_registry_with_auth(dir, &auth)
 }
 
+/// Starts docker-registry with its storage under `dir`, wanting `user`'s `password`
+/// (basic auth, an htpasswd file made by `htpasswd -B`) for every request.
+pub fn start_docker_registry_with_password(
+    dir: &Path,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<DockerRegistry> {
+    use anyhow::Context;
+    let htpasswd = dir.join("htpasswd");
+    let status = Command::new("htpasswd")
+        .arg("-Bbc")
+        .arg(&htpasswd)
+        .args([user, password])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("htpasswd (apache2-utils, installed by packaging/setup.sh)")?;
+    anyhow::ensure!(status.success(), "htpasswd failed: {status}");
+    start_docker_registry(dir, Some(&htpasswd))
+}
+
 /// Starts docker-registry with its storage under `dir` and `auth` as its config's
 /// `auth:` section (YAML; empty for none).
 pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result<DockerRegistry> {

@@ -56,6 +56,17 @@ pub fn oci_layout(work: &Path, tars: &[PathBuf], cmd: &[&str], image: &str) -> R
     Ok(src)
 }
 
+/// A layer tar at `tar` of `entry` under `dir`, owners by number.
+pub fn tar_of(dir: &Path, entry: &str, tar: &Path) -> Result<()> {
+    run(Command::new("tar")
+        .args(["--numeric-owner", "-C"])
+        .arg(dir)
+        .arg("-cf")
+        .arg(tar)
+        .arg(entry))?;
+    Ok(())
+}
+
 /// Converts the OCI layout `src` into a lazy one at `dst` (linux/amd64, defaults).
 /// Converts layout `src` into layout `dst` for `image` (the reference it is pushed as:
 /// the config binds the lazy layers to its repository).

@@ -38,26 +38,13 @@ pub fn big_files_layer(work: &Path) -> Result<BigFiles> {
     let big_hash = write("big.bin", BIG_FILE_MIB, 0x1a2e)?;
     let late_hash = write("late.bin", LATE_FILE_MIB, 0x1a7e)?;
     let tar = work.join("big.tar");
-    tar_of(&dir, "./data", &tar)?;
+    common::tar_of(&dir, "./data", &tar)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(BigFiles {
         tar,
         big_hash,
         late_hash,
     })
-}
-
-/// A layer tar at `tar` of `entry` under `dir`, owners by number.
-pub fn tar_of(dir: &Path, entry: &str, tar: &Path) -> Result<()> {
-    common::run(
-        Command::new("tar")
-            .args(["--numeric-owner", "-C"])
-            .arg(dir)
-            .arg("-cf")
-            .arg(tar)
-            .arg(entry),
-    )?;
-    Ok(())
 }
 
 /// The Debian + python3 layers plus `extra`, converted for `image` (the name it is
