@@ -43,8 +43,8 @@ LAZY_EROFS_KERNEL=$kernel bash packaging/testvm/selftest.sh
 stage "test VM: privileged_vm_* tests"
 archive=$LAZY_EROFS_CACHE/vm-tests.tar.zst
 cargo nextest archive --workspace --locked --archive-file "$archive"
-# Extracted on the scratch disk: the guest's /tmp is RAM.
-packaging/testvm/run.sh --kernel "$kernel" -- bash -c 'mkdir -p /scratch/nextest-archive && exec "$@"' - \
+# Extracted on the scratch disk: the guest's /tmp is RAM. About 30 min under TCG.
+packaging/testvm/run.sh --timeout 3000 --kernel "$kernel" -- bash -c 'mkdir -p /scratch/nextest-archive && exec "$@"' - \
     cargo nextest run --profile vm --archive-file "$archive" --workspace-remap "$checkout" \
     --extract-to /scratch/nextest-archive
 

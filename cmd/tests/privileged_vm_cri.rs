@@ -93,7 +93,13 @@ fn privileged_vm_cri_pods_run_lazily_with_the_kubelets_credentials() -> Result<(
         containerd = containerd_dir.join("containerd.sock").display(),
     );
     let daemon = Daemon::start_with(&work.join("snapshotter"), &config)?;
-    let cri_toml = cri_config(&containerd_dir, &registry, &pause, "lazy-erofs")?;
+    let cri_toml = cri::plugin_config(
+        &containerd_dir,
+        MIRRORED,
+        &registry.host,
+        &pause,
+        "lazy-erofs",
+    )?;
     let containerd = Containerd::start_cri(&containerd_dir, &daemon.socket, &cri_toml)?;
     let logs = || format!("{}\n{}", containerd.log(), daemon.log());
     let mut cri = Cri::connect_with_image_endpoint(&containerd.address, &proxy)?;
@@ -272,7 +278,7 @@ fn overlayfs_cold_start(
     secret: &Credentials,
 ) -> Result<Duration> {
     let dir = work.join("containerd-overlayfs");
-    let cri_toml = cri_config(&dir, registry, pause, "overlayfs")?;
+    let cri_toml = cri::plugin_config(&dir, MIRRORED, &registry.host, pause, "overlayfs")?;
     // Its proxy plugin entry names a socket nobody serves: this node never uses it.
     let containerd = Containerd::start_cri(&dir, &work.join("none.sock"), &cri_toml)?;
     let mut cri = Cri::connect(&containerd.address)?;
@@ -308,38 +314,4 @@ fn push_pause(work: &Path, options: &RegistryOptions, host: &str) -> Result<Stri
     )?;
     push_layout(options, &layout, &format!("{host}/pause:1"))?;
     Ok(reference)
-}
-
-/// The CRI plugin's settings as a node running lazy-erofs has them (README
-/// "Kubernetes"), with `snapshotter`, plus what the VM needs: no CNI (host-network
-/// pods), the mirror's `hosts.toml` under `dir`.
-fn cri_config(
-    dir: &Path,
-    registry: &DockerRegistry,
-    pause: &str,
-    snapshotter: &str,
-) -> Result<String> {
-    let hosts = dir.join("certs.d").join(MIRRORED);
-    std::fs::create_dir_all(&hosts)?;
-    std::fs::write(
-        hosts.join("hosts.toml"),
-        format!(
-            "server = \"http://{MIRRORED}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            registry.host
-        ),
-    )?;
-    Ok(format!(
-        r#"[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{pause}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "{snapshotter}"
-    disable_snapshot_annotations = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    conf_dir = "{cni}"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{certs}"
-"#,
-        cni = dir.join("cni").display(),
-        certs = dir.join("certs.d").display(),
-    ))
 }

@@ -299,8 +299,9 @@ pub struct LazyLayerSpec {
 }
 
 /// Credentials a client gave for pulls from one registry (a kubelet's pull secret, via
-/// the CRI image proxy). They live in the supervisor's memory and reach the fetcher with
-/// the blobs of that registry; never written to disk, never logged.
+/// the CRI image proxy). They live in the supervisor's memory (and a root-only file the
+/// proxy keeps for restarts) and reach the fetcher with the blobs of that registry;
+/// never logged.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryCredentials {

@@ -86,10 +86,15 @@ impl BlobTable {
         let BlobSpec::Registry(layer) = spec else {
             return None;
         };
+        self.registry_credentials(registry_of(&layer.image))
+    }
+
+    /// The credentials given for `registry`, if any.
+    pub fn registry_credentials(&self, registry: &str) -> Option<RegistryCredentials> {
         self.credentials
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(registry_of(&layer.image))
+            .get(registry)
             .cloned()
     }
 

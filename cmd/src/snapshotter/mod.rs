@@ -104,9 +104,11 @@ fn open_snapshotter(
     let observer = Arc::new(StatsObserver(stats.clone()));
     let registry = Arc::new(Registry::new(&config.registry).with_observer(observer));
     let name = backend.name();
-    let pull_credentials = Arc::new(PullCredentials::new(
+    // Before the supervisor starts: restored fetchers need them for their first reads.
+    let pull_credentials = Arc::new(PullCredentials::with_file(
         registry.clone(),
         backend.blobs().cloned(),
+        root.join(cri::CREDENTIALS_FILE),
     ));
     let snapshotter = OverlaySnapshotter::open_lazy(root, backend, registry)
         .with_context(|| format!("opening snapshotter root {}", root.display()))?;

@@ -429,11 +429,33 @@ pub fn mount_snapshot(
 /// A one-layer image of a 2 MiB `/data/x` converted for `image` and pushed to
 /// `push_host` (the same repository); the remote-snapshot labels of its layer.
 pub async fn pushed(work: &Path, image: &str, push_host: &str) -> Result<HashMap<String, String>> {
+    pushed_with(
+        work,
+        image,
+        push_host,
+        &RegistryOptions::insecure(push_host),
+    )
+    .await
+}
+
+/// The bytes of [`pushed`]'s `/data/x` for `image`.
+pub fn pushed_file(image: &str) -> Vec<u8> {
+    let name = image.replace(['/', ':'], "_");
+    lazy_erofs_test_support::pseudo_random(2 << 20, name.len() as u64 * 2)
+}
+
+/// [`pushed`] with `options` (credentials) for the registry.
+pub async fn pushed_with(
+    work: &Path,
+    image: &str,
+    push_host: &str,
+    options: &RegistryOptions,
+) -> Result<HashMap<String, String>> {
     let name = image.replace(['/', ':'], "_");
     let dir = work.join(&name);
     std::fs::create_dir_all(&dir)?;
     let tar = dir.join("layer.tar");
-    let bytes = lazy_erofs_test_support::pseudo_random(2 << 20, name.len() as u64 * 2);
+    let bytes = pushed_file(image);
     std::fs::write(
         &tar,
         lazy_erofs_test_support::layer_tar(&[("data/x", &bytes)])?,
@@ -442,7 +464,7 @@ pub async fn pushed(work: &Path, image: &str, push_host: &str) -> Result<HashMap
     let dst = dir.join("dst");
     convert(&src, &dst, image)?;
     let path = image.split_once('/').context("image")?.1;
-    let client = Registry::new(&RegistryOptions::insecure(push_host));
+    let client = Registry::new(options);
     client
         .push_layout(&dst, &format!("{push_host}/{path}"))
         .await?;

@@ -270,3 +270,38 @@ pub fn wait_output(pod: &Pod, name: &str, timeout: Duration) -> Result<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The CRI plugin's settings as a node running lazy-erofs has them (README
+/// "Kubernetes"), with `snapshotter`, plus what a test needs: no CNI (host-network
+/// pods), and a `hosts.toml` under `dir` sending pulls of registry `name` to the
+/// registry at `registry_host` over plain HTTP.
+pub fn plugin_config(
+    dir: &Path,
+    name: &str,
+    registry_host: &str,
+    sandbox_image: &str,
+    snapshotter: &str,
+) -> Result<String> {
+    let hosts = dir.join("certs.d").join(name);
+    std::fs::create_dir_all(&hosts)?;
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!(
+            "server = \"http://{name}\"\n\n[host.\"http://{registry_host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )?;
+    Ok(format!(
+        r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{snapshotter}"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"#,
+        cni = dir.join("cni").display(),
+        certs = dir.join("certs.d").display(),
+    ))
+}
