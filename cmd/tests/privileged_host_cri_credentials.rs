@@ -15,6 +15,7 @@ mod daemon;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use containerd::Containerd;
@@ -60,11 +61,11 @@ fn privileged_host_cri_pull_secret_outlives_a_snapshotter_restart() -> Result<()
         containerd = containerd_dir.join("containerd.sock").display(),
     );
     let mut daemon = Daemon::start_with(&root, &config)?;
-    ensure!(
-        daemon.log().contains("backend fanotify"),
-        "{}",
-        daemon.log()
-    );
+    // The log is written behind the daemon: the line may follow its socket.
+    common::wait_until("the backend in the log", Duration::from_secs(10), || {
+        daemon.log().contains("backend fanotify")
+    })
+    .with_context(|| daemon.log())?;
     let plugin = cri::plugin_config(
         &containerd_dir,
         &registry.host,
