@@ -41,28 +41,32 @@ stage "test VM: run.sh contract"
 LAZY_EROFS_KERNEL=$kernel bash packaging/testvm/selftest.sh
 
 stage "test VM: privileged_vm_* tests"
+# The test binaries are archived and unpacked on the host, outside the target dir (so a
+# build beside a VM run cannot swap them), and the guest runs them from there over the
+# read-only share: unpacking in the guest took 5-9 min per boot under emulation.
 archive=$LAZY_EROFS_CACHE/vm-tests.tar.zst
-cargo nextest archive --workspace --locked --archive-file "$archive"
-# Extracted on the scratch disk: the guest's /tmp is RAM. About 30 min under TCG.
-packaging/testvm/run.sh --timeout 3000 --kernel "$kernel" -- bash -c 'mkdir -p /scratch/nextest-archive && exec "$@"' - \
-    cargo nextest run --profile vm --archive-file "$archive" --workspace-remap "$checkout" \
-    --extract-to /scratch/nextest-archive
+tests=$LAZY_EROFS_CACHE/vm-tests
+cargo nextest archive --workspace --locked --zstd-level 1 --archive-file "$archive"
+rm -rf "$tests" && mkdir -p "$tests" && tar --zstd -xf "$archive" -C "$tests"
+vm_nextest() { # run.sh options... -- nextest profile
+    local opts=()
+    while [ "$1" != -- ]; do opts+=("$1"); shift; done
+    packaging/testvm/run.sh "${opts[@]}" -- cargo nextest run --profile "$2" \
+        --binaries-metadata "$tests/target/nextest/binaries-metadata.json" \
+        --cargo-metadata "$tests/target/nextest/cargo-metadata.json" \
+        --target-dir-remap "$tests/target" --workspace-remap "$checkout"
+}
+vm_nextest --timeout 3000 --kernel "$kernel" -- vm
 
 stage "test VM with systemd as PID 1: the packaged unit restarted under readers"
-packaging/testvm/run.sh --init systemd --kernel "$kernel" -- bash -c 'mkdir -p /scratch/nextest-archive && exec "$@"' - \
-    cargo nextest run --profile vm-systemd --archive-file "$archive" --workspace-remap "$checkout" \
-    --extract-to /scratch/nextest-archive
+vm_nextest --init systemd --kernel "$kernel" -- vm-systemd
 
 stage "test VM 7.3 (no fscache): the fanotify backend's tests on that kernel"
 kernel7=$(LAZY_EROFS_KERNEL_SERIES=7 packaging/testvm/kernel.sh)
 echo "kernel: $kernel7"
-packaging/testvm/run.sh --kernel-series 7 --kernel "$kernel7" -- bash -c 'mkdir -p /scratch/nextest-archive && exec "$@"' - \
-    cargo nextest run --profile vm7 --archive-file "$archive" --workspace-remap "$checkout" \
-    --extract-to /scratch/nextest-archive
+vm_nextest --kernel-series 7 --kernel "$kernel7" -- vm7
 
 stage "test VM 7.3 with systemd as PID 1: the fanotify backend restarted under readers"
-packaging/testvm/run.sh --init systemd --kernel-series 7 --kernel "$kernel7" -- bash -c 'mkdir -p /scratch/nextest-archive && exec "$@"' - \
-    cargo nextest run --profile vm7-systemd --archive-file "$archive" --workspace-remap "$checkout" \
-    --extract-to /scratch/nextest-archive
+vm_nextest --init systemd --kernel-series 7 --kernel "$kernel7" -- vm7-systemd
 
 stage "all tests passed"

@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 fn check(args: &[&str]) -> Result<(Option<i32>, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+    let out = Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
         .arg("check")
         .args(args)
         .output()

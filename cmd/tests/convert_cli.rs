@@ -33,7 +33,7 @@ fn convert_with(
     repository: Option<&str>,
     args: &[&str],
 ) -> Result<(Option<i32>, String, String)> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"));
+    let mut command = Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"));
     command.arg("convert").arg(src).arg(dst).args(args);
     if let Some(repository) = repository {
         command.args(["--repository", repository]);

@@ -48,7 +48,7 @@ fn authorized_options(host: &str) -> RegistryOptions {
 }
 
 fn convert(args: &[&str], docker_config: &Path) -> Result<(Option<i32>, String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+    let out = Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
         .arg("convert")
         .args(args)
         .env("DOCKER_CONFIG", docker_config)

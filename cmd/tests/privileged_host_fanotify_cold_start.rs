@@ -161,7 +161,7 @@ async fn privileged_host_fanotify_layers_above_the_first_prepared_are_mounted_ah
     ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");
     let mounted = || -> Result<Vec<String>> {
         let status = common::run(
-            std::process::Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+            std::process::Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
                 .args(["status", "--json", "--address"])
                 .arg(&daemon.socket),
         )?;

@@ -41,7 +41,7 @@ fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_read
         "# what the container below reads\n/usr/share/zoneinfo\n/usr/bin/bash\n/usr/share/no-such-thing\n",
     )?;
     common::run(
-        Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+        Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
             .arg("convert")
             .arg(&src)
             .arg(&dst)
@@ -150,7 +150,7 @@ fn privileged_vm_lazy_prefetch_listed_paths_are_cached_before_the_container_read
 
     // What was read: the listed files, the unlisted ones the control container read,
     // not a file nobody opened.
-    let recorded = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+    let recorded = Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
         .args(["record-startup", "--image", &image, "--address"])
         .arg(&daemon.socket)
         .output()?;

@@ -5,7 +5,7 @@ use std::process::Command;
 use anyhow::Result;
 
 fn serve(args: &[&str]) -> Result<(Option<i32>, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+    let out = Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
         .arg("serve")
         .args(args)
         .output()?;

@@ -208,12 +208,13 @@ async fn bad_requests_get_the_right_codes_and_the_daemon_keeps_serving() -> Resu
 async fn a_second_daemon_on_a_live_socket_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let first = Daemon::start(&dir.path().join("root"))?;
-    let second = std::process::Command::new(env!("CARGO_BIN_EXE_lazy-erofs-snapshotter"))
-        .arg("--root")
-        .arg(dir.path().join("root"))
-        .arg("--address")
-        .arg(&first.socket)
-        .output()?;
+    let second =
+        std::process::Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs-snapshotter"))
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--address")
+            .arg(&first.socket)
+            .output()?;
     assert_eq!(second.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(

@@ -257,6 +257,19 @@ pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result
     Ok(registry)
 }
 
+/// The path of one of the workspace's binaries, e.g. `bin_exe!("lazy-erofs")`. Read at run
+/// time first: nextest sets `NEXTEST_BIN_EXE_<name>` to the copy it runs tests from (an
+/// unpacked archive in the VM), while the compiled-in path is the shared target dir,
+/// which a build beside the run can replace under it.
+#[macro_export]
+macro_rules! bin_exe {
+    ($name:literal) => {
+        std::env::var_os(concat!("NEXTEST_BIN_EXE_", $name))
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!(concat!("CARGO_BIN_EXE_", $name))))
+    };
+}
+
 /// The checkout the running test belongs to. Read at run time: cargo and nextest set
 /// `CARGO_MANIFEST_DIR` for the test's own crate (nextest remaps it for an archive run
 /// in the VM), while the compile-time value can name another checkout whose build the

@@ -224,7 +224,7 @@ impl Serve {
         let run_dir = work.join("run");
         // Not created here: serve creates a missing cache directory itself.
         let stderr_log = work.join("serve.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"));
+        let mut cmd = Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"));
         cmd.arg("serve")
             .arg("--cache-dir")
             .arg(&cache)

@@ -13,7 +13,7 @@ use serde_json::Value;
 /// `lazy-erofs ARGS --address SOCKET --json`, parsed.
 pub fn cli_json(socket: &Path, args: &[&str]) -> Result<Value> {
     let out = crate::common::run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+        std::process::Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
             .args(args)
             .arg("--address")
             .arg(socket)

@@ -171,7 +171,7 @@ disabled_plugins = [{disabled}]
     /// the command's stdout.
     pub fn lazy_pull(&self, image: &str) -> Result<String> {
         let host = image.split('/').next().unwrap_or_default();
-        let out = Command::new(env!("CARGO_BIN_EXE_lazy-erofs"))
+        let out = Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
             .arg("pull")
             .arg("--address")
             .arg(&self.address)

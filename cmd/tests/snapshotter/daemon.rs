@@ -63,7 +63,7 @@ impl Daemon {
             &config_file,
             format!("{metrics}[snapshotter]\nfscache_tag = \"{tag}\"\n{config}"),
         )?;
-        let child = Command::new(env!("CARGO_BIN_EXE_lazy-erofs-snapshotter"))
+        let child = Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs-snapshotter"))
             .arg("--config")
             .arg(&config_file)
             .arg("--root")

@@ -68,7 +68,7 @@ impl Service {
             format!(
                 "[Service]\nExecStart=\nExecStart={bin} --config {config} --root {root} --address {socket}\n\
                  Environment=RUST_LOG=info\nStandardError=append:{log}\n",
-                bin = env!("CARGO_BIN_EXE_lazy-erofs-snapshotter"),
+                bin = lazy_erofs_test_support::bin_exe!("lazy-erofs-snapshotter").display(),
                 config = config_file.display(),
                 root = root.display(),
                 socket = socket.display(),
