@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use util::{mb_per_s, read_all};
+use util::{mb_per_s, read_all, registry_get_mb_s};
 
 const IMAGE_MIB: usize = 256;
 
@@ -42,55 +42,6 @@ fn page_read_latency(path: &Path) -> Result<(f64, f64)> {
     took.sort();
     let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
     Ok((at(0.5), at(0.99)))
-}
-
-/// The largest file under `dir` (the registry's copy of the layer blob) and its size.
-fn largest_file(dir: &Path) -> Result<(std::path::PathBuf, u64)> {
-    let mut best = (dir.to_path_buf(), 0);
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let found = if entry.file_type()?.is_dir() {
-            largest_file(&entry.path())?
-        } else {
-            (entry.path(), entry.metadata()?.len())
-        };
-        if found.1 > best.1 {
-            best = found;
-        }
-    }
-    Ok(best)
-}
-
-/// What the registry alone delivers here: one GET of the whole layer blob with the page
-/// cache dropped (MB/s), by curl.
-fn registry_get_mb_s(work: &Path, image: &fanotify::Image) -> Result<f64> {
-    let (data, size) = largest_file(&work.join("registry"))?;
-    let digest = data
-        .parent()
-        .and_then(Path::file_name)
-        .and_then(|d| d.to_str())
-        .context("blob path")?;
-    let repo = image
-        .reference
-        .strip_prefix(&format!("{}/", image.registry.host))
-        .and_then(|r| r.split(':').next())
-        .context("repository")?;
-    let url = format!(
-        "http://{}/v2/{repo}/blobs/sha256:{digest}",
-        image.registry.host
-    );
-    common::drop_caches()?;
-    let start = Instant::now();
-    let out = std::process::Command::new("curl")
-        .args(["-sf", "-o", "/dev/null", "-w", "%{size_download}", &url])
-        .output()?;
-    let took = start.elapsed();
-    let got: u64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    ensure!(got == size, "curl {url}: {got} of {size} bytes");
-    Ok(mb_per_s(size, took))
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {

@@ -4,9 +4,13 @@
 //! Same image, same VM run: cold sequential read through the lazy mount vs the same
 //! image mounted file-backed (the limit); warm re-read after drop_caches vs the limit;
 //! READ round trip p50/p99; fetcher kill → first completed READ p50/p99; fetcher RSS.
+//! Then the same file as a lazy layer converted with 1 MiB, 4 KiB and 4 MiB chunks, read
+//! cold from a `docker-registry` in the VM (every byte verified), traced.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/fanotify/mod.rs"]
+mod fanotify;
 #[path = "util/mod.rs"]
 mod util;
 
@@ -173,6 +177,40 @@ fn main() -> Result<()> {
              lazy_mb_s={lazy:.1} limit_mb_s={limit:.1} ratio={:.2}",
             lazy / limit
         );
+    }
+    registry_rows(work.path(), limit)
+}
+
+/// Cold reads of the file as a converted lazy layer served from a registry in the VM, at
+/// the default chunk size, the smallest and a large one, each on a fresh cache, traced.
+/// Under emulation the registry itself is slow: its own speed is printed beside.
+fn registry_rows(work: &Path, limit: f64) -> Result<()> {
+    for chunk_kib in [1024u32, 4, 4096] {
+        let dir = work.join(format!("registry-{chunk_kib}k"));
+        fs::create_dir_all(&dir)?;
+        let image = fanotify::pushed_image_chunked(&dir, 1, IMAGE_MIB << 20, chunk_kib << 10)?;
+        let name = &image.files[0].0;
+        let serve_dir = dir.join("lazy");
+        fs::create_dir_all(&serve_dir)?;
+        let log = Some("info,read_trace=debug");
+        let serve = fanotify::serve_on("cachefiles", &serve_dir, &image, None, true, &[], log)?;
+        common::drop_caches()?;
+        let (got, took) = read_all(&fanotify::path(&serve_dir, name))?;
+        ensure!(
+            got == image.files[0].1.len() as u64,
+            "{chunk_kib} KiB chunks: read {got} bytes"
+        );
+        let trace = serve.log();
+        serve.stop()?;
+        let registry_alone = util::registry_get_mb_s(&dir, &image)?;
+        let what = format!("backend=cachefiles source=registry chunk_kib={chunk_kib} readahead=on");
+        let lazy = mb_per_s(got, took);
+        println!(
+            "cold_read {what} lazy_mb_s={lazy:.1} limit_mb_s={limit:.1} ratio={:.2} \
+             registry_mb_s={registry_alone:.1}",
+            lazy / limit
+        );
+        println!("{}", util::trace_breakdown(&trace, &what));
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 /// Reads `path` to the end in 1 MiB reads: (bytes, time taken).
 pub fn read_all(path: &Path) -> Result<(u64, Duration)> {
@@ -67,4 +67,53 @@ pub fn trace_breakdown(log: &str, what: &str) -> String {
         out += &format!(" {stage}_ms={ms:.1}");
     }
     out
+}
+
+/// The largest file under `dir` (the registry's copy of the layer blob) and its size.
+pub fn largest_file(dir: &Path) -> Result<(std::path::PathBuf, u64)> {
+    let mut best = (dir.to_path_buf(), 0);
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let found = if entry.file_type()?.is_dir() {
+            largest_file(&entry.path())?
+        } else {
+            (entry.path(), entry.metadata()?.len())
+        };
+        if found.1 > best.1 {
+            best = found;
+        }
+    }
+    Ok(best)
+}
+
+/// What the registry alone delivers here: one GET of the whole layer blob with the page
+/// cache dropped (MB/s), by curl.
+pub fn registry_get_mb_s(work: &Path, image: &crate::fanotify::Image) -> Result<f64> {
+    let (data, size) = largest_file(&work.join("registry"))?;
+    let digest = data
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|d| d.to_str())
+        .context("blob path")?;
+    let repo = image
+        .reference
+        .strip_prefix(&format!("{}/", image.registry.host))
+        .and_then(|r| r.split(':').next())
+        .context("repository")?;
+    let url = format!(
+        "http://{}/v2/{repo}/blobs/sha256:{digest}",
+        image.registry.host
+    );
+    crate::common::drop_caches()?;
+    let start = Instant::now();
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "-w", "%{size_download}", &url])
+        .output()?;
+    let took = start.elapsed();
+    let got: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    anyhow::ensure!(got == size, "curl {url}: {got} of {size} bytes");
+    Ok(mb_per_s(size, took))
 }

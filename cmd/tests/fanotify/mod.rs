@@ -112,6 +112,19 @@ pub fn serve_with(
     args: &[String],
     log: Option<&str>,
 ) -> Result<Serve> {
+    serve_on("fanotify", work, image, throttle, resend, args, log)
+}
+
+/// [`serve_with`] on another `--backend` (the cachefiles benchmark in the test VM).
+pub fn serve_on(
+    backend: &str,
+    work: &Path,
+    image: &Image,
+    throttle: Option<&str>,
+    resend: bool,
+    args: &[String],
+    log: Option<&str>,
+) -> Result<Serve> {
     let mut options = ServeOptions::blob("", Path::new(""));
     options.log = log;
     options.blobs.clear();
@@ -119,7 +132,7 @@ pub fn serve_with(
     options.no_restore = !resend;
     options.extra_args = vec![
         "--backend".into(),
-        "fanotify".into(),
+        backend.into(),
         "--image".into(),
         image.reference.clone(),
         "--insecure".into(),
