@@ -201,7 +201,7 @@ fn main() -> Result<()> {
             let serve_dir = dir.join(format!("lazy-{readahead}"));
             fs::create_dir_all(&serve_dir)?;
             let log = Some("info,read_trace=debug");
-            let serve = fanotify::serve_with(&serve_dir, image, None, true, &args, log)?;
+            let serve = fanotify::serve_on("fanotify", &serve_dir, image, None, true, &args, log)?;
             common::drop_caches()?;
             let (lazy_bytes, took) = read_all(&fanotify::path(&serve_dir, name))?;
             ensure!(

@@ -100,22 +100,11 @@ pub fn pushed_image_with(
 
 /// `serve --backend fanotify` of `image` with layers under `work/mnt`.
 pub fn serve(work: &Path, image: &Image, throttle: Option<&str>, resend: bool) -> Result<Serve> {
-    serve_with(work, image, throttle, resend, &[], None)
+    serve_on("fanotify", work, image, throttle, resend, &[], None)
 }
 
-/// [`serve`] with more arguments (e.g. `--config FILE`) and a `RUST_LOG`.
-pub fn serve_with(
-    work: &Path,
-    image: &Image,
-    throttle: Option<&str>,
-    resend: bool,
-    args: &[String],
-    log: Option<&str>,
-) -> Result<Serve> {
-    serve_on("fanotify", work, image, throttle, resend, args, log)
-}
-
-/// [`serve_with`] on another `--backend` (the cachefiles benchmark in the test VM).
+/// [`serve`] on `backend` (the cachefiles benchmark in the test VM runs it too), with
+/// more arguments (e.g. `--config FILE`) and a `RUST_LOG`.
 pub fn serve_on(
     backend: &str,
     work: &Path,
