@@ -51,12 +51,16 @@ impl Default for CriConfig {
 pub struct FetchConfig {
     /// Bytes fetched ahead of a reader walking forward through a layer; 0: off.
     pub readahead: u64,
+    /// Start-up regions wait while a layer's metadata is read (see the fetcher).
+    pub startup_yields: bool,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
+        let fetcher = lazy_erofs_ondemand::fetcher::FetcherConfig::default();
         Self {
-            readahead: lazy_erofs_ondemand::fetcher::FetcherConfig::default().readahead,
+            readahead: fetcher.readahead,
+            startup_yields: fetcher.startup_yields,
         }
     }
 }

@@ -95,7 +95,7 @@ read_trace() {
 
 # Warm starts, both images on one node: each run once (cold), then runs alternating
 # overlayfs and lazy-erofs, the median of each (single runs under TCG vary by ±0.3 s).
-# WARM_ONLY=1 stops after this.
+# WARM_ONLY=1 stops after this, SKIP_WARM=1 skips it.
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 warm_compare() {
     local runs=${WARM_RUNS:-7} i o=() l=()
@@ -115,7 +115,7 @@ warm_compare() {
     echo "warm_start runs=$runs lazy_ms=$warm_lazy overlay_ms=$warm_overlay" \
         "ratio=$(awk "BEGIN { printf \"%.2f\", $warm_lazy / $warm_overlay }")"
 }
-warm_compare
+[ "${SKIP_WARM:-0}" = 1 ] || warm_compare
 [ "${WARM_ONLY:-0}" = 1 ] && exit 0
 
 # The start-up set: one cold run of the lazy image, then the files it read
@@ -138,9 +138,14 @@ step "start-up set: $recorded; pushed $startup"
 printf '\n| profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | floor (all local, page cache dropped) | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|---|\n' >"$work/table.md"
 # label|rate|one-way delay (netem on both ends: RTT is twice the delay)|order of the
 # lazy runs (the second lazy run of a profile measured slower whatever its setting, so
-# readahead on and the start-up image each go first once)
-for profile in "unshaped|||startup on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|on startup off"; do
+# readahead on and the start-up image each go first once). "eager" is the start-up
+# image with its regions fetched as each layer opens (`startup_yields = false`, as
+# before they gave way to the mounts). SETTINGS="…" runs those settings in every
+# profile instead; PROFILES=unshaped|shaped runs only that one.
+for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|eager startup on off"; do
     IFS='|' read -r label rate delay order <<<"$profile"
+    case "${PROFILES:-both}:$rate" in unshaped:?* | shaped:) continue ;; esac
+    order=${SETTINGS:-$order}
     if [ -z "$rate" ]; then shape none; else shape "$rate" "$delay"; fi
 
     reset_node
@@ -152,13 +157,21 @@ for profile in "unshaped|||startup on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|o
     overlay_warm=$(run_ms overlayfs "$plain" o-warm)
 
     # lazy-erofs with readahead off (the fetcher before it read ahead), on, and on with
-    # the start-up image, each on a cold node, traced; the floor: the same pull + run
+    # the start-up image (its runs behind the mounts, or eager), each on a cold node,
+    # traced (TRACE_LOG: the snapshotter's RUST_LOG); the floor: the same pull + run
     # again with every chunk it needs already in the cache and the page cache dropped.
     for setting in $order; do
         image=$lazy named="readahead $setting"
-        [ "$setting" = startup ] && image=$startup named="start-up files first"
-        snapshotter_toml=$([ "$setting" = off ] && printf '[fetch]\nreadahead = 0\n' || true)
-        snapshotter_log="info,read_trace=debug"
+        case $setting in
+        startup) image=$startup named="start-up files first" ;;
+        eager) image=$startup named="start-up files first, fetched as layers open" ;;
+        esac
+        case $setting in
+        off) snapshotter_toml=$(printf '[fetch]\nreadahead = 0\n') ;;
+        eager) snapshotter_toml=$(printf '[fetch]\nstartup_yields = false\n') ;;
+        *) snapshotter_toml= ;;
+        esac
+        snapshotter_log=${TRACE_LOG:-info,read_trace=debug}
         reset_node
         log_from=$(($(wc -l <"$work/snapshotter.log") + 1))
         drop_caches

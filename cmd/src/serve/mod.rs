@@ -418,6 +418,7 @@ pub fn fetcher(args: &FetcherArgs) -> Result<()> {
         deadline: options.retry.budget,
         readahead: loaded.fetch.readahead,
         readahead_budget: FetcherConfig::budget_for(loaded.fetch.readahead),
+        startup_yields: loaded.fetch.startup_yields,
         ..FetcherConfig::default()
     };
     child::run(&args.socket, factory, config)?;

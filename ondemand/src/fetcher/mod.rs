@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use futures::{FutureExt, StreamExt};
 use nix::errno::Errno;
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -60,6 +60,9 @@ pub struct FetcherConfig {
     /// walking forward together must not hold unbounded buffers. A readahead past it is
     /// not started (the READ that comes for those bytes fetches them).
     pub readahead_budget: u64,
+    /// Whether start-up runs wait while READs of objects without a start-up region are
+    /// in flight ([`startup`]); false starts them as each object opens.
+    pub startup_yields: bool,
 }
 
 impl FetcherConfig {
@@ -79,6 +82,7 @@ impl Default for FetcherConfig {
             failure_memo: Duration::from_secs(1),
             readahead: 16 << 20,
             readahead_budget: Self::budget_for(16 << 20),
+            startup_yields: true,
         }
     }
 }
@@ -100,8 +104,6 @@ struct Object<O> {
     ahead: ReadAhead,
 }
 
-/// Start-up runs in flight at once per object.
-const STARTUP_FETCHES: usize = 4;
 /// The bytes of one run of whole units fetched ahead of READs (start-up region,
 /// readahead): one range request.
 const RUN_BYTES: u64 = 4 << 20;
@@ -143,6 +145,8 @@ struct Fetcher<K: Kernel> {
     /// Pages in flight ahead of READs over all objects ([`FetcherConfig::readahead_budget`]).
     ahead_budget: Arc<tokio::sync::Semaphore>,
     ahead_budget_pages: usize,
+    /// READs the start-up runs give way to ([`startup`]).
+    foreground: Arc<startup::Foreground>,
 }
 
 /// Serves requests until the device fails (or is closed under us). Runs on the current
@@ -161,6 +165,7 @@ pub async fn serve<K: Kernel>(parts: FetcherParts<K>) -> Result<(), FetcherError
         failures,
         ahead_budget: Arc::new(tokio::sync::Semaphore::new(budget_pages)),
         ahead_budget_pages: budget_pages,
+        foreground: Arc::new(startup::Foreground::new()),
     });
     let (tx, mut rx) = mpsc::channel::<Received<K::Object>>(1024);
     std::thread::Builder::new()
@@ -292,6 +297,7 @@ impl<K: Kernel> Fetcher<K> {
             );
             return;
         };
+        let foreground = Self::is_foreground(&object).then(|| self.foreground.enter());
         let size = object.source.size();
         let end = read.offset.saturating_add(read.len).min(size);
         let chunk = object.unit;
@@ -327,6 +333,7 @@ impl<K: Kernel> Fetcher<K> {
         if let Err(err) = object.anon.complete(read.msg_id) {
             tracing::error!(cookie = %object.cookie, msg = read.msg_id, %err, "READ_COMPLETE failed");
         }
+        drop(foreground);
         // The per-READ trace (`RUST_LOG=…,read_trace=debug`): queued behind other
         // requests, waiting on its units' fetches and writes, completing.
         let us = |d: Duration| d.as_micros() as u64;
@@ -351,57 +358,6 @@ impl<K: Kernel> Fetcher<K> {
             self.parts.stats.record_read_latency(received.elapsed());
             self.parts.stats.first_read_done();
         }
-    }
-
-    /// The fetch of the object's start-up region (the files its image reads as it
-    /// starts, laid out first), to spawn once the object is open: runs of up to
-    /// [`RUN_BYTES`] bytes, one range request each, [`STARTUP_FETCHES`] at a time. A
-    /// READ of a unit joins its run's fetch, or starts it at once if it is still queued.
-    /// Units a previous fetcher wrote are skipped. `None` when there is nothing to fetch.
-    fn fetch_startup(
-        &self,
-        object_id: u32,
-        object: &Arc<Object<K::Object>>,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-        let size = object.source.size();
-        let units = object.source.startup_len().min(size).div_ceil(object.unit);
-        let per_run = (RUN_BYTES / object.unit).max(1);
-        let held = |index: u64| {
-            let start = index * object.unit;
-            object.anon.holds(start, object.unit.min(size - start))
-        };
-        let (mut fetches, mut fetched, mut index) = (Vec::new(), 0, 0);
-        while index < units {
-            if held(index) {
-                index += 1;
-                continue;
-            }
-            let mut len = 1;
-            while len < per_run && index + len < units && !held(index + len) {
-                len += 1;
-            }
-            let (fetch, covered) = self.run(object_id, object, index, len, None);
-            fetches.push(fetch);
-            fetched += covered;
-            index += covered;
-        }
-        if fetches.is_empty() {
-            return None;
-        }
-        let (cookie, stats) = (object.cookie.clone(), self.parts.stats.clone());
-        // Counted once it runs: an object whose copen fails never fetches its region.
-        Some(async move {
-            stats.add(Counter::StartupFetches, fetched);
-            let started = Instant::now();
-            let runs = fetches.len();
-            let failed = futures::stream::iter(fetches)
-                .buffer_unordered(STARTUP_FETCHES)
-                .filter(|result| futures::future::ready(result.is_err()))
-                .count()
-                .await;
-            // A failed unit is fetched again by the READ that needs it.
-            tracing::info!(%cookie, units = fetched, runs, failed, elapsed = ?started.elapsed(), "start-up region fetched");
-        })
     }
 
     /// Drops the fetches registered for an object that never opened (nobody polls them).
@@ -582,6 +538,7 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 
 mod ahead;
 mod memo;
+mod startup;
 
 #[cfg(test)]
 mod fake;

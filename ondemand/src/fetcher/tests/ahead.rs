@@ -173,3 +173,42 @@ async fn a_failed_copen_fetches_and_counts_no_startup_region() {
     );
     let _ = run.finish().await;
 }
+
+/// Start-up runs give way to READs of objects without a start-up region (a layer's
+/// metadata view while the pull mounts it): none starts while such a READ waits on its
+/// source, and they run once it is completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_runs_wait_for_metadata_reads_in_flight() {
+    let mut metadata = FakeSource::new(data(MIB as usize));
+    metadata.delay = Duration::from_millis(400);
+    let metadata = Arc::new(metadata);
+    let mut layer = FakeSource::new(data(4 * MIB as usize));
+    layer.startup = 2 * MIB;
+    let layer = Arc::new(layer);
+    let run = start(
+        &[("metadata", metadata.clone()), ("layer", layer.clone())],
+        &[],
+        FetcherConfig::default(),
+    );
+    assert_eq!(run.open(1, "metadata").await, Ok(MIB));
+    run.script.read(10, 1, 0, 4096);
+    while metadata.reads() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(run.open(2, "layer").await, Ok(4 * MIB));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        layer.reads(),
+        0,
+        "a start-up run started beside a metadata READ in flight"
+    );
+    let answers = run
+        .script
+        .recorder()
+        .wait_until(|a| completes(a).len() == 1 && writes(a).len() == 2)
+        .await;
+    assert_eq!(completes(&answers), [10]);
+    assert_eq!(layer.sorted_calls(), [(0, 2 * MIB as usize)], "one run");
+    assert_eq!(run.stats.get(Counter::StartupFetches), 2);
+    let _ = run.finish().await;
+}
