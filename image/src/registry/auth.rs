@@ -154,7 +154,9 @@ impl Auth {
         }
         let credentials = self.credentials(&host).map_err(Failure::fatal)?;
         let push = matches!(operation, RegistryOperation::Push);
+        let asked = std::time::Instant::now();
         let token = token::negotiate(http, base, endpoint.repository(), push, &credentials).await?;
+        tracing::debug!(%host, elapsed = ?asked.elapsed(), "authorization negotiated");
         let authorization = match (token, credentials) {
             (Some(token), _) => Authorization::Bearer(token),
             (None, Credentials::Basic { username, password }) => {

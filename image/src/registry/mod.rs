@@ -66,6 +66,22 @@ pub struct Registry {
     observer: Option<std::sync::Arc<dyn observe::Observer>>,
 }
 
+/// Compiles the image reference grammar (one large regex, built on first use: 41 ms on
+/// the 2-core build machine, 0.46 s in the emulated test VM) on a background thread, so
+/// that a fresh process's first registry read does not wait for it. A fetcher started
+/// by the snapshotter, or restarted after a crash, calls it before serving.
+pub fn prepare_reference_parser() {
+    let warm = || drop(parse_reference("localhost/prepare:parser"));
+    if std::thread::Builder::new()
+        .name("reference-parser".into())
+        .spawn(warm)
+        .is_err()
+    {
+        // Without a thread the first parse builds it, as it would anyway.
+        tracing::debug!("reference parser not prepared ahead");
+    }
+}
+
 pub fn parse_reference(text: &str) -> Result<Reference, RegistryError> {
     text.parse()
         .map_err(|e: oci_client::ParseError| RegistryError::Reference {

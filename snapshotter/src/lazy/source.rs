@@ -78,8 +78,22 @@ impl LazyBlob {
                     digest: self.digest.clone(),
                 };
                 let (anchor, region_len) = (self.verified_digest.clone(), self.region_len);
+                let asked = std::time::Instant::now();
+                let digest = self.digest.clone();
                 tokio::task::spawn_blocking(move || {
-                    BlobReader::open_region(blob, &anchor, region_len)
+                    let started = std::time::Instant::now();
+                    let reader = BlobReader::open_region(blob, &anchor, region_len);
+                    // Where a lazy mount's first READ waits: the blocking pool, then
+                    // the region's range request, verification and parsing.
+                    tracing::debug!(
+                        target: "read_trace",
+                        %digest,
+                        region_len,
+                        pool_us = (started - asked).as_micros() as u64,
+                        open_us = started.elapsed().as_micros() as u64,
+                        "region"
+                    );
+                    reader
                 })
                 .await
                 .map_err(|e| unavailable(&self.digest, format!("reader task: {e}")))?
