@@ -5,7 +5,8 @@
 //! - [`fetcher`]: serves OPEN / READ / CLOSE concurrently from a [`BlobSource`], over
 //!   any [`Kernel`] (chunk fetching, single-flight, verification, retries).
 //! - [`supervisor`]: holds the device fd, runs fetcher children, fails over with
-//!   `restore`; [`child`] is the child's side, [`handover`] the protocol between them.
+//!   `restore`; [`child`] is the child's side, [`handover`] the protocol between them;
+//!   [`BlobTable`]: the blob descriptions the child asks the supervisor for.
 //! - [`source`]: blob sources (local file, throttled); [`stats`]: counters shared
 //!   across fetcher generations; [`fault`]: fault injection for failover tests.
 //! - [`reach`]: what the running kernel can do (`lazy-erofs check`).
@@ -17,6 +18,7 @@
 //!
 //! `unsafe` lives only in the private `sys` module: thin syscall and ioctl wrappers.
 
+mod blob_table;
 pub mod cachefiles;
 pub mod child;
 pub mod fanotify;
@@ -31,11 +33,12 @@ pub mod stats;
 pub mod supervisor;
 mod sys;
 
+pub use blob_table::BlobTable;
 pub use cachefiles::device::{AnonFd, Device, DeviceError};
 pub use kernel::{CacheObject, Kernel, Request};
 pub use source::{
     BlobSource, BlobSpec, FileSource, LazyLayerSpec, LocalBlob, LocalSourceFactory,
     RegistryCredentials, SourceError, SourceFactory, Throttle, View, registry_of,
 };
-pub use supervisor::{BlobTable, Event, Summary, Supervisor, SupervisorConfig};
+pub use supervisor::{Event, Summary, Supervisor, SupervisorConfig};
 pub use sys::{AlignedBuf, cached_bytes};

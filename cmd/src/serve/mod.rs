@@ -402,7 +402,6 @@ impl SourceFactory for AnySourceFactory {
 
 /// The fetcher child: serves the blobs the supervisor describes.
 pub fn fetcher(args: &FetcherArgs) -> Result<()> {
-    lazy_erofs_image::registry::prepare_reference_parser();
     let loaded = args.registry.load()?;
     let options = loaded.registry;
     let factory = |stats: &Arc<Stats>| -> Arc<dyn SourceFactory> {

@@ -102,7 +102,6 @@ fn open_snapshotter(
         None => Arc::new(Stats::create().context("creating the registry counters")?),
     };
     let observer = Arc::new(StatsObserver(stats.clone()));
-    lazy_erofs_image::registry::prepare_reference_parser();
     let registry = Arc::new(Registry::new(&config.registry).with_observer(observer));
     let name = backend.name();
     // Before the supervisor starts: restored fetchers need them for their first reads.

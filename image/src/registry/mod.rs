@@ -67,19 +67,22 @@ pub struct Registry {
 }
 
 /// Compiles the image reference grammar (one large regex, built on first use: 41 ms on
-/// the 2-core build machine, 0.46 s in the emulated test VM) on a background thread, so
-/// that a fresh process's first registry read does not wait for it. A fetcher started
-/// by the snapshotter, or restarted after a crash, calls it before serving.
-pub fn prepare_reference_parser() {
-    let warm = || drop(parse_reference("localhost/prepare:parser"));
-    if std::thread::Builder::new()
-        .name("reference-parser".into())
-        .spawn(warm)
-        .is_err()
-    {
-        // Without a thread the first parse builds it, as it would anyway.
-        tracing::debug!("reference parser not prepared ahead");
-    }
+/// the 2-core build machine, 0.46 s in the emulated test VM) on a background thread,
+/// once per process, so that a fresh process's first registry read (a fetcher started
+/// by the snapshotter, or restarted after a crash) does not wait for it.
+fn prepare_reference_parser() {
+    static PREPARED: std::sync::Once = std::sync::Once::new();
+    PREPARED.call_once(|| {
+        let warm = || drop(parse_reference("localhost/prepare:parser"));
+        if std::thread::Builder::new()
+            .name("reference-parser".into())
+            .spawn(warm)
+            .is_err()
+        {
+            // Without a thread the first parse builds it, as it would anyway.
+            tracing::debug!("reference parser not prepared ahead");
+        }
+    });
 }
 
 pub fn parse_reference(text: &str) -> Result<Reference, RegistryError> {
@@ -110,6 +113,7 @@ fn protocol_error(what: &str, reason: impl ToString) -> RegistryError {
 
 impl Registry {
     pub fn new(options: &RegistryOptions) -> Self {
+        prepare_reference_parser();
         let protocol = if options.insecure_hosts.is_empty() {
             ClientProtocol::Https
         } else {
