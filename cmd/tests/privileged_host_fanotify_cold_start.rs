@@ -6,7 +6,9 @@
 //!   read right without another registry byte, and an unlisted file is still fetched on
 //!   demand;
 //! - mounting ahead: the first Prepare of an image's lazy layer mounts the layers above
-//!   it too, before containerd prepares them.
+//!   it too, before containerd prepares them;
+//! - through the snapshotter, a layer's start-up region is fetched as the layer is
+//!   mounted, before anyone reads it.
 
 mod common;
 #[path = "snapshotter/daemon.rs"]
@@ -194,4 +196,109 @@ async fn privileged_host_fanotify_layers_above_the_first_prepared_are_mounted_ah
         "three mounts, once each:\n{log}"
     );
     Ok(())
+}
+
+/// The snapshotter opens a start-up layer as it mounts it (the broker hands the fetcher a
+/// layer only with a read), so its region is fetched before any container reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_host_fanotify_snapshotter_fetches_a_startup_region_as_it_mounts() -> Result<()>
+{
+    use lazy_erofs_snapshotter::lazy::remote;
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (fanotify, mount)"
+    );
+    let work = fanotify::work_dir()?;
+    let work = work.path();
+    let options = ConvertOptions {
+        prefetch: vec!["/data/file1".into(), "/data/file3".into()],
+        ..ConvertOptions::default()
+    };
+    let image =
+        tokio::task::block_in_place(|| fanotify::pushed_image_with(work, 4, FILE_SIZE, options))?;
+    let client = Registry::new(&RegistryOptions::insecure(&image.registry.host));
+    let (mut manifest, _) = client.pull_manifest(&image.reference).await?;
+    let layer = LazyLayer::from_descriptor(&manifest.layers()[0])?.context("not lazy")?;
+    // The same image without its prefetch list: the snapshotter's prefetch would read
+    // the listed files right after the mount, and open the layer itself.
+    let mut annotations = manifest.annotations().clone().unwrap_or_default();
+    ensure!(
+        annotations
+            .remove(lazy_erofs_image::manifest::annotation::PREFETCH)
+            .is_some(),
+        "no prefetch list on the converted image"
+    );
+    manifest.set_annotations(Some(annotations));
+    let (repository, _) = image.reference.rsplit_once(':').context("tag")?;
+    let reference = format!("{repository}:no-prefetch");
+    let manifest_digest = put_manifest(&image.registry.host, &reference, &manifest)?;
+    let labels: std::collections::HashMap<String, String> = [
+        (remote::SNAPSHOT_REF, layer.binding(repository)),
+        (remote::LAYER_DIGEST, layer.digest.clone()),
+        (remote::IMAGE_REF, reference.clone()),
+        (remote::MANIFEST_DIGEST, manifest_digest),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let config = format!(
+        "[registry]\ninsecure_hosts = [\"{}\"]\n",
+        image.registry.host
+    );
+    let daemon = daemon::Daemon::start_with(&work.join("snapshotter"), &config)?;
+    let err = daemon
+        .client()
+        .await?
+        .prepare(common::lazy_prepare(labels))
+        .await
+        .expect_err("a lazy layer's Prepare answers AlreadyExists");
+    ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");
+    let sent = || image.registry.blob_bytes_sent(&layer.digest).0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Nobody reads: only the mount's own open of the region can fetch the listed files.
+    while sent() < 2 * FILE_SIZE as u64 || !daemon.log().contains("start-up region fetched") {
+        ensure!(
+            Instant::now() < deadline,
+            "{} bytes fetched after the mount, {} in the start-up region\n{}",
+            sent(),
+            layer.startup_size,
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(
+        sent() < 3 * FILE_SIZE as u64,
+        "{} bytes fetched for a start-up region of {}: more than the region",
+        sent(),
+        layer.startup_size
+    );
+    Ok(())
+}
+
+/// PUTs `manifest` as `reference` (`host/repository:tag`); returns its digest.
+fn put_manifest(
+    host: &str,
+    reference: &str,
+    manifest: &oci_spec::image::ImageManifest,
+) -> Result<String> {
+    use sha2::Digest;
+    use std::io::{Read, Write};
+    let body = serde_json::to_vec(manifest)?;
+    let (path, tag) = reference
+        .strip_prefix(&format!("{host}/"))
+        .and_then(|rest| rest.rsplit_once(':'))
+        .context("reference")?;
+    let mut stream = std::net::TcpStream::connect(host)?;
+    write!(
+        stream,
+        "PUT /v2/{path}/manifests/{tag} HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(&body)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    ensure!(reply.starts_with("HTTP/1.1 201"), "manifest PUT: {reply}");
+    Ok(format!("sha256:{:x}", sha2::Sha256::digest(&body)))
 }

@@ -51,6 +51,8 @@ async fn privileged_host_snapshotter_pulls_lazily_through_fanotify_and_survives_
         daemon.log()
     );
     let (sent_at_prepare, _) = registry.blob_bytes_sent(&layer_digest);
+    // Prepare fetched the verified region whole, in one request.
+    let at_prepare = registry.blob_responses(&layer_digest);
 
     // A container reads the first 64 KiB of the 2 MiB file: a chunk, not the layer.
     let first = daemon::prepare("c1", &chain);
@@ -73,6 +75,12 @@ async fn privileged_host_snapshotter_pulls_lazily_through_fanotify_and_survives_
     ensure!(
         sent < SIZE as u64,
         "{sent} bytes sent for a 64 KiB read: not lazy"
+    );
+    // The fetcher reads the region from the node's copy, never from the registry again.
+    let responses = registry.blob_responses(&layer_digest);
+    ensure!(
+        at_prepare.len() == 1 && !responses[1..].contains(&at_prepare[0]),
+        "the verified region ({at_prepare:?} bytes at Prepare) was fetched again: {responses:?}"
     );
 
     // A planned restart while c1 keeps the layer open: the keeper holds the group, the

@@ -37,8 +37,9 @@ pub use blob_table::BlobTable;
 pub use cachefiles::device::{AnonFd, Device, DeviceError};
 pub use kernel::{CacheObject, Kernel, Request};
 pub use source::{
-    BlobSource, BlobSpec, FileSource, LazyLayerSpec, LocalBlob, LocalSourceFactory,
-    RegistryCredentials, SourceError, SourceFactory, Throttle, View, registry_of,
+    BlobSource, BlobSpec, FileSource, KeptRegionFiles, LazyLayerSpec, LocalBlob,
+    LocalSourceFactory, RegistryCredentials, SourceError, SourceFactory, Throttle, View,
+    registry_of,
 };
 pub use supervisor::{Event, Summary, Supervisor, SupervisorConfig};
 pub use sys::{AlignedBuf, cached_bytes};

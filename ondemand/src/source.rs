@@ -296,6 +296,19 @@ pub struct LazyLayerSpec {
     /// Slow its fetches down (tests and benchmarks model a remote registry with it).
     #[serde(default)]
     pub throttle: Option<Throttle>,
+    /// Where this node keeps the blob's verified region, if it does: read from there
+    /// instead of the registry, and checked against `verified_digest` all the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_region: Option<KeptRegionFiles>,
+}
+
+/// A verified region kept on the node in two files (the fanotify backend's layer
+/// files): the metadata image, and the rest (header, then chunk table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeptRegionFiles {
+    pub rest: std::path::PathBuf,
+    pub metadata: std::path::PathBuf,
 }
 
 /// Credentials a client gave for pulls from one registry (a kubelet's pull secret, via

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Cold-start benchmark, on a kernel with cachefiles ondemand mode, as root: the Debian +
+# Cold-start benchmark, as root on a kernel with either lazy backend (cachefiles ondemand
+# mode, or fanotify pre-content events: the snapshotter picks one): the Debian +
 # python3 image served by docker-registry in a network namespace behind a veth pair
 # (shaped with tc netem per profile); containerd's overlayfs snapshotter with
 # `ctr image pull` against lazy-erofs with `lazy-erofs pull`, same containerd, same
@@ -38,13 +39,15 @@ python3 "$here/oci-layout.py" --gzip --ref "$plain" "$work/layout" '["python3"]'
     { cat "$work/convert.log" >&2; exit 1; }
 start_snapshotter "$host"
 start_containerd
+backend=$(grep -o 'backend [a-z]*: ' "$work/snapshotter.log" | tail -n1 | cut -d' ' -f2 | tr -d :)
+[ -n "$backend" ] || { echo "the snapshotter logged no backend" >&2; exit 1; }
 tar -C "$work/layout" -cf "$work/plain.tar" .
 ctr image import "$work/plain.tar" >/dev/null
 ctr image push --plain-http "$plain" >/dev/null
 ctr image rm --sync "$plain" >/dev/null
 rm -f "$work/plain.tar"
 gzip_bytes=$(du -cb "$work"/layout/blobs/sha256/* | tail -1 | cut -f1)
-step "images pushed: $plain (gzip layers) and $lazy"
+step "images pushed: $plain (gzip layers) and $lazy; lazy backend: $backend"
 
 python_cmd=(python3 -c "import json, sqlite3, hashlib; print('ready')")
 shape() { # shape none | RATE DELAY (one way; RTT is twice)
@@ -112,7 +115,7 @@ warm_compare() {
     warm_overlay=$(printf '%s\n' "${o[@]}" | median)
     warm_lazy=$(printf '%s\n' "${l[@]}" | median)
     step "warm starts, alternating: overlayfs ${o[*]} ms; lazy-erofs ${l[*]} ms"
-    echo "warm_start runs=$runs lazy_ms=$warm_lazy overlay_ms=$warm_overlay" \
+    echo "warm_start backend=$backend runs=$runs lazy_ms=$warm_lazy overlay_ms=$warm_overlay" \
         "ratio=$(awk "BEGIN { printf \"%.2f\", $warm_lazy / $warm_overlay }")"
 }
 [ "${SKIP_WARM:-0}" = 1 ] || warm_compare
@@ -135,7 +138,7 @@ echo "startup_set $recorded"
     { cat "$work/convert.log" >&2; exit 1; }
 step "start-up set: $recorded; pushed $startup"
 
-printf '\n| profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | floor (all local, page cache dropped) | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|---|\n' >"$work/table.md"
+printf '\n| backend, profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | floor (all local, page cache dropped) | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|---|\n' >"$work/table.md"
 # label|rate|one-way delay (netem on both ends: RTT is twice the delay)|order of the
 # lazy runs (the second lazy run of a profile measured slower whatever its setting, so
 # readahead on and the start-up image each go first once). "eager" is the start-up
@@ -192,14 +195,14 @@ for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|
         ratio=$(awk "BEGIN { printf \"%.2f\", $overlay_cold / $lazy_cold }")
         slug=$(printf '%s' "$label" | tr -c 'a-zA-Z0-9' '-' | tr -s '-' | sed 's/-$//')
         step "$label, $named: overlayfs cold ${overlay_cold} ms, lazy-erofs cold ${lazy_cold} ms (${ratio}x); warm ${overlay_warm} / ${lazy_warm} ms; floor ${floor} ms; lazy fetched $((fetched >> 10)) KiB of $((gzip_bytes >> 10)) KiB (gzip image)"
-        printf '| %s, %s | %d ms | %d ms | %sx | %d ms | %d ms | %d ms | %d / %d KiB |\n' "$label" "$named" \
+        printf '| %s, %s, %s | %d ms | %d ms | %sx | %d ms | %d ms | %d ms | %d / %d KiB |\n' "$backend" "$label" "$named" \
             "$overlay_cold" "$lazy_cold" "$ratio" "$overlay_warm" "$lazy_warm" "$floor" \
             $((fetched >> 10)) $((gzip_bytes >> 10)) >>"$work/table.md"
-        echo "cold_start profile=$slug setting=$setting lazy_ms=$lazy_cold floor_ms=$floor" \
+        echo "cold_start backend=$backend profile=$slug setting=$setting lazy_ms=$lazy_cold floor_ms=$floor" \
             "ratio=$(awk "BEGIN { printf \"%.2f\", $lazy_cold / $floor }")" \
             "overlay_ms=$overlay_cold warm_ms=$lazy_warm overlay_warm_ms=$overlay_warm fetched_bytes=$fetched" \
             "pull_ms=$pull_ms floor_pull_ms=$floor_pull_ms read_bytes=$read_bytes fetched_per_read=$(awk "BEGIN { printf \"%.2f\", $fetched / $read_bytes }")"
-        tail -n +"$log_from" "$work/snapshotter.log" | read_trace "profile=$slug setting=$setting"
+        tail -n +"$log_from" "$work/snapshotter.log" | read_trace "backend=$backend profile=$slug setting=$setting"
     done
 done
 shape none

@@ -52,6 +52,7 @@ async fn both_views_read_back_the_pushed_layer_and_a_wrong_anchor_is_refused() -
                 chunk_size: lazy.chunk_size.into(),
                 startup_size: lazy.startup_size,
                 throttle: None,
+                kept_region: None,
             })
         };
 

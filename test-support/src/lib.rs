@@ -153,6 +153,12 @@ impl DockerRegistry {
     /// Bytes the registry sent in answer to GETs of blob `digest` so far, and how many
     /// such requests it answered.
     pub fn blob_bytes_sent(&self, digest: &str) -> (u64, usize) {
+        let sent = self.blob_responses(digest);
+        (sent.iter().sum(), sent.len())
+    }
+
+    /// The bytes of each GET of blob `digest` so far, in order.
+    pub fn blob_responses(&self, digest: &str) -> Vec<u64> {
         let log = fs::read_to_string(&self.access_log).unwrap_or_default();
         // The path ends at a space, or at a query (containerd asks a mirror with
         // `?ns=<registry>`).
@@ -170,7 +176,7 @@ impl DockerRegistry {
                 let _status = fields.next()?;
                 fields.next()?.parse::<u64>().ok()
             })
-            .fold((0, 0), |(bytes, count), n| (bytes + n, count + 1))
+            .collect()
     }
 }
 

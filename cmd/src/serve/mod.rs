@@ -133,6 +133,7 @@ fn layer_spec(image: &str, lazy: &LazyLayer, view: View, throttle: Option<Thrott
         chunk_size: lazy.chunk_size.into(),
         startup_size: lazy.startup_size,
         throttle,
+        kept_region: None,
     })
 }
 

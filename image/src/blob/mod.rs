@@ -9,10 +9,12 @@
 //! Header, metadata and table form the *verified region*: its sha256 travels in the
 //! manifest, so one check covers every chunk digest and the whole metadata image.
 
+mod kept;
 mod reader;
 mod sealer;
 mod writer;
 
+pub use kept::{KeptFirst, KeptRegion, write_rest as keep_region};
 pub use reader::{BlobReader, RangeRead};
 pub use sealer::default_threads;
 pub use writer::{BlobInfo, BlobWriter, DataSpace, DataSpaceWriter};
@@ -228,8 +230,14 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A blob of a few zstd chunks and a 4 KiB metadata image.
+    pub(crate) fn small_blob() -> (Vec<u8>, writer::BlobInfo) {
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        blob(&data, Compression::Zstd { level: 3 })
+    }
 
     fn blob(data: &[u8], compression: Compression) -> (Vec<u8>, writer::BlobInfo) {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -119,6 +119,16 @@ impl<R: RangeRead> BlobReader<R> {
         &self.header
     }
 
+    /// The chunk table (verified).
+    pub fn entries(&self) -> &[ChunkEntry] {
+        &self.entries
+    }
+
+    /// What the blob is read from.
+    pub fn source(&self) -> &R {
+        &self.source
+    }
+
     /// The EROFS metadata image (verified).
     pub fn metadata(&self) -> &[u8] {
         &self.metadata

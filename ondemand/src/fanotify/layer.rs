@@ -3,8 +3,10 @@
 //! `<name>.meta`: the verified metadata image, whole (the kernel reads metadata through
 //! the page cache at mount time, raising no events, so it cannot be lazy).
 //! `<name>.data`: the data space as a sparse file of its full size, filled on demand.
-//! `<name>.present`: which of its pages are filled. `name` derives from the layer's
-//! verified digest, so two images sharing a layer share its files.
+//! `<name>.present`: which of its pages are filled. `<name>.region`: the rest of the
+//! blob's verified region (header and chunk table), so the fetcher reads the region from
+//! the node instead of the registry. `name` derives from the layer's verified digest, so
+//! two images sharing a layer share its files.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -48,6 +50,11 @@ pub fn files(dir: &Path, name: &str) -> (PathBuf, LayerFiles) {
         present: dir.join(format!("{name}.present")),
     };
     (meta, files)
+}
+
+/// Path of layer `name`'s kept region file in `dir` (besides the metadata image).
+pub fn region(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.region"))
 }
 
 /// Whether the verified metadata image is in place (it is renamed in last).

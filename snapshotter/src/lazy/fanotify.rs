@@ -1,13 +1,15 @@
-//! The fanotify backend's layer files: the verified metadata image fetched whole, the
-//! data space a sparse file that the broker and fetcher fill as the mount reads it.
+//! The fanotify backend's layer files: the verified metadata image fetched whole (and the
+//! rest of the verified region beside it, which the fetcher reads instead of fetching
+//! it again), the data space a sparse file that the broker and fetcher fill as the mount
+//! reads it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lazy_erofs_image::blob::BlobReader;
+use lazy_erofs_image::blob::{BlobReader, keep_region};
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::fanotify::{Broker, layer};
-use lazy_erofs_ondemand::{BlobSpec, BlobTable};
+use lazy_erofs_ondemand::{BlobSpec, BlobTable, KeptRegionFiles};
 
 use super::source::BlockingRegistryBlob;
 use super::{LazyRecord, View};
@@ -40,6 +42,7 @@ pub(crate) fn prepare(
 ) -> Result<(PathBuf, Option<PathBuf>), SnapshotError> {
     let name = name(layer)?;
     let (meta, files) = layer::files(dir, &name);
+    let region = layer::region(dir, &name);
     let failed = |e: &dyn std::fmt::Display| {
         SnapshotError::Unavailable(format!(
             "lazy layer {} from {}: {e}",
@@ -59,13 +62,45 @@ pub(crate) fn prepare(
                 layer.data_space_size
             )));
         }
+        // Before the metadata image, which marks the layer's files complete. Without
+        // it the fetcher fetches the region again: kept only to save that.
+        if let Err(err) = keep_region(&reader, &region) {
+            tracing::warn!(path = %region.display(), %err, "verified region not kept");
+        }
         layer::write_metadata(&meta, reader.metadata()).map_err(|e| failed(&e))?;
     }
     if layer.data_space_size == 0 {
         return Ok((meta, None));
     }
     layer::ensure_data_file(&files, layer.data_space_size).map_err(|e| failed(&e))?;
-    blobs.insert(name, BlobSpec::Registry(layer.spec(View::Data)));
+    let mut spec = layer.spec(View::Data);
+    spec.kept_region = Some(KeptRegionFiles {
+        rest: region,
+        metadata: meta.clone(),
+    });
+    blobs.insert(name, BlobSpec::Registry(spec));
     broker.add_layer(files.clone()).map_err(|e| failed(&e))?;
     Ok((meta, Some(files.data)))
+}
+
+/// Starts the fetch of the layer's start-up region (the files its image reads first,
+/// laid out first in the data space) as the layer is mounted, as the cachefiles backend
+/// does when a layer's object opens. The broker hands the fetcher a layer only with an
+/// event on its data file (the event's fd is the only one that writes without raising
+/// events), so a thread reads the region's first byte; the fetcher then fetches the whole
+/// region in runs. Nobody waits for that thread: a failure leaves the region to the reads
+/// that need it, and a data file already complete raises no event at all.
+pub(crate) fn open_startup_region(data: PathBuf) {
+    use std::os::unix::fs::FileExt;
+    let spawned = std::thread::Builder::new()
+        .name("startup-open".into())
+        .spawn(move || {
+            let read = std::fs::File::open(&data).and_then(|file| file.read_at(&mut [0u8; 1], 0));
+            if let Err(err) = read {
+                tracing::debug!(data = %data.display(), %err, "start-up region not opened ahead");
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(%err, "cannot start the start-up region's fetch ahead");
+    }
 }

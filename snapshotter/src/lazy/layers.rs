@@ -316,9 +316,13 @@ impl LayerMounts {
                 let (meta, data) =
                     fanotify::prepare(&self.blob_dir, layer, &self.registry, blobs, broker)?;
                 let options = data
+                    .as_ref()
                     .map(|d| format!("device={}", d.display()))
                     .unwrap_or_default();
                 mount(&meta.display().to_string(), &path, &options)?;
+                if let Some(data) = data.filter(|_| layer.startup_size > 0) {
+                    fanotify::open_startup_region(data);
+                }
             }
         }
         tracing::info!(fsid = %layer.fsid, layer = %layer.digest, elapsed = ?started.elapsed(), "lazy layer mounted");

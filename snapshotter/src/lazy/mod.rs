@@ -90,6 +90,7 @@ impl LazyRecord {
             chunk_size: self.chunk_size,
             startup_size: self.startup_size,
             throttle: None,
+            kept_region: None,
         }
     }
 }

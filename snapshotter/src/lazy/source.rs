@@ -15,10 +15,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use lazy_erofs_image::blob::{BlobError, BlobReader, RangeRead};
+use lazy_erofs_image::blob::{BlobError, BlobReader, KeptFirst, KeptRegion, RangeRead};
 use lazy_erofs_image::registry::{Credentials, Registry};
 use lazy_erofs_ondemand::{
-    AlignedBuf, BlobSource, BlobSpec, RegistryCredentials, SourceError, SourceFactory,
+    AlignedBuf, BlobSource, BlobSpec, KeptRegionFiles, RegistryCredentials, SourceError,
+    SourceFactory,
 };
 pub use lazy_erofs_ondemand::{LazyLayerSpec, View};
 
@@ -55,7 +56,8 @@ impl RangeRead for BlockingRegistryBlob {
     }
 }
 
-type Reader = BlobReader<BlockingRegistryBlob>;
+/// The verified region from the node when it keeps it, everything else from the registry.
+type Reader = BlobReader<KeptFirst<BlockingRegistryBlob>>;
 
 /// One lazy layer blob: its verifying reader, made once, when first needed.
 struct LazyBlob {
@@ -65,13 +67,14 @@ struct LazyBlob {
     digest: String,
     verified_digest: String,
     region_len: u64,
+    kept: Option<KeptRegionFiles>,
 }
 
 impl LazyBlob {
     async fn reader(&self) -> Result<&Reader, SourceError> {
         self.reader
             .get_or_try_init(|| async {
-                let blob = BlockingRegistryBlob {
+                let remote = BlockingRegistryBlob {
                     handle: tokio::runtime::Handle::current(),
                     registry: self.registry.clone(),
                     image: self.image.clone(),
@@ -79,16 +82,18 @@ impl LazyBlob {
                 };
                 let (anchor, region_len) = (self.verified_digest.clone(), self.region_len);
                 let asked = std::time::Instant::now();
-                let digest = self.digest.clone();
+                let (digest, kept) = (self.digest.clone(), self.kept.clone());
                 tokio::task::spawn_blocking(move || {
                     let started = std::time::Instant::now();
-                    let reader = BlobReader::open_region(blob, &anchor, region_len);
+                    let (reader, from) = open_region(remote, kept.as_ref(), &anchor, region_len);
                     // Where a lazy mount's first READ waits: the blocking pool, then
-                    // the region's range request, verification and parsing.
+                    // the region's range request (or the node's copy), verification and
+                    // parsing.
                     tracing::debug!(
                         target: "read_trace",
                         %digest,
                         region_len,
+                        from,
                         pool_us = (started - asked).as_micros() as u64,
                         open_us = started.elapsed().as_micros() as u64,
                         "region"
@@ -100,6 +105,57 @@ impl LazyBlob {
                 .map_err(|e| unavailable(&self.digest, e.to_string()))
             })
             .await
+    }
+}
+
+/// The blob's verified region from the node's copy when there is one that passes the
+/// check against `anchor`, else from the registry. Returns where it came from.
+fn open_region(
+    remote: BlockingRegistryBlob,
+    kept: Option<&KeptRegionFiles>,
+    anchor: &str,
+    region_len: u64,
+) -> (Result<Reader, BlobError>, &'static str) {
+    let local = kept.and_then(|files| {
+        KeptRegion::open(&files.rest, &files.metadata)
+            .inspect_err(
+                |err| tracing::debug!(rest = %files.rest.display(), %err, "no kept region"),
+            )
+            .ok()
+    });
+    let Some(local) = local else {
+        let kept = KeptFirst {
+            kept: None,
+            then: remote,
+        };
+        return (
+            BlobReader::open_region(kept, anchor, region_len),
+            "registry",
+        );
+    };
+    let again = BlockingRegistryBlob {
+        handle: remote.handle.clone(),
+        registry: remote.registry.clone(),
+        image: remote.image.clone(),
+        digest: remote.digest.clone(),
+    };
+    let kept = KeptFirst {
+        kept: Some(local),
+        then: remote,
+    };
+    match BlobReader::open_region(kept, anchor, region_len) {
+        Ok(reader) => (Ok(reader), "node"),
+        Err(err) => {
+            tracing::warn!(digest = %again.digest, %err, "the kept region fails its check; fetching it");
+            let kept = KeptFirst {
+                kept: None,
+                then: again,
+            };
+            (
+                BlobReader::open_region(kept, anchor, region_len),
+                "registry",
+            )
+        }
     }
 }
 
@@ -150,6 +206,7 @@ impl LazySourceFactory {
                     digest: spec.digest.clone(),
                     verified_digest: spec.verified_digest.clone(),
                     region_len: spec.region_len,
+                    kept: spec.kept_region.clone(),
                 })
             })
             .clone()
@@ -359,6 +416,7 @@ mod tests {
             chunk_size: 0,
             startup_size: 0,
             throttle: None,
+            kept_region: None,
         }
     }
 
