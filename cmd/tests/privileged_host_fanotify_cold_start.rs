@@ -106,7 +106,6 @@ fn privileged_host_fanotify_startup_region_is_fetched_before_it_is_read() -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_host_fanotify_layers_above_the_first_prepared_are_mounted_ahead() -> Result<()>
 {
-    use lazy_erofs_snapshotter::lazy::remote;
     ensure!(
         nix::unistd::geteuid().is_root(),
         "needs root (fanotify, mount)"
@@ -141,26 +140,7 @@ async fn privileged_host_fanotify_layers_above_the_first_prepared_are_mounted_ah
         .iter()
         .map(|d| LazyLayer::from_descriptor(d)?.context("not lazy"))
         .collect::<Result<_>>()?;
-    let repository = format!("{}/lazy/ahead", registry.host);
-    let labels: std::collections::HashMap<String, String> = [
-        (remote::SNAPSHOT_REF, layers[0].binding(&repository)),
-        (remote::LAYER_DIGEST, layers[0].digest.clone()),
-        (remote::IMAGE_REF, image.clone()),
-        (remote::MANIFEST_DIGEST, manifest_digest),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-
-    let config = format!("[registry]\ninsecure_hosts = [\"{}\"]\n", registry.host);
-    let daemon = daemon::Daemon::start_with(&work.join("snapshotter"), &config)?;
-    let err = daemon
-        .client()
-        .await?
-        .prepare(common::lazy_prepare(labels))
-        .await
-        .expect_err("a lazy layer's Prepare answers AlreadyExists");
-    ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");
+    let daemon = prepare_lazily(work, &registry.host, &image, &manifest_digest, &layers[0]).await?;
     let mounted = || -> Result<Vec<String>> {
         let status = common::run(
             std::process::Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
@@ -203,7 +183,6 @@ async fn privileged_host_fanotify_layers_above_the_first_prepared_are_mounted_ah
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_host_fanotify_snapshotter_fetches_a_startup_region_as_it_mounts() -> Result<()>
 {
-    use lazy_erofs_snapshotter::lazy::remote;
     ensure!(
         nix::unistd::geteuid().is_root(),
         "needs root (fanotify, mount)"
@@ -232,27 +211,14 @@ async fn privileged_host_fanotify_snapshotter_fetches_a_startup_region_as_it_mou
     let (repository, _) = image.reference.rsplit_once(':').context("tag")?;
     let reference = format!("{repository}:no-prefetch");
     let manifest_digest = put_manifest(&image.registry.host, &reference, &manifest)?;
-    let labels: std::collections::HashMap<String, String> = [
-        (remote::SNAPSHOT_REF, layer.binding(repository)),
-        (remote::LAYER_DIGEST, layer.digest.clone()),
-        (remote::IMAGE_REF, reference.clone()),
-        (remote::MANIFEST_DIGEST, manifest_digest),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let config = format!(
-        "[registry]\ninsecure_hosts = [\"{}\"]\n",
-        image.registry.host
-    );
-    let daemon = daemon::Daemon::start_with(&work.join("snapshotter"), &config)?;
-    let err = daemon
-        .client()
-        .await?
-        .prepare(common::lazy_prepare(labels))
-        .await
-        .expect_err("a lazy layer's Prepare answers AlreadyExists");
-    ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");
+    let daemon = prepare_lazily(
+        work,
+        &image.registry.host,
+        &reference,
+        &manifest_digest,
+        &layer,
+    )
+    .await?;
     let sent = || image.registry.blob_bytes_sent(&layer.digest).0;
     let deadline = Instant::now() + Duration::from_secs(60);
     // Nobody reads: only the mount's own open of the region can fetch the listed files.
@@ -301,4 +267,36 @@ fn put_manifest(
     stream.read_to_string(&mut reply)?;
     ensure!(reply.starts_with("HTTP/1.1 201"), "manifest PUT: {reply}");
     Ok(format!("sha256:{:x}", sha2::Sha256::digest(&body)))
+}
+
+/// Starts the snapshotter under `work` and makes the lazy Prepare containerd makes for
+/// `layer` of `image` (`host/repository:tag`, manifest `manifest_digest`).
+async fn prepare_lazily(
+    work: &std::path::Path,
+    host: &str,
+    image: &str,
+    manifest_digest: &str,
+    layer: &LazyLayer,
+) -> Result<daemon::Daemon> {
+    use lazy_erofs_snapshotter::lazy::remote;
+    let (repository, _) = image.rsplit_once(':').context("tag")?;
+    let labels: std::collections::HashMap<String, String> = [
+        (remote::SNAPSHOT_REF, layer.binding(repository)),
+        (remote::LAYER_DIGEST, layer.digest.clone()),
+        (remote::IMAGE_REF, image.to_owned()),
+        (remote::MANIFEST_DIGEST, manifest_digest.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let config = format!("[registry]\ninsecure_hosts = [\"{host}\"]\n");
+    let daemon = daemon::Daemon::start_with(&work.join("snapshotter"), &config)?;
+    let err = daemon
+        .client()
+        .await?
+        .prepare(common::lazy_prepare(labels))
+        .await
+        .expect_err("a lazy layer's Prepare answers AlreadyExists");
+    ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");
+    Ok(daemon)
 }
