@@ -125,7 +125,8 @@ impl<R: RangeRead> BlobReader<R> {
     }
 
     /// What the blob is read from.
-    pub fn source(&self) -> &R {
+    #[cfg(test)]
+    pub(crate) fn source(&self) -> &R {
         &self.source
     }
 

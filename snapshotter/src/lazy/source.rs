@@ -25,6 +25,7 @@ pub use lazy_erofs_ondemand::{LazyLayerSpec, View};
 
 /// Blocking ranged reads for [`BlobReader`], run on the blocking pool of a runtime
 /// (never on one of its workers).
+#[derive(Clone)]
 pub(crate) struct BlockingRegistryBlob {
     pub handle: tokio::runtime::Handle,
     pub registry: Arc<Registry>,
@@ -116,6 +117,10 @@ fn open_region(
     anchor: &str,
     region_len: u64,
 ) -> (Result<Reader, BlobError>, &'static str) {
+    let open = |kept| {
+        let then = remote.clone();
+        BlobReader::open_region(KeptFirst { kept, then }, anchor, region_len)
+    };
     let local = kept.and_then(|files| {
         KeptRegion::open(&files.rest, &files.metadata)
             .inspect_err(
@@ -123,40 +128,15 @@ fn open_region(
             )
             .ok()
     });
-    let Some(local) = local else {
-        let kept = KeptFirst {
-            kept: None,
-            then: remote,
-        };
-        return (
-            BlobReader::open_region(kept, anchor, region_len),
-            "registry",
-        );
-    };
-    let again = BlockingRegistryBlob {
-        handle: remote.handle.clone(),
-        registry: remote.registry.clone(),
-        image: remote.image.clone(),
-        digest: remote.digest.clone(),
-    };
-    let kept = KeptFirst {
-        kept: Some(local),
-        then: remote,
-    };
-    match BlobReader::open_region(kept, anchor, region_len) {
-        Ok(reader) => (Ok(reader), "node"),
-        Err(err) => {
-            tracing::warn!(digest = %again.digest, %err, "the kept region fails its check; fetching it");
-            let kept = KeptFirst {
-                kept: None,
-                then: again,
-            };
-            (
-                BlobReader::open_region(kept, anchor, region_len),
-                "registry",
-            )
+    if let Some(local) = local {
+        match open(Some(local)) {
+            Ok(reader) => return (Ok(reader), "node"),
+            Err(err) => {
+                tracing::warn!(digest = %remote.digest, %err, "the kept region fails its check; fetching it");
+            }
         }
     }
+    (open(None), "registry")
 }
 
 /// Which blob a reader reads: its image (registry and repository: a layer is read from
