@@ -115,8 +115,8 @@ warm_compare() {
     warm_overlay=$(printf '%s\n' "${o[@]}" | median)
     warm_lazy=$(printf '%s\n' "${l[@]}" | median)
     step "warm starts, alternating: overlayfs ${o[*]} ms; lazy-erofs ${l[*]} ms"
-    echo "warm_start backend=$backend runs=$runs lazy_ms=$warm_lazy overlay_ms=$warm_overlay" \
-        "ratio=$(awk "BEGIN { printf \"%.2f\", $warm_lazy / $warm_overlay }")"
+    echo "warm_start runs=$runs lazy_ms=$warm_lazy overlay_ms=$warm_overlay" \
+        "ratio=$(awk "BEGIN { printf \"%.2f\", $warm_lazy / $warm_overlay }") backend=$backend"
 }
 [ "${SKIP_WARM:-0}" = 1 ] || warm_compare
 [ "${WARM_ONLY:-0}" = 1 ] && exit 0
@@ -198,10 +198,10 @@ for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|
         printf '| %s, %s, %s | %d ms | %d ms | %sx | %d ms | %d ms | %d ms | %d / %d KiB |\n' "$backend" "$label" "$named" \
             "$overlay_cold" "$lazy_cold" "$ratio" "$overlay_warm" "$lazy_warm" "$floor" \
             $((fetched >> 10)) $((gzip_bytes >> 10)) >>"$work/table.md"
-        echo "cold_start backend=$backend profile=$slug setting=$setting lazy_ms=$lazy_cold floor_ms=$floor" \
+        echo "cold_start profile=$slug setting=$setting lazy_ms=$lazy_cold floor_ms=$floor" \
             "ratio=$(awk "BEGIN { printf \"%.2f\", $lazy_cold / $floor }")" \
             "overlay_ms=$overlay_cold warm_ms=$lazy_warm overlay_warm_ms=$overlay_warm fetched_bytes=$fetched" \
-            "pull_ms=$pull_ms floor_pull_ms=$floor_pull_ms read_bytes=$read_bytes fetched_per_read=$(awk "BEGIN { printf \"%.2f\", $fetched / $read_bytes }")"
+            "pull_ms=$pull_ms floor_pull_ms=$floor_pull_ms read_bytes=$read_bytes fetched_per_read=$(awk "BEGIN { printf \"%.2f\", $fetched / $read_bytes }") backend=$backend"
         tail -n +"$log_from" "$work/snapshotter.log" | read_trace "backend=$backend profile=$slug setting=$setting"
     done
 done
