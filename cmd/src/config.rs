@@ -53,6 +53,22 @@ pub struct FetchConfig {
     pub readahead: u64,
     /// Start-up regions wait while a layer's metadata is read (see the fetcher).
     pub startup_yields: bool,
+    /// Bytes fetched for a READ at least, rounded up to whole chunks of the layer.
+    pub unit: u64,
+}
+
+impl FetchConfig {
+    /// A unit the fetcher can work in: whole pages, at most its largest unit.
+    fn check(&self) -> Result<()> {
+        let max = lazy_erofs_ondemand::fetcher::MAX_UNIT;
+        if self.unit == 0 || !self.unit.is_multiple_of(4096) || self.unit > max {
+            bail!(
+                "fetch.unit {} is not a multiple of 4096 between 4096 and {max}",
+                self.unit
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for FetchConfig {
@@ -61,6 +77,7 @@ impl Default for FetchConfig {
         Self {
             readahead: fetcher.readahead,
             startup_yields: fetcher.startup_yields,
+            unit: fetcher.chunk_size,
         }
     }
 }
@@ -150,6 +167,10 @@ impl Config {
             .with_context(|| format!("reading config {}", path.display()))?;
         let config: Config =
             toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+        config
+            .fetch
+            .check()
+            .with_context(|| format!("config {}", path.display()))?;
         let holds_password = config.registry.hosts.values().any(|h| h.password.is_some());
         let mode = std::fs::metadata(&path)?.permissions().mode();
         if holds_password && mode & 0o004 != 0 {
@@ -225,6 +246,23 @@ mod tests {
             err.contains("config.toml") && err.contains("unknown field `insecure`"),
             "{err}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_fetch_unit_the_fetcher_cannot_use_is_refused_by_name() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("config.toml");
+        for bad in ["0", "1000", "134217728"] {
+            std::fs::write(&file, format!("[fetch]\nunit = {bad}\n"))?;
+            let err = format!("{:#}", Config::load(Some(&file)).expect_err("accepted"));
+            assert!(
+                err.contains("config.toml") && err.contains(&format!("fetch.unit {bad} ")),
+                "{err}"
+            );
+        }
+        std::fs::write(&file, "[fetch]\nunit = 262144\n")?;
+        assert_eq!(Config::load(Some(&file))?.fetch.unit, 262144);
         Ok(())
     }
 }

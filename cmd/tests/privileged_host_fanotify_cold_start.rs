@@ -7,8 +7,8 @@
 //!   demand;
 //! - mounting ahead: the first Prepare of an image's lazy layer mounts the layers above
 //!   it too, before containerd prepares them;
-//! - through the snapshotter, a layer's start-up region is fetched as the layer is
-//!   mounted, before anyone reads it.
+//! - through the snapshotter, an image's start-up regions are fetched once its top layer
+//!   is mounted (its last region fetch done), before anyone reads them.
 
 mod common;
 #[path = "snapshotter/daemon.rs"]
@@ -112,35 +112,193 @@ async fn privileged_host_fanotify_layers_above_the_first_prepared_are_mounted_ah
     );
     let work = fanotify::work_dir()?;
     let work = work.path();
+    let image = pushed_layers(work, 3, 1, 1 << 20, &[]).await?;
+    let daemon = prepare_lazily(
+        work,
+        &image.registry.host,
+        &image.reference,
+        &image.manifest_digest,
+        &image.layers[0],
+    )
+    .await?;
+    wait_until_mounted(&daemon, &image.layers).await?;
+    let log = daemon.log();
+    ensure!(
+        log.matches("lazy layer mounted").count() == 3,
+        "three mounts, once each:\n{log}"
+    );
+    Ok(())
+}
+
+/// The snapshotter starts the fetch of an image's start-up regions once the image's top
+/// layer is mounted (the broker hands the fetcher a layer only with a read, so it reads
+/// one byte of each), not as each layer mounts: the regions the mounts fetch do not
+/// queue behind start-up data. Nobody reads here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_host_fanotify_startup_regions_are_fetched_once_the_top_layer_is_mounted()
+-> Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (fanotify, mount)"
+    );
+    let work = fanotify::work_dir()?;
+    let work = work.path();
+    let listed = ["/data/layer0/file1", "/data/layer1/file1"];
+    let image = pushed_layers(work, 2, 3, FILE_SIZE, &listed).await?;
+    // Without its prefetch list: the snapshotter's prefetch would read the listed files
+    // once the top layer is mounted, and open the layers itself.
+    let mut manifest = image.manifest.clone();
+    let mut annotations = manifest.annotations().clone().unwrap_or_default();
+    ensure!(
+        annotations
+            .remove(lazy_erofs_image::manifest::annotation::PREFETCH)
+            .is_some(),
+        "no prefetch list on the converted image"
+    );
+    manifest.set_annotations(Some(annotations));
+    let (repository, _) = image.reference.rsplit_once(':').context("tag")?;
+    let reference = format!("{repository}:no-prefetch");
+    let manifest_digest = put_manifest(&image.registry.host, &reference, &manifest)?;
+    for layer in &image.layers {
+        ensure!(
+            layer.startup_size >= FILE_SIZE as u64 && layer.startup_size < 2 * FILE_SIZE as u64,
+            "start-up size {} for one file of {FILE_SIZE} bytes",
+            layer.startup_size
+        );
+    }
+    let sent = |layer: &LazyLayer| image.registry.blob_bytes_sent(&layer.digest).0;
+
+    // The base layer's Prepare: both layers mount (the top one ahead), regions only.
+    let daemon = prepare_lazily(
+        work,
+        &image.registry.host,
+        &reference,
+        &manifest_digest,
+        &image.layers[0],
+    )
+    .await?;
+    wait_until_mounted(&daemon, &image.layers).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for layer in &image.layers {
+        ensure!(
+            sent(layer) < layer.startup_size,
+            "{} bytes of layer {} fetched before its image's top layer was prepared \
+             (start-up region {})\n{}",
+            sent(layer),
+            layer.digest,
+            layer.startup_size,
+            daemon.log()
+        );
+    }
+
+    // The top layer's Prepare: both start-up regions follow, and no more.
+    let err = daemon
+        .client()
+        .await?
+        .prepare(common::lazy_prepare(labels(
+            &reference,
+            &manifest_digest,
+            &image.layers[1],
+        )))
+        .await
+        .expect_err("a lazy layer's Prepare answers AlreadyExists");
+    ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while image.layers.iter().any(|l| sent(l) < l.startup_size)
+        || daemon.log().matches("start-up region fetched").count() < 2
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "fetched {:?} after the top layer's Prepare, start-up regions {:?}\n{}",
+            image.layers.iter().map(sent).collect::<Vec<_>>(),
+            image
+                .layers
+                .iter()
+                .map(|l| l.startup_size)
+                .collect::<Vec<_>>(),
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for layer in &image.layers {
+        ensure!(
+            sent(layer) < layer.startup_size + FILE_SIZE as u64,
+            "{} bytes fetched of layer {} for a start-up region of {}: more than the region",
+            sent(layer),
+            layer.digest,
+            layer.startup_size
+        );
+    }
+    Ok(())
+}
+
+/// An image of `count` lazy layers in a registry of its own.
+struct LayeredImage {
+    registry: lazy_erofs_test_support::DockerRegistry,
+    reference: String,
+    manifest: oci_spec::image::ImageManifest,
+    manifest_digest: String,
+    layers: Vec<LazyLayer>,
+}
+
+/// Pushes an image whose layer `i` holds `files` pseudo-random files
+/// `data/layer<i>/file<j>` of `size` bytes, converted with `prefetch` listed first.
+async fn pushed_layers(
+    work: &std::path::Path,
+    count: u64,
+    files: u64,
+    size: usize,
+    prefetch: &[&str],
+) -> Result<LayeredImage> {
     let registry_dir = work.join("registry");
     std::fs::create_dir_all(&registry_dir)?;
     let registry = lazy_erofs_test_support::start_docker_registry(&registry_dir, None)?;
-    let image = format!("{}/lazy/ahead:1", registry.host);
+    let reference = format!("{}/lazy/layered:1", registry.host);
     let build = work.join("build");
     std::fs::create_dir_all(&build)?;
-    let tars: Vec<std::path::PathBuf> = (0..3)
+    let tars: Vec<std::path::PathBuf> = (0..count)
         .map(|i| {
             let tar = build.join(format!("layer{i}.tar"));
-            let bytes = lazy_erofs_test_support::pseudo_random(1 << 20, 31 + i);
-            std::fs::write(
-                &tar,
-                lazy_erofs_test_support::layer_tar(&[(&format!("data/layer{i}"), &bytes)])?,
-            )?;
+            let files: Vec<(String, Vec<u8>)> = (0..files)
+                .map(|j| {
+                    let bytes = lazy_erofs_test_support::pseudo_random(size, 31 + i * 97 + j);
+                    (format!("data/layer{i}/file{j}"), bytes)
+                })
+                .collect();
+            let entries: Vec<(&str, &[u8])> = files
+                .iter()
+                .map(|(p, b)| (p.as_str(), b.as_slice()))
+                .collect();
+            std::fs::write(&tar, lazy_erofs_test_support::layer_tar(&entries)?)?;
             Ok(tar)
         })
         .collect::<Result<_>>()?;
-    let src = common::oci_layout(&build, &tars, &["sh"], &image)?;
+    let src = common::oci_layout(&build, &tars, &["sh"], &reference)?;
     let dst = build.join("dst");
-    common::convert(&src, &dst, &image)?;
+    let options = ConvertOptions {
+        prefetch: prefetch.iter().map(|p| (*p).to_owned()).collect(),
+        ..ConvertOptions::default()
+    };
+    common::convert_with(&src, &dst, &reference, options)?;
     let client = Registry::new(&RegistryOptions::insecure(&registry.host));
-    client.push_layout(&dst, &image).await?;
-    let (manifest, manifest_digest) = client.pull_manifest(&image).await?;
-    let layers: Vec<LazyLayer> = manifest
+    client.push_layout(&dst, &reference).await?;
+    let (manifest, manifest_digest) = client.pull_manifest(&reference).await?;
+    let layers = manifest
         .layers()
         .iter()
         .map(|d| LazyLayer::from_descriptor(d)?.context("not lazy"))
         .collect::<Result<_>>()?;
-    let daemon = prepare_lazily(work, &registry.host, &image, &manifest_digest, &layers[0]).await?;
+    Ok(LayeredImage {
+        registry,
+        reference,
+        manifest,
+        manifest_digest,
+        layers,
+    })
+}
+
+/// Waits (up to a minute) until the daemon's status shows every one of `layers` mounted.
+async fn wait_until_mounted(daemon: &daemon::Daemon, layers: &[LazyLayer]) -> Result<()> {
     let mounted = || -> Result<Vec<String>> {
         let status = common::run(
             std::process::Command::new(lazy_erofs_test_support::bin_exe!("lazy-erofs"))
@@ -160,85 +318,17 @@ async fn privileged_host_fanotify_layers_above_the_first_prepared_are_mounted_ah
     loop {
         let now = mounted()?;
         if layers.iter().all(|l| now.contains(&l.digest)) {
-            break;
+            return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "after the first Prepare, mounted {} of 3 layers\n{}",
+            "mounted {} of {} layers\n{}",
             now.len(),
+            layers.len(),
             daemon.log()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = daemon.log();
-    ensure!(
-        log.matches("lazy layer mounted").count() == 3,
-        "three mounts, once each:\n{log}"
-    );
-    Ok(())
-}
-
-/// The snapshotter opens a start-up layer as it mounts it (the broker hands the fetcher a
-/// layer only with a read), so its region is fetched before any container reads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn privileged_host_fanotify_snapshotter_fetches_a_startup_region_as_it_mounts() -> Result<()>
-{
-    ensure!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (fanotify, mount)"
-    );
-    let work = fanotify::work_dir()?;
-    let work = work.path();
-    let options = ConvertOptions {
-        prefetch: vec!["/data/file1".into(), "/data/file3".into()],
-        ..ConvertOptions::default()
-    };
-    let image =
-        tokio::task::block_in_place(|| fanotify::pushed_image_with(work, 4, FILE_SIZE, options))?;
-    let client = Registry::new(&RegistryOptions::insecure(&image.registry.host));
-    let (mut manifest, _) = client.pull_manifest(&image.reference).await?;
-    let layer = LazyLayer::from_descriptor(&manifest.layers()[0])?.context("not lazy")?;
-    // The same image without its prefetch list: the snapshotter's prefetch would read
-    // the listed files right after the mount, and open the layer itself.
-    let mut annotations = manifest.annotations().clone().unwrap_or_default();
-    ensure!(
-        annotations
-            .remove(lazy_erofs_image::manifest::annotation::PREFETCH)
-            .is_some(),
-        "no prefetch list on the converted image"
-    );
-    manifest.set_annotations(Some(annotations));
-    let (repository, _) = image.reference.rsplit_once(':').context("tag")?;
-    let reference = format!("{repository}:no-prefetch");
-    let manifest_digest = put_manifest(&image.registry.host, &reference, &manifest)?;
-    let daemon = prepare_lazily(
-        work,
-        &image.registry.host,
-        &reference,
-        &manifest_digest,
-        &layer,
-    )
-    .await?;
-    let sent = || image.registry.blob_bytes_sent(&layer.digest).0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // Nobody reads: only the mount's own open of the region can fetch the listed files.
-    while sent() < 2 * FILE_SIZE as u64 || !daemon.log().contains("start-up region fetched") {
-        ensure!(
-            Instant::now() < deadline,
-            "{} bytes fetched after the mount, {} in the start-up region\n{}",
-            sent(),
-            layer.startup_size,
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    ensure!(
-        sent() < 3 * FILE_SIZE as u64,
-        "{} bytes fetched for a start-up region of {}: more than the region",
-        sent(),
-        layer.startup_size
-    );
-    Ok(())
 }
 
 /// PUTs `manifest` as `reference` (`host/repository:tag`); returns its digest.
@@ -269,6 +359,26 @@ fn put_manifest(
     Ok(format!("sha256:{:x}", sha2::Sha256::digest(&body)))
 }
 
+/// The labels of containerd's lazy Prepare of `layer` of `image` (`host/repository:tag`,
+/// manifest `manifest_digest`).
+fn labels(
+    image: &str,
+    manifest_digest: &str,
+    layer: &LazyLayer,
+) -> std::collections::HashMap<String, String> {
+    use lazy_erofs_snapshotter::lazy::remote;
+    let repository = image.rsplit_once(':').map_or(image, |(r, _)| r);
+    [
+        (remote::SNAPSHOT_REF, layer.binding(repository)),
+        (remote::LAYER_DIGEST, layer.digest.clone()),
+        (remote::IMAGE_REF, image.to_owned()),
+        (remote::MANIFEST_DIGEST, manifest_digest.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// Starts the snapshotter under `work` and makes the lazy Prepare containerd makes for
 /// `layer` of `image` (`host/repository:tag`, manifest `manifest_digest`).
 async fn prepare_lazily(
@@ -278,23 +388,12 @@ async fn prepare_lazily(
     manifest_digest: &str,
     layer: &LazyLayer,
 ) -> Result<daemon::Daemon> {
-    use lazy_erofs_snapshotter::lazy::remote;
-    let (repository, _) = image.rsplit_once(':').context("tag")?;
-    let labels: std::collections::HashMap<String, String> = [
-        (remote::SNAPSHOT_REF, layer.binding(repository)),
-        (remote::LAYER_DIGEST, layer.digest.clone()),
-        (remote::IMAGE_REF, image.to_owned()),
-        (remote::MANIFEST_DIGEST, manifest_digest.to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
     let config = format!("[registry]\ninsecure_hosts = [\"{host}\"]\n");
     let daemon = daemon::Daemon::start_with(&work.join("snapshotter"), &config)?;
     let err = daemon
         .client()
         .await?
-        .prepare(common::lazy_prepare(labels))
+        .prepare(common::lazy_prepare(labels(image, manifest_digest, layer)))
         .await
         .expect_err("a lazy layer's Prepare answers AlreadyExists");
     ensure!(err.code() == tonic::Code::AlreadyExists, "{err:?}");

@@ -5,6 +5,9 @@
 # (shaped with tc netem per profile); containerd's overlayfs snapshotter with
 # `ctr image pull` against lazy-erofs with `lazy-erofs pull`, same containerd, same
 # registry. Cold start = pull + create + run until python's output; warm = run again.
+# Lazy settings (SETTINGS="…"): on, off (readahead), startup, eager (the start-up image,
+# its regions behind the mounts or not), chunkN (the plain image converted in N KiB
+# chunks, fetched in units of one chunk).
 # Usage: cold-start.sh BIN_DIR LAYERS_DIR WORK_DIR
 set -euo pipefail
 bin=$1 layers=$2 work=$3
@@ -138,6 +141,14 @@ echo "startup_set $recorded"
     { cat "$work/convert.log" >&2; exit 1; }
 step "start-up set: $recorded; pushed $startup"
 
+# chunkN: the plain image converted with N KiB chunks, fetched in units of one chunk.
+convert_chunks() { # KIB REF, once per REF
+    grep -qx "$2" "$work/converted" 2>/dev/null && return 0
+    "$bin/lazy-erofs" convert "oci:$work/layout" "$2" --insecure "$host" --chunk-kib "$1" \
+        >>"$work/convert.log" 2>&1 || { cat "$work/convert.log" >&2; exit 1; }
+    echo "$2" >>"$work/converted"
+}
+
 printf '\n| backend, profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | floor (all local, page cache dropped) | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|---|\n' >"$work/table.md"
 # label|rate|one-way delay (netem on both ends: RTT is twice the delay)|order of the
 # lazy runs (the second lazy run of a profile measured slower whatever its setting, so
@@ -168,10 +179,15 @@ for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|
         case $setting in
         startup) image=$startup named="start-up files first" ;;
         eager) image=$startup named="start-up files first, fetched as layers open" ;;
+        chunk*) image=$host/bench/python:$setting named="${setting#chunk} KiB chunks" ;;
         esac
         case $setting in
         off) snapshotter_toml=$(printf '[fetch]\nreadahead = 0\n') ;;
         eager) snapshotter_toml=$(printf '[fetch]\nstartup_yields = false\n') ;;
+        chunk*)
+            convert_chunks "${setting#chunk}" "$image"
+            snapshotter_toml=$(printf '[fetch]\nunit = %d\n' $((${setting#chunk} * 1024)))
+            ;;
         *) snapshotter_toml= ;;
         esac
         snapshotter_log=${TRACE_LOG:-info,read_trace=debug}

@@ -420,6 +420,7 @@ pub fn fetcher(args: &FetcherArgs) -> Result<()> {
         readahead: loaded.fetch.readahead,
         readahead_budget: FetcherConfig::budget_for(loaded.fetch.readahead),
         startup_yields: loaded.fetch.startup_yields,
+        chunk_size: loaded.fetch.unit,
         ..FetcherConfig::default()
     };
     child::run(&args.socket, factory, config)?;

@@ -163,7 +163,7 @@ pub fn choose(
         }
     }
     if matches!(choice, BackendChoice::Auto | BackendChoice::Fanotify) {
-        match fanotify_backend(root, fetcher_registry, store) {
+        match fanotify_backend(config, fetcher_registry, store) {
             Ok(started) => return Ok(started),
             Err(e) if choice == BackendChoice::Fanotify => {
                 return Err(e.context("backend = \"fanotify\" cannot start"));
@@ -319,10 +319,11 @@ fn keep(store: &FdStore, name: &str, fd: &impl AsFd) -> bool {
 /// systemd kept, else new), a trial mark in the layer directory, the keeper, the broker
 /// and the supervisor.
 fn fanotify_backend(
-    root: &Path,
+    config: &Config,
     fetcher_registry: &RegistryArgs,
     store: &mut FdStore,
 ) -> Result<(Backend, Option<Pending>)> {
+    let (root, startup_yields) = (&config.snapshotter.root, config.fetch.startup_yields);
     let dir = root.join("layers/blobs");
     make_dir(&dir)?;
     let stored = store.take(fdstore::FANOTIFY);
@@ -367,6 +368,7 @@ fn fanotify_backend(
     let backend = Backend::Fanotify {
         blobs: supervisor.blobs().clone(),
         broker: broker.clone(),
+        startup_yields,
     };
     tracing::info!(dir = %dir.display(), kept, "backend fanotify: pre-content group ready; fetcher supervised");
     Ok((

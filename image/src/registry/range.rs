@@ -30,6 +30,7 @@ pub(super) async fn attempt(
         len,
         ..
     } = *range;
+    let started = std::time::Instant::now();
     let request = http
         .get(&range.url)
         .header(RANGE, format!("bytes={offset}-{}", offset + len.max(1) - 1));
@@ -52,6 +53,9 @@ pub(super) async fn attempt(
             return Err(failure);
         }
     };
+    let headers_at = started.elapsed();
+    let mut pieces = 0u32;
+    let mut first_piece_at = None;
     let mut body = response.bytes_stream();
     let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
     let mut seen = 0u64;
@@ -62,11 +66,23 @@ pub(super) async fn attempt(
                 reason: format!("body: {e}"),
             })
         })?;
+        pieces += 1;
+        first_piece_at.get_or_insert_with(|| started.elapsed());
         let start = skip.saturating_sub(seen).min(chunk.len() as u64) as usize;
         seen += chunk.len() as u64;
         let take = (chunk.len() - start).min((len - out.len() as u64) as usize);
         out.extend_from_slice(&chunk[start..start + take]);
         if out.len() as u64 == len {
+            // Where a range request's time goes: the registry's answer, then its body.
+            tracing::debug!(
+                target: "read_trace",
+                len,
+                pieces,
+                headers_us = headers_at.as_micros() as u64,
+                first_byte_us = first_piece_at.unwrap_or_default().as_micros() as u64,
+                body_us = started.elapsed().as_micros() as u64,
+                "range_body"
+            );
             return Ok(out);
         }
     }

@@ -109,7 +109,7 @@ struct Object<O> {
 const RUN_BYTES: u64 = 4 << 20;
 
 /// The largest fetch unit, whatever a source's pieces (a blob's chunks are bounded so).
-const MAX_UNIT: u64 = 64 << 20;
+pub const MAX_UNIT: u64 = 64 << 20;
 
 /// The fetch unit for a source stored in `piece`-byte pieces: `configured` rounded up to
 /// whole pieces (and pages), so no piece is fetched, decompressed and verified twice

@@ -45,6 +45,11 @@ pub enum Backend {
     Fanotify {
         blobs: BlobTable,
         broker: Arc<Broker>,
+        /// Start-up regions are opened once the image's top layer is mounted
+        /// ([`LayerMounts::open_startup`]), not as each layer is: the mounts' region
+        /// fetches (made here, where the fetcher's gate cannot see them) then do not
+        /// queue behind megabytes of start-up data on a slow link.
+        startup_yields: bool,
     },
     /// Fetched whole and mounted file-backed (kernels without ondemand mode).
     FileBacked,
@@ -312,7 +317,11 @@ impl LayerMounts {
                     .unwrap_or_default();
                 mount(&meta.display().to_string(), &path, &options)?;
             }
-            Backend::Fanotify { blobs, broker } => {
+            Backend::Fanotify {
+                blobs,
+                broker,
+                startup_yields,
+            } => {
                 let (meta, data) =
                     fanotify::prepare(&self.blob_dir, layer, &self.registry, blobs, broker)?;
                 let options = data
@@ -320,7 +329,7 @@ impl LayerMounts {
                     .map(|d| format!("device={}", d.display()))
                     .unwrap_or_default();
                 mount(&meta.display().to_string(), &path, &options)?;
-                if let Some(data) = data.filter(|_| layer.startup_size > 0) {
+                if let Some(data) = data.filter(|_| layer.startup_size > 0 && !startup_yields) {
                     fanotify::open_startup_region(data);
                 }
             }
@@ -417,6 +426,26 @@ impl LayerMounts {
             return;
         }
         self.prefetch.submit(plan);
+    }
+
+    /// Once an image's top layer is mounted: starts the fetch of the start-up regions of
+    /// its mounted `layers` (fanotify with `startup_yields`; the cachefiles fetcher
+    /// opens each layer's object at mount and holds its runs back itself).
+    pub fn open_startup(&self, layers: &[LazyRecord]) {
+        let Backend::Fanotify {
+            startup_yields: true,
+            ..
+        } = &self.backend
+        else {
+            return;
+        };
+        let wanted = layers.iter().filter(|layer| {
+            layer.startup_size > 0 && layer.data_space_size > 0 && self.is_mounted(&layer.fsid)
+        });
+        for name in wanted.filter_map(|layer| fanotify::name(layer).ok()) {
+            let (_, files) = lazy_erofs_ondemand::fanotify::layer::files(&self.blob_dir, &name);
+            fanotify::open_startup_region(files.data);
+        }
     }
 
     /// How many containers' overlays stack our layers now.

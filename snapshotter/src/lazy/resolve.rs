@@ -24,6 +24,11 @@ pub struct Resolved {
     /// The image's lazy layers above this one, on the first Prepare of its manifest
     /// (empty afterwards): to mount ahead of their own Prepares.
     pub above: Vec<LazyRecord>,
+    /// For an image's top layer: the image's lazy layers with a start-up region, whose
+    /// fetch starts once it is mounted ([`LayerMounts::open_startup`]).
+    ///
+    /// [`LayerMounts::open_startup`]: super::layers::LayerMounts::open_startup
+    pub startup: Vec<LazyRecord>,
 }
 
 /// Manifests kept: a Prepare of each layer of an image reads its manifest once, so a
@@ -84,6 +89,17 @@ impl LayerResolver {
             .layers()
             .last()
             .is_some_and(|d| d.digest().to_string() == remote.layer_digest);
+        let startup = if is_top {
+            manifest
+                .layers()
+                .iter()
+                .filter_map(|d| lazy(d).ok().flatten())
+                .filter(|l| l.startup_size > 0)
+                .map(|l| LazyRecord::new(&pinned, &repository, &l))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let prefetch = if is_top {
             let fsids: Option<Vec<String>> = manifest
                 .layers()
@@ -122,6 +138,7 @@ impl LayerResolver {
             record: LazyRecord::new(&pinned, &repository, &layer),
             prefetch,
             above,
+            startup,
         }))
     }
 

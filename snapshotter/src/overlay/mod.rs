@@ -528,8 +528,11 @@ impl Snapshotter for OverlaySnapshotter {
                     .blocking(move |inner| inner.create_lazy(&remote, &parent, labels, record))
                     .instrument(span)
                     .await?;
-                if fresh && let Some(plan) = resolved.prefetch {
-                    lazy.mounts.prefetch(plan);
+                if fresh {
+                    lazy.mounts.open_startup(&resolved.startup);
+                    if let Some(plan) = resolved.prefetch {
+                        lazy.mounts.prefetch(plan);
+                    }
                 }
                 return Err(SnapshotError::AlreadyExists(target));
             }
