@@ -92,6 +92,13 @@ fn privileged_host_fanotify_startup_region_is_fetched_before_it_is_read() -> Res
         sent() > after_region,
         "reading an unlisted file fetched nothing: the measure is blind"
     );
+    // The verified region was fetched once, by serve (the fetcher read it back).
+    let region_len = layer.verified_region_len();
+    let responses = image.registry.blob_responses(&layer.digest);
+    ensure!(
+        responses.iter().filter(|&&n| n == region_len).count() == 1,
+        "the verified region ({region_len} bytes) was not fetched exactly once: {responses:?}"
+    );
     println!(
         "start-up region {} bytes; {} bytes sent after the first read; unlisted file {} more",
         layer.startup_size,

@@ -13,8 +13,8 @@ use lazy_erofs_image::manifest::LazyLayer;
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::fanotify::{Broker, BrokerConfig, Group, layer};
 use lazy_erofs_ondemand::supervisor::Transport;
-use lazy_erofs_ondemand::{Event, SourceFactory, Supervisor, SupervisorConfig};
-use lazy_erofs_snapshotter::lazy::{LazySourceFactory, View};
+use lazy_erofs_ondemand::{BlobSpec, Event, Supervisor, SupervisorConfig};
+use lazy_erofs_snapshotter::lazy::{LazyRecord, View, fetch_metadata};
 
 use lazy_erofs_ondemand::fanotify::keeper::adopt;
 
@@ -126,7 +126,8 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// Fetches each layer's verified metadata image whole, creates its sparse data file,
+/// Fetches each layer's verified region once (the metadata image, and the rest kept for
+/// the fetcher), creates its sparse data file,
 /// registers it with the supervisor (for the fetcher) and the broker (marking it).
 fn prepare_layers(
     registry: &Arc<Registry>,
@@ -143,7 +144,7 @@ fn prepare_layers(
     let (manifest, digest) = runtime
         .block_on(registry.pull_manifest(image))
         .with_context(|| format!("pulling the manifest of {image}"))?;
-    let factory = LazySourceFactory::new(registry.clone());
+    let repository = lazy_erofs_image::registry::repository_of(image)?;
     let mut prepared = Vec::new();
     for (index, descriptor) in manifest.layers().iter().enumerate() {
         let Some(lazy) = LazyLayer::from_descriptor(descriptor)? else {
@@ -152,35 +153,21 @@ fn prepare_layers(
                 index + 1
             );
         };
-        let name = file_name(&lazy)?;
+        let record = LazyRecord::new(image, &repository, &lazy);
+        let (dir, registry) = (cache_dir.to_path_buf(), registry.clone());
+        // Once, through the verifying reader; the rest of the verified region is kept
+        // beside the metadata image, so the fetcher does not fetch it again.
+        let (name, kept) = runtime
+            .block_on(runtime.spawn_blocking(move || fetch_metadata(&dir, &record, &registry)))?
+            .with_context(|| format!("the metadata of layer {} ({})", index + 1, lazy.digest))?;
         let (meta, files) = layer::files(cache_dir, &name);
-        let spec = |view| layer_spec(image, &lazy, view, options.throttle);
-        if !layer::has_metadata(&meta) {
-            let bytes = runtime.block_on(async {
-                let source = factory.open(&name, &spec(View::Metadata)).await?;
-                let len = usize::try_from(source.size())
-                    .map_err(|e| anyhow::anyhow!("metadata size: {e}"))?;
-                anyhow::Ok(source.read_at(0, len).await?)
-            });
-            let bytes = bytes.with_context(|| {
-                format!(
-                    "fetching the metadata of layer {} ({})",
-                    index + 1,
-                    lazy.digest
-                )
-            })?;
-            layer::write_metadata(&meta, &bytes[..lazy.metadata_size as usize])?;
-        }
-        if lazy.data_space_size > 0 {
-            // With the verified header loaded, this checks the manifest's data space size:
-            // a data file shorter than the image's blocks would read as zeros past its end.
-            runtime
-                .block_on(factory.open(&name, &spec(View::Data)))
-                .with_context(|| format!("layer {} ({})", index + 1, lazy.digest))?;
-        }
         let data = if lazy.data_space_size > 0 {
             layer::ensure_data_file(&files, lazy.data_space_size)?;
-            supervisor.blobs().insert(name.clone(), spec(View::Data));
+            let mut data_spec = layer_spec(image, &lazy, View::Data, options.throttle);
+            if let BlobSpec::Registry(spec) = &mut data_spec {
+                spec.kept_region = Some(kept);
+            }
+            supervisor.blobs().insert(name.clone(), data_spec);
             broker.add_layer(files.clone())?;
             Some(files.data.clone())
         } else {
@@ -194,17 +181,6 @@ fn prepare_layers(
         });
     }
     Ok(prepared)
-}
-
-/// The layer's file name stem: its verified digest, which names exactly this converted
-/// blob (a digest the manifest parser checked: `sha256:` and 64 hex digits).
-fn file_name(lazy: &LazyLayer) -> Result<String> {
-    let hex = lazy
-        .verified_digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .with_context(|| format!("layer {}: bad verified digest", lazy.digest))?;
-    Ok(format!("sha256-{hex}"))
 }
 
 /// Unmounts each layer; one still in use is detached (its readers keep reading, the

@@ -30,25 +30,26 @@ pub(crate) fn name(layer: &LazyRecord) -> Result<String, SnapshotError> {
         })
 }
 
-/// Puts the layer's files in place under `dir` and registers its data view with the
-/// fetcher (`blobs`) and the broker (which marks the data file). Returns the metadata
-/// image and the data file to mount. Call on a blocking thread of a tokio runtime.
-pub(crate) fn prepare(
+fn unavailable(layer: &LazyRecord, e: &dyn std::fmt::Display) -> SnapshotError {
+    SnapshotError::Unavailable(format!(
+        "lazy layer {} from {}: {e}",
+        layer.digest, layer.image
+    ))
+}
+
+/// Puts the layer's metadata image under `dir` (fetching its verified region once,
+/// unless the image is there) and keeps the rest of the region beside it, for the
+/// fetcher to read instead of fetching it again. Returns the layer's file stem and those
+/// files. Call on a blocking thread of a tokio runtime.
+pub fn fetch_metadata(
     dir: &Path,
     layer: &LazyRecord,
     registry: &Arc<Registry>,
-    blobs: &BlobTable,
-    broker: &Broker,
-) -> Result<(PathBuf, Option<PathBuf>), SnapshotError> {
+) -> Result<(String, KeptRegionFiles), SnapshotError> {
     let name = name(layer)?;
-    let (meta, files) = layer::files(dir, &name);
+    let (meta, _) = layer::files(dir, &name);
     let region = layer::region(dir, &name);
-    let failed = |e: &dyn std::fmt::Display| {
-        SnapshotError::Unavailable(format!(
-            "lazy layer {} from {}: {e}",
-            layer.digest, layer.image
-        ))
-    };
+    let failed = |e: &dyn std::fmt::Display| unavailable(layer, e);
     if !layer::has_metadata(&meta) {
         let blob = BlockingRegistryBlob::of_layer(layer, registry);
         let reader = BlobReader::open_region(blob, &layer.verified_digest, layer.region_len)
@@ -69,15 +70,33 @@ pub(crate) fn prepare(
         }
         layer::write_metadata(&meta, reader.metadata()).map_err(|e| failed(&e))?;
     }
+    let kept = KeptRegionFiles {
+        rest: region,
+        metadata: meta,
+    };
+    Ok((name, kept))
+}
+
+/// Puts the layer's files in place under `dir` and registers its data view with the
+/// fetcher (`blobs`) and the broker (which marks the data file). Returns the metadata
+/// image and the data file to mount. Call on a blocking thread of a tokio runtime.
+pub(crate) fn prepare(
+    dir: &Path,
+    layer: &LazyRecord,
+    registry: &Arc<Registry>,
+    blobs: &BlobTable,
+    broker: &Broker,
+) -> Result<(PathBuf, Option<PathBuf>), SnapshotError> {
+    let (name, kept) = fetch_metadata(dir, layer, registry)?;
+    let meta = kept.metadata.clone();
     if layer.data_space_size == 0 {
         return Ok((meta, None));
     }
+    let (_, files) = layer::files(dir, &name);
+    let failed = |e: &dyn std::fmt::Display| unavailable(layer, e);
     layer::ensure_data_file(&files, layer.data_space_size).map_err(|e| failed(&e))?;
     let mut spec = layer.spec(View::Data);
-    spec.kept_region = Some(KeptRegionFiles {
-        rest: region,
-        metadata: meta.clone(),
-    });
+    spec.kept_region = Some(kept);
     blobs.insert(name, BlobSpec::Registry(spec));
     broker.add_layer(files.clone()).map_err(|e| failed(&e))?;
     Ok((meta, Some(files.data)))

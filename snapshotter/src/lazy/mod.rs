@@ -19,6 +19,7 @@ mod whole;
 use lazy_erofs_image::manifest::LazyLayer;
 use serde::{Deserialize, Serialize};
 
+pub use fanotify::fetch_metadata;
 pub use layers::{Backend, LayerMounts};
 pub use remote::RemoteLayerRef;
 pub use resolve::{LayerResolver, Resolved};
