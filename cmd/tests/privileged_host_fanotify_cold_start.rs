@@ -239,9 +239,82 @@ async fn privileged_host_fanotify_startup_regions_are_fetched_once_the_top_layer
     Ok(())
 }
 
+/// Files a node keeps for one image serve every image naming the same verified digest.
+/// Another manifest of that digest with a smaller data space than its verified header
+/// says is refused, and the shared data file keeps its size (cut short, the first
+/// image's reads past its new end would see zeros).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_host_fanotify_a_kept_layer_named_with_a_wrong_size_is_refused() -> Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (fanotify, mount)"
+    );
+    let work = fanotify::work_dir()?;
+    let work = work.path();
+    let image = pushed_layers(work, 1, 1, 1 << 20, &[]).await?;
+    let layer = &image.layers[0];
+    let daemon = prepare_lazily(
+        work,
+        &image.registry.host,
+        &image.reference,
+        &image.manifest_digest,
+        layer,
+    )
+    .await?;
+    let hex = layer.verified_digest.trim_start_matches("sha256:");
+    let data = work.join(format!("snapshotter/layers/blobs/sha256-{hex}.data"));
+    let size = std::fs::metadata(&data)?.len();
+    ensure!(size == layer.data_space_size, "data file of {size} bytes");
+
+    // The same blob in another repository (another binding, so another mount), its
+    // manifest claiming half the data space.
+    let other = format!("{}/lazy/other:1", image.registry.host);
+    let client = Registry::new(&RegistryOptions::insecure(&image.registry.host));
+    client.push_layout(&image.layout, &other).await?;
+    let (mut manifest, _) = client.pull_manifest(&other).await?;
+    let mut layers = manifest.layers().clone();
+    let mut annotations = layers[0].annotations().clone().unwrap_or_default();
+    let claimed = (layer.data_space_size / 2) & !4095;
+    annotations.insert(
+        lazy_erofs_image::manifest::annotation::DATA_SPACE_SIZE.to_owned(),
+        claimed.to_string(),
+    );
+    layers[0].set_annotations(Some(annotations));
+    manifest.set_layers(layers);
+    let manifest_digest = put_manifest(&image.registry.host, &other, &manifest)?;
+    let wrong = LazyLayer::from_descriptor(&manifest.layers()[0])?.context("not lazy")?;
+    ensure!(wrong.data_space_size == claimed, "the claim did not take");
+
+    let err = daemon
+        .client()
+        .await?
+        .prepare(common::lazy_prepare(labels(
+            &other,
+            &manifest_digest,
+            &wrong,
+        )))
+        .await
+        .expect_err("a layer with a wrong data space size was prepared");
+    ensure!(
+        err.message().contains(&format!(
+            "the verified data space is {} bytes, the manifest says {claimed}",
+            layer.data_space_size
+        )),
+        "{err:?}"
+    );
+    ensure!(
+        std::fs::metadata(&data)?.len() == size,
+        "the shared data file went from {size} to {} bytes",
+        std::fs::metadata(&data)?.len()
+    );
+    Ok(())
+}
+
 /// An image of `count` lazy layers in a registry of its own.
 struct LayeredImage {
     registry: lazy_erofs_test_support::DockerRegistry,
+    /// Its converted OCI layout, to push again elsewhere.
+    layout: std::path::PathBuf,
     reference: String,
     manifest: oci_spec::image::ImageManifest,
     manifest_digest: String,
@@ -297,6 +370,7 @@ async fn pushed_layers(
         .collect::<Result<_>>()?;
     Ok(LayeredImage {
         registry,
+        layout: dst,
         reference,
         manifest,
         manifest_digest,

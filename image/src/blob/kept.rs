@@ -10,7 +10,16 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{BlobReader, HEADER_SIZE, RangeRead};
+use super::{BlobError, BlobReader, HEADER_SIZE, Header, RangeRead};
+
+/// The header of a region kept as `rest` (see [`write_rest`]). Unverified: only good for
+/// skipping a fetch when it agrees with what the caller expects (the fetcher checks the
+/// whole kept region against the digest before serving from it).
+pub fn kept_header(rest: &Path) -> Result<Header, BlobError> {
+    let mut bytes = vec![0u8; HEADER_SIZE as usize];
+    File::open(rest)?.read_exact_at(&mut bytes, 0)?;
+    Header::decode(&bytes)
+}
 
 /// Writes the region of `reader`'s blob without its metadata image to `path`,
 /// atomically: the header, then the chunk table, as the blob holds them. Not synced: a

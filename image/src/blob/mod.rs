@@ -14,7 +14,7 @@ mod reader;
 mod sealer;
 mod writer;
 
-pub use kept::{KeptFirst, KeptRegion, write_rest as keep_region};
+pub use kept::{KeptFirst, KeptRegion, kept_header, write_rest as keep_region};
 pub use reader::{BlobReader, RangeRead};
 pub use sealer::default_threads;
 pub use writer::{BlobInfo, BlobWriter, DataSpace, DataSpaceWriter};

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lazy_erofs_image::blob::{BlobReader, keep_region};
+use lazy_erofs_image::blob::{BlobReader, keep_region, kept_header};
 use lazy_erofs_image::registry::Registry;
 use lazy_erofs_ondemand::fanotify::{Broker, layer};
 use lazy_erofs_ondemand::{BlobSpec, BlobTable, KeptRegionFiles};
@@ -39,8 +39,11 @@ fn unavailable(layer: &LazyRecord, e: &dyn std::fmt::Display) -> SnapshotError {
 
 /// Puts the layer's metadata image under `dir` (fetching its verified region once,
 /// unless the image is there) and keeps the rest of the region beside it, for the
-/// fetcher to read instead of fetching it again. Returns the layer's file stem and those
-/// files. Call on a blocking thread of a tokio runtime.
+/// fetcher to read instead of fetching it again. Checks the record's data space size
+/// against the verified header every time: files kept for one image serve every image
+/// naming the same verified digest, and a size another manifest gets wrong must not cut
+/// the shared data file short (reads past its end would see zeros). Returns the layer's
+/// file stem and the kept files. Call on a blocking thread of a tokio runtime.
 pub fn fetch_metadata(
     dir: &Path,
     layer: &LazyRecord,
@@ -50,7 +53,11 @@ pub fn fetch_metadata(
     let (meta, _) = layer::files(dir, &name);
     let region = layer::region(dir, &name);
     let failed = |e: &dyn std::fmt::Display| unavailable(layer, e);
-    if !layer::has_metadata(&meta) {
+    // The kept header was written from a verified one; if it is missing, cut short or
+    // disagrees, the region is fetched and verified again, and that decides.
+    let kept_agrees = layer::has_metadata(&meta)
+        && kept_header(&region).is_ok_and(|h| h.data_space_size == layer.data_space_size);
+    if !kept_agrees {
         let blob = BlockingRegistryBlob::of_layer(layer, registry);
         let reader = BlobReader::open_region(blob, &layer.verified_digest, layer.region_len)
             .map_err(|e| failed(&e))?;
