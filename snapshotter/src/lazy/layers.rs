@@ -501,7 +501,7 @@ const MOUNTS_AHEAD: usize = 4;
 /// again and reports the error. Runs on the current tokio runtime.
 pub fn mount_ahead<F>(layers: Vec<LazyRecord>, ensure: F)
 where
-    F: Fn(&LazyRecord) -> Option<Result<PathBuf, SnapshotError>> + Send + Sync + 'static,
+    F: Fn(&LazyRecord) -> Result<PathBuf, SnapshotError> + Send + Sync + 'static,
 {
     use futures::StreamExt;
     use tracing::Instrument;
@@ -515,11 +515,11 @@ where
         async move {
             let fsid = layer.fsid.clone();
             match tokio::task::spawn_blocking(move || ensure(&layer)).await {
-                Ok(Some(Err(e))) => {
+                Ok(Err(e)) => {
                     tracing::warn!(%fsid, error = %e, "mounting a layer ahead failed")
                 }
                 Err(e) => tracing::warn!(%fsid, error = %e, "mount-ahead task failed"),
-                Ok(_) => {}
+                Ok(Ok(_)) => {}
             }
         }
     });

@@ -5,11 +5,12 @@
 //! ([`source`]) — through fscache, or as file-backed mounts filled on fanotify events
 //! ([`fanotify`]); without either the layer is fetched whole and mounted file-backed
 //! ([`whole`]). Paths an image lists are read right after its top layer is
-//! mounted ([`prefetch`]).
+//! mounted ([`prefetch`]). [`prepare`] runs a remote Prepare through these steps.
 
 mod fanotify;
 pub mod layers;
 pub mod prefetch;
+mod prepare;
 pub mod record;
 pub mod remote;
 pub mod resolve;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use fanotify::fetch_metadata;
 pub use layers::{Backend, LayerMounts};
+pub use prepare::{LazyLayers, RemotePrepare};
 pub use remote::RemoteLayerRef;
 pub use resolve::{LayerResolver, Resolved};
 pub use source::{LazyLayerSpec, LazySourceFactory, View};

@@ -13,7 +13,7 @@ impl OverlaySnapshotter {
         let Some(lazy) = &self.inner.lazy else {
             return Ok(None);
         };
-        crate::cache::inventory::take(&self.inner.store, &lazy.mounts).map(Some)
+        crate::cache::inventory::take(&self.inner.store, lazy.mounts()).map(Some)
     }
 
     /// One collection pass (blocking: call on a blocking thread).
@@ -28,15 +28,15 @@ impl OverlaySnapshotter {
                 "lazy layers are off: there is no layer cache".into(),
             ));
         };
-        crate::cache::collect(&self.inner.store, &lazy.mounts, limits, dry_run, metrics)
+        crate::cache::collect(&self.inner.store, lazy.mounts(), limits, dry_run, metrics)
     }
 
     /// The cache directory lazy layers live in.
     pub fn cache_dir(&self) -> Option<std::path::PathBuf> {
         let lazy = self.inner.lazy.as_ref()?;
-        Some(match lazy.mounts.backend() {
+        Some(match lazy.mounts().backend() {
             crate::lazy::Backend::Fscache { cache_dir, .. } => cache_dir.clone(),
-            _ => lazy.mounts.blob_dir().to_owned(),
+            _ => lazy.mounts().blob_dir().to_owned(),
         })
     }
 }

@@ -4,9 +4,9 @@
 //! freezes an active snapshot; remove refuses parents; cleanup drops orphans.
 //!
 //! Lazy layers (when enabled): a Prepare carrying the remote-snapshot labels for a
-//! layer its manifest marks lazy mounts that layer (see `crate::lazy`), records the
-//! committed snapshot under the target name and answers AlreadyExists, as containerd
-//! expects of a remote snapshotter. In parent chains such a snapshot's lowerdir is the
+//! layer its manifest marks lazy goes to [`LazyLayers::prepare`], which mounts that
+//! layer and has this store record the committed snapshot under the target name; the
+//! Prepare answers AlreadyExists, as containerd expects of a remote snapshotter. In parent chains such a snapshot's lowerdir is the
 //! layer's mount.
 //!
 //! Crash safety: a directory is built under a `new-*` name and renamed to its id inside
@@ -23,12 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use containerd_client::types::Mount;
-use tracing::Instrument;
 
 use crate::api::{Info, Kind, SnapshotError, Snapshotter, Usage};
 use crate::filter::Filters;
 use crate::labels;
-use crate::lazy::{Backend, LayerMounts, LayerResolver, LazyRecord, RemoteLayerRef};
+use crate::lazy::{Backend, LayerMounts, LazyLayers, LazyRecord, RemoteLayerRef, RemotePrepare};
 use crate::store::{Record, Store};
 pub use usage::disk_usage;
 
@@ -44,12 +43,6 @@ struct Inner {
     /// by orphan removal: containerd's GC calls Cleanup while pods are created, and a
     /// directory being built (or just recorded) must not look like an orphan.
     dirs: std::sync::RwLock<()>,
-}
-
-/// What serving lazy layers takes: the manifest lookup and the layer mounts.
-struct LazyLayers {
-    resolver: LayerResolver,
-    mounts: LayerMounts,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -80,10 +73,7 @@ impl OverlaySnapshotter {
         registry: Arc<lazy_erofs_image::registry::Registry>,
     ) -> Result<Self, SnapshotError> {
         let mounts = LayerMounts::open(&root.join("layers"), backend, registry.clone())?;
-        let lazy = LazyLayers {
-            resolver: LayerResolver::new(registry),
-            mounts,
-        };
+        let lazy = LazyLayers::new(registry, mounts);
         let snapshotter = Self::open_inner(root, Some(lazy))?;
         snapshotter.adopt_kept_layers()?;
         Ok(snapshotter)
@@ -99,12 +89,12 @@ impl OverlaySnapshotter {
         let mut adopted = 0;
         for (_, record) in self.inner.store.list()? {
             if let Some(layer) = &record.lazy
-                && lazy.mounts.adopt(layer)
+                && lazy.mounts().adopt(layer)
             {
                 adopted += 1;
             }
         }
-        let stale = lazy.mounts.clear_unadopted();
+        let stale = lazy.mounts().clear_unadopted();
         if adopted + stale > 0 {
             tracing::info!(
                 adopted,
@@ -152,7 +142,7 @@ impl OverlaySnapshotter {
             let mut count = 0;
             for (key, record) in inner.store.list()? {
                 if let Some(layer) = &record.lazy {
-                    match lazy.mounts.ensure(layer) {
+                    match lazy.mounts().ensure(layer) {
                         Ok(_) => count += 1,
                         Err(e) => {
                             tracing::warn!(snapshot = %key, error = %e, "cannot mount lazy layer")
@@ -170,12 +160,12 @@ impl OverlaySnapshotter {
         self.inner
             .lazy
             .as_ref()
-            .map_or(0, |lazy| lazy.mounts.unmount_all())
+            .map_or(0, |lazy| lazy.mounts().unmount_all())
     }
 
     /// Where the lazy layer `fsid` is mounted, if this process mounted it.
     pub fn layer_mount(&self, fsid: &str) -> Option<PathBuf> {
-        let mounts = &self.inner.lazy.as_ref()?.mounts;
+        let mounts = self.inner.lazy.as_ref()?.mounts();
         mounts.is_mounted(fsid).then(|| mounts.path(fsid))
     }
 
@@ -184,7 +174,7 @@ impl OverlaySnapshotter {
         self.inner
             .lazy
             .as_ref()
-            .map_or(0, |lazy| lazy.mounts.overlays_using())
+            .map_or(0, |lazy| lazy.mounts().overlays_using())
     }
 
     /// Runs `f` on a blocking thread: store commits fsync, directory walks take time.
@@ -236,7 +226,7 @@ impl Inner {
     /// Where a committed snapshot's files are: its layer mount or its own directory.
     fn layer_dir(&self, record: &Record) -> Result<PathBuf, SnapshotError> {
         match (&record.lazy, &self.lazy) {
-            (Some(layer), Some(lazy)) => lazy.mounts.ensure(layer),
+            (Some(layer), Some(lazy)) => lazy.mounts().ensure(layer),
             (Some(layer), None) => Err(SnapshotError::FailedPrecondition(format!(
                 "snapshot stands on lazy layer {} but lazy layers are off",
                 layer.digest
@@ -304,7 +294,7 @@ impl Inner {
         if self.store.get(&remote.target)?.is_some() {
             return Ok(false);
         }
-        lazy.mounts.ensure(&layer)?;
+        lazy.mounts().ensure(&layer)?;
         let _dirs = self.dirs_shared();
         self.store
             .create_lazy(&remote.target, parent, labels, layer, |id| {
@@ -391,9 +381,9 @@ impl Inner {
                 .iter()
                 .any(|(_, r)| r.lazy.as_ref().is_some_and(|l| l.fsid == layer.fsid));
             if !still_used {
-                lazy.mounts.release(layer);
+                lazy.mounts().release(layer);
                 // Its last use: the cache GC evicts the longest unreferenced first.
-                if let Some(cache_key) = lazy.mounts.cache_key(layer) {
+                if let Some(cache_key) = lazy.mounts().cache_key(layer) {
                     let now = crate::cache::now_secs();
                     if let Err(e) = self.store.record_layer_uses(&[(cache_key, now)], &[]) {
                         tracing::warn!(error = %e, "cannot record a layer's last use");
@@ -499,42 +489,19 @@ impl Snapshotter for OverlaySnapshotter {
         &self,
         key: String,
         parent: String,
-        labels: HashMap<String, String>,
+        mut labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         if let Some(lazy) = &self.inner.lazy
             && let Some(remote) = RemoteLayerRef::from_labels(&labels)?
         {
-            // Its log lines (manifest, mount, first reads) carry the layer's names.
-            let span = tracing::info_span!(
-                "lazy_prepare",
-                image = %remote.image_ref,
-                layer = %remote.layer_digest,
-                target = %remote.target
-            );
-            if let Some(resolved) = lazy
-                .resolver
-                .resolve(&remote)
-                .instrument(span.clone())
-                .await?
-            {
-                remote.check_chain(&parent, &resolved.record.binding)?;
-                let inner = self.inner.clone();
-                crate::lazy::layers::mount_ahead(resolved.above, move |layer| {
-                    inner.lazy.as_ref().map(|lazy| lazy.mounts.ensure(layer))
-                });
-                let target = remote.target.clone();
-                let record = resolved.record;
-                let fresh = self
-                    .blocking(move |inner| inner.create_lazy(&remote, &parent, labels, record))
-                    .instrument(span)
-                    .await?;
-                if fresh {
-                    lazy.mounts.open_startup(&resolved.startup);
-                    if let Some(plan) = resolved.prefetch {
-                        lazy.mounts.prefetch(plan);
-                    }
+            let record = |remote: RemoteLayerRef, parent: String, labels, layer| {
+                self.blocking(move |inner| inner.create_lazy(&remote, &parent, labels, layer))
+            };
+            match lazy.prepare(remote, parent.clone(), labels, record).await? {
+                RemotePrepare::Committed(target) => {
+                    return Err(SnapshotError::AlreadyExists(target));
                 }
-                return Err(SnapshotError::AlreadyExists(target));
+                RemotePrepare::Ordinary(ordinary) => labels = ordinary,
             }
         }
         self.blocking(move |inner| inner.create(Kind::Active, &key, &parent, labels))
