@@ -49,8 +49,13 @@ pub fn trace_breakdown(log: &str, what: &str) -> String {
         }
     }
     let mut out = format!("read_trace {what}");
-    for kind in ["read", "unit", "data"] {
-        out += &format!(" {kind}s={}", count.get(kind).copied().unwrap_or(0));
+    for (kind, name) in [
+        ("read", "reads"),
+        ("unit", "units"),
+        ("data", "datas"),
+        ("range_body", "requests"),
+    ] {
+        out += &format!(" {name}={}", count.get(kind).copied().unwrap_or(0));
     }
     for stage in [
         "total",
@@ -62,6 +67,9 @@ pub fn trace_breakdown(log: &str, what: &str) -> String {
         "range",
         "decompress",
         "verify",
+        // Of the range requests: until the registry's headers, and the whole body.
+        "headers",
+        "body",
     ] {
         let ms = sum_us.get(stage).copied().unwrap_or(0) as f64 / 1000.0;
         out += &format!(" {stage}_ms={ms:.1}");

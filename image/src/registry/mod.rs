@@ -219,19 +219,29 @@ impl Registry {
 
     /// Runs `attempt` on each endpoint in turn (mirrors, then the origin) until one
     /// succeeds; a failing mirror is logged and skipped, the origin's error returned.
-    async fn on_first_endpoint<T>(
+    ///
+    /// `attempt` owns its endpoint: an async closure borrowing it would make every
+    /// registry future not `Send` (rustc cannot prove it for all the borrow's lifetimes).
+    async fn on_first_endpoint<T, F, Fut>(
         &self,
         image: &Reference,
         what: &str,
-        attempt: impl AsyncFn(&Endpoint) -> Result<T, RegistryError>,
-    ) -> Result<T, RegistryError> {
+        attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: Fn(Endpoint) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
         let mut last = None;
         for endpoint in self.endpoints(image) {
-            match attempt(&endpoint).await {
+            let (mirror, host) = (
+                endpoint.mirror,
+                endpoint.reference.resolve_registry().to_owned(),
+            );
+            match attempt(endpoint).await {
                 Ok(value) => return Ok(value),
-                Err(e) if endpoint.mirror => {
-                    let mirror = endpoint.reference.resolve_registry();
-                    tracing::warn!(mirror, what, error = %e, "mirror failed; trying the next endpoint");
+                Err(e) if mirror => {
+                    tracing::warn!(mirror = host, what, error = %e, "mirror failed; trying the next endpoint");
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -379,14 +389,16 @@ impl Registry {
             .or(image.tag())
             .unwrap_or("latest")
             .to_owned();
-        self.on_first_endpoint(image, &whole, async |endpoint: &Endpoint| {
+        let (whole, reference) = (&whole, &reference);
+        self.on_first_endpoint(image, whole, |endpoint: Endpoint| async move {
+            let endpoint = &endpoint;
             let host = endpoint.reference.resolve_registry();
             let url = self
                 .repository_url(&endpoint.reference)?
                 .join(&format!("manifests/{reference}"))
-                .map_err(|e| protocol_error(&whole, e))?;
+                .map_err(|e| protocol_error(whole, e))?;
             let bytes =
-                with_retries_within(&self.policy(endpoint), &whole, MAX_DOCUMENT_BYTES, || {
+                with_retries_within(&self.policy(endpoint), whole, MAX_DOCUMENT_BYTES, || {
                     self.authorized(
                         &endpoint.reference,
                         RegistryOperation::Pull,
@@ -413,7 +425,7 @@ impl Registry {
                 let actual = digest.clone();
                 if actual != expected {
                     return Err(protocol_error(
-                        &whole,
+                        whole,
                         format!("{host} sent a manifest with digest {actual}"),
                     ));
                 }
@@ -452,12 +464,13 @@ impl Registry {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, RegistryError> {
-        let image = parse_reference(image)?;
+        let image = &parse_reference(image)?;
         let started = std::time::Instant::now();
         let span = tracing::debug_span!("range", digest, offset, len);
         let result = self
-            .on_first_endpoint(&image, digest, async |endpoint: &Endpoint| {
-                let url = self.blob_url(endpoint, &image, digest)?;
+            .on_first_endpoint(image, digest, |endpoint: Endpoint| async move {
+                let endpoint = &endpoint;
+                let url = self.blob_url(endpoint, image, digest)?;
                 with_retries_within(&self.policy(endpoint), digest, len, || {
                     self.authorized(
                         &endpoint.reference,
@@ -510,6 +523,19 @@ impl RangeRead for RegistryBlob {
             )
             .map_err(std::io::Error::other)
     }
+}
+
+/// The registry's futures stay `Send` (checked when this compiles): a multi-threaded
+/// runtime (the snapshotter's) awaits them on its workers, no blocking thread between.
+#[allow(dead_code)]
+fn futures_are_send(registry: &Registry, blob: &oci_spec::image::Descriptor) {
+    fn send<T: Send>(_: T) {}
+    send(registry.pull_small_blob("r.test/a:1", blob));
+    send(registry.read_range("r.test/a:1", "sha256:00", 0, 1));
+    send(registry.pull_manifest("r.test/a:1"));
+    send(registry.pull_platform_manifest("r.test/a:1", "linux/amd64"));
+    send(registry.pull_to_layout("r.test/a:1", "linux/amd64", Path::new("/")));
+    send(registry.push_layout(Path::new("/"), "r.test/a:1"));
 }
 
 #[cfg(test)]

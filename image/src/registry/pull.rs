@@ -194,10 +194,11 @@ impl Registry {
         blob: &Descriptor,
         layout: &OciLayout,
     ) -> Result<u64, RegistryError> {
-        let digest = blob.digest().to_string();
-        self.on_first_endpoint(image, &digest, async |endpoint: &Endpoint| {
-            let url = self.blob_url(endpoint, image, &digest)?;
-            with_retries(&self.policy(endpoint), &digest, || {
+        let digest = &blob.digest().to_string();
+        self.on_first_endpoint(image, digest, |endpoint: Endpoint| async move {
+            let endpoint = &endpoint;
+            let url = self.blob_url(endpoint, image, digest)?;
+            with_retries(&self.policy(endpoint), digest, || {
                 self.authorized(&endpoint.reference, RegistryOperation::Pull, |authorization| {
                     let url = url.clone();
                     let digest = digest.clone();

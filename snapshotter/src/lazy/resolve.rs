@@ -146,20 +146,10 @@ impl LayerResolver {
         if let Some(m) = self.lock().get(pinned) {
             return Ok(m.clone());
         }
-        // The registry client's futures are not `Send` (its endpoint fallback takes an
-        // async closure), so the fetch runs on a blocking thread of this runtime.
-        let (registry, image, handle) = (
-            self.registry.clone(),
-            pinned.to_owned(),
-            tokio::runtime::Handle::current(),
-        );
         let (manifest, _) =
-            tokio::task::spawn_blocking(move || handle.block_on(registry.pull_manifest(&image)))
-                .await
-                .map_err(|e| SnapshotError::Unavailable(format!("manifest task: {e}")))?
-                .map_err(|e| {
-                    SnapshotError::Unavailable(format!("fetching manifest {pinned}: {e}"))
-                })?;
+            self.registry.pull_manifest(pinned).await.map_err(|e| {
+                SnapshotError::Unavailable(format!("fetching manifest {pinned}: {e}"))
+            })?;
         let manifest = Arc::new(manifest);
         self.lock().put(pinned.to_owned(), manifest.clone());
         Ok(manifest)
