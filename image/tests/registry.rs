@@ -303,7 +303,7 @@ fn bearer_token_registry_push_pull_and_range_reads_reuse_one_token() -> Result<(
     let dir = tempfile::tempdir()?;
     let cert = dir.path().join("token-cert.pem");
     let authority = TokenAuthority::start(&cert, "tester", "t0ken-pass")?;
-    let registry_proc = lazy_erofs_test_support::start_docker_registry_with_auth(
+    let registry_proc = lazy_erofs_test_support::start_docker_registry_with_config(
         dir.path(),
         &authority.registry_auth_config(&cert),
     )?;

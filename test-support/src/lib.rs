@@ -198,7 +198,7 @@ pub fn start_docker_registry(
             file.display()
         )
     });
-    start_docker_registry_with_auth(dir, &auth)
+    start_docker_registry_with_config(dir, &auth)
 }
 
 /// Starts docker-registry with its storage under `dir`, wanting `user`'s `password`
@@ -222,9 +222,13 @@ pub fn start_docker_registry_with_password(
     start_docker_registry(dir, Some(&htpasswd))
 }
 
-/// Starts docker-registry with its storage under `dir` and `auth` as its config's
-/// `auth:` section (YAML; empty for none).
-pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result<DockerRegistry> {
+/// Starts docker-registry with its storage under `dir` (`<dir>/registry-storage`) and
+/// `extra` appended to its configuration (YAML: an `auth:` or `middleware:` section;
+/// empty for none).
+pub fn start_docker_registry_with_config(
+    dir: &Path,
+    extra: &str,
+) -> anyhow::Result<DockerRegistry> {
     use anyhow::Context;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -234,7 +238,7 @@ pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result
     fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n{auth}",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {host}\n{extra}",
             dir.join("registry-storage").display()
         ),
     )?;
@@ -261,6 +265,46 @@ pub fn start_docker_registry_with_auth(dir: &Path, auth: &str) -> anyhow::Result
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     Ok(registry)
+}
+
+/// A static file server (busybox `httpd`, which answers range requests) for `root` on a
+/// free loopback port, as a registry's blob storage; killed on drop.
+pub struct StaticFiles {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`
+    pub host: String,
+}
+
+impl Drop for StaticFiles {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serve_static_files(root: &Path) -> anyhow::Result<StaticFiles> {
+    use anyhow::Context;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let host = format!("127.0.0.1:{port}");
+    fs::create_dir_all(root)?;
+    let child = Command::new("busybox")
+        .args(["httpd", "-f", "-p", &host, "-h"])
+        .arg(root)
+        .spawn()
+        .context("start busybox httpd (busybox-static, installed by packaging/setup.sh)")?;
+    let files = StaticFiles { child, host };
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(&files.host).is_err() {
+        anyhow::ensure!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "busybox httpd did not listen on {}",
+            files.host
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(files)
 }
 
 /// The path of one of the workspace's binaries, e.g. `bin_exe!("lazy-erofs")`. Read at run

@@ -10,13 +10,13 @@ pub mod observe;
 mod options;
 mod pull;
 mod range;
+mod redirect;
 mod retry;
 mod token;
 mod upload;
 
 use std::path::Path;
 use std::sync::Arc;
-use tracing::Instrument;
 
 pub use document::MAX_DOCUMENT_BYTES;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -64,6 +64,8 @@ pub struct Registry {
     auth: Auth,
     options: RegistryOptions,
     observer: Option<std::sync::Arc<dyn observe::Observer>>,
+    /// Where blob reads were redirected to lately.
+    redirects: redirect::Redirects,
 }
 
 /// Compiles the image reference grammar (one large regex, built on first use: 41 ms on
@@ -134,6 +136,7 @@ impl Registry {
             auth: Auth::new(options),
             options: options.clone(),
             observer: None,
+            redirects: redirect::Redirects::default(),
         }
     }
 
@@ -452,56 +455,6 @@ impl Registry {
             .await?;
         let manifest = serde_json::from_slice(&bytes).map_err(|e| protocol_error(&digest, e))?;
         Ok((manifest, digest))
-    }
-
-    /// Exactly `len` bytes of blob `digest` from `offset`: mirrors first (one attempt
-    /// each), then the origin with retries (see [`RetryPolicy`]); a registry that ignores
-    /// the range is handled too.
-    pub async fn read_range(
-        &self,
-        image: &str,
-        digest: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, RegistryError> {
-        let image = &parse_reference(image)?;
-        let started = std::time::Instant::now();
-        let span = tracing::debug_span!("range", digest, offset, len);
-        let result = self
-            .on_first_endpoint(image, digest, |endpoint: Endpoint| async move {
-                let endpoint = &endpoint;
-                let url = self.blob_url(endpoint, image, digest)?;
-                with_retries_within(&self.policy(endpoint), digest, len, || {
-                    self.authorized(
-                        &endpoint.reference,
-                        RegistryOperation::Pull,
-                        |authorization| {
-                            let url = url.to_string();
-                            async move {
-                                range::attempt(
-                                    &self.http,
-                                    &range::RangeRequest {
-                                        url,
-                                        authorization: &authorization,
-                                        digest,
-                                        offset,
-                                        len,
-                                    },
-                                )
-                                .await
-                            }
-                        },
-                    )
-                })
-                .await
-            })
-            .instrument(span.clone())
-            .await;
-        span.in_scope(|| match &result {
-            Ok(_) => tracing::debug!(elapsed = ?started.elapsed(), "range read"),
-            Err(e) => tracing::debug!(elapsed = ?started.elapsed(), "range read failed: {e}"),
-        });
-        result
     }
 }
 

@@ -2,12 +2,107 @@
 //! status codes and `Retry-After`, which oci-client does not expose.
 
 use futures::StreamExt;
+use oci_client::RegistryOperation;
 use reqwest::StatusCode;
 use reqwest::header::RANGE;
+use tracing::Instrument;
 
-use super::RegistryError;
 use super::auth::Authorization;
-use super::retry::Failure;
+use super::retry::{Failure, with_retries_within};
+use super::{Endpoint, Registry, RegistryError, observe, parse_reference};
+
+impl Registry {
+    /// Exactly `len` bytes of blob `digest` from `offset`: mirrors first (one attempt
+    /// each), then the origin with retries (see [`super::RetryPolicy`]); a registry that
+    /// ignores the range is handled too, and one that redirects is asked where it
+    /// redirected to next time ([`super::redirect`]).
+    pub async fn read_range(
+        &self,
+        image: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let image = &parse_reference(image)?;
+        let started = std::time::Instant::now();
+        let span = tracing::debug_span!("range", digest, offset, len);
+        let result = self
+            .on_first_endpoint(image, digest, |endpoint: Endpoint| async move {
+                let endpoint = &endpoint;
+                let url = self.blob_url(endpoint, image, digest)?.to_string();
+                let url = &url;
+                if let Some(bytes) = self.redirected_range(url, digest, offset, len).await {
+                    return Ok(bytes);
+                }
+                let ranged = with_retries_within(&self.policy(endpoint), digest, len, || {
+                    self.authorized(
+                        &endpoint.reference,
+                        RegistryOperation::Pull,
+                        |authorization| async move {
+                            let request = RangeRequest {
+                                url: url.clone(),
+                                authorization: &authorization,
+                                digest,
+                                offset,
+                                len,
+                            };
+                            attempt(&self.http, &request).await
+                        },
+                    )
+                })
+                .await?;
+                self.redirects.landed(url, &ranged.landed);
+                Ok(ranged.bytes)
+            })
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| match &result {
+            Ok(_) => tracing::debug!(elapsed = ?started.elapsed(), "range read"),
+            Err(e) => tracing::debug!(elapsed = ?started.elapsed(), "range read failed: {e}"),
+        });
+        result
+    }
+
+    /// The range from where the registry last redirected reads of `blob_url`, if it did
+    /// lately: one attempt, without the registry's authorization; `None` (and the URL
+    /// forgotten) on any failure, for the registry to answer instead.
+    async fn redirected_range(
+        &self,
+        blob_url: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Option<Vec<u8>> {
+        let storage = self.redirects.get(blob_url)?;
+        let started = std::time::Instant::now();
+        let request = RangeRequest {
+            url: storage.to_string(),
+            authorization: &Authorization::None,
+            digest,
+            offset,
+            len,
+        };
+        let result = attempt(&self.http, &request).await;
+        if let Some(observer) = &self.observer {
+            let status = result.as_ref().err().and_then(|f| f.status);
+            let outcome = observe::Outcome::of(status, result.is_ok());
+            observer.attempt(outcome, started.elapsed());
+        }
+        match result {
+            Ok(ranged) => Some(ranged.bytes),
+            Err(failure) => {
+                let host = storage.host_str().unwrap_or_default();
+                tracing::debug!(
+                    host,
+                    "a redirected range read failed, asking the registry again: {}",
+                    failure.error
+                );
+                self.redirects.forget(blob_url);
+                None
+            }
+        }
+    }
+}
 
 /// One range of one blob at one endpoint.
 pub(super) struct RangeRequest<'a> {
@@ -18,12 +113,19 @@ pub(super) struct RangeRequest<'a> {
     pub len: u64,
 }
 
+/// The bytes of one range, and the URL that sent them (another one when the registry
+/// redirected the request).
+pub(super) struct Ranged {
+    pub bytes: Vec<u8>,
+    pub landed: reqwest::Url,
+}
+
 /// One attempt: `len` bytes at `offset`. A registry that ignores the range (200) is
 /// skipped forward; short bodies, resets, 5xx and 429 are transient.
 pub(super) async fn attempt(
     http: &reqwest::Client,
     range: &RangeRequest<'_>,
-) -> Result<Vec<u8>, Failure> {
+) -> Result<Ranged, Failure> {
     let RangeRequest {
         digest,
         offset,
@@ -54,6 +156,7 @@ pub(super) async fn attempt(
         }
     };
     let headers_at = started.elapsed();
+    let landed = response.url().clone();
     let mut pieces = 0u32;
     let mut first_piece_at = None;
     let mut body = response.bytes_stream();
@@ -83,7 +186,7 @@ pub(super) async fn attempt(
                 body_us = started.elapsed().as_micros() as u64,
                 "range_body"
             );
-            return Ok(out);
+            return Ok(Ranged { bytes: out, landed });
         }
     }
     Err(Failure::transient(RegistryError::ShortRange {
