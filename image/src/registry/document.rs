@@ -73,7 +73,7 @@ pub(super) async fn read_bounded(
         let chunk = chunk.map_err(|e| {
             Failure::transient(RegistryError::Protocol {
                 what: what.to_owned(),
-                reason: format!("body: {e}"),
+                reason: format!("body: {}", e.without_url()),
             })
         })?;
         if out.len() as u64 + chunk.len() as u64 > max {

@@ -166,7 +166,7 @@ pub(super) async fn attempt(
         let chunk = chunk.map_err(|e| {
             Failure::transient(RegistryError::Protocol {
                 what: digest.to_owned(),
-                reason: format!("body: {e}"),
+                reason: format!("body: {}", e.without_url()),
             })
         })?;
         pieces += 1;

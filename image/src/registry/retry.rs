@@ -63,6 +63,9 @@ impl Failure {
     }
 
     pub fn from_reqwest(what: &str, error: reqwest::Error) -> Self {
+        // A redirect's storage URL carries its signature: errors never name URLs (what
+        // failed is named by `what`, the log line by its registry).
+        let error = error.without_url();
         Self {
             retryable: error.is_connect()
                 || error.is_timeout()
@@ -217,6 +220,19 @@ fn jitter() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn request_errors_never_carry_the_url() {
+        let signed = "http://127.0.0.1:1/blobs/data?X-Amz-Signature=s3cr3t";
+        let error = reqwest::get(signed).await.expect_err("port 1 answered");
+        let failure = Failure::from_reqwest("sha256:00", error);
+        let text = failure.error.to_string();
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(
+            failure.retryable,
+            "a refused connection is worth another try"
+        );
+    }
 
     fn quick(max_attempts: u32) -> RetryPolicy {
         RetryPolicy {
