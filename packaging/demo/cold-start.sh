@@ -7,7 +7,9 @@
 # registry. Cold start = pull + create + run until python's output; warm = run again.
 # Lazy settings (SETTINGS="…"): on, off (readahead), startup, eager (the start-up image,
 # its regions behind the mounts or not), chunkN (the plain image converted in N KiB
-# chunks, fetched in units of one chunk).
+# chunks, fetched in units of one chunk). REGISTRY_REDIRECT=1: the registry redirects
+# blob GETs to its storage (see lib.sh); bytes are then counted as they leave the
+# registry's namespace.
 # Usage: cold-start.sh BIN_DIR LAYERS_DIR WORK_DIR
 set -euo pipefail
 bin=$1 layers=$2 work=$3
@@ -62,6 +64,15 @@ shape() { # shape none | RATE DELAY (one way; RTT is twice)
     done
 }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# Blob GETs the registry answered so far.
+registry_blob_gets() { grep -c '"GET [^"]*/blobs/sha256:' "$work/registry-access.log" || true; }
+registry_mode=direct
+if [ -n "${REGISTRY_REDIRECT:-}" ]; then
+    registry_mode=redirect
+    # Its storage sends the bytes: count what left the registry's namespace instead
+    # (headers and manifests too).
+    registry_blob_bytes() { ip netns exec "$netns" cat /sys/class/net/lzb1/statistics/tx_bytes; }
+fi
 # run_ms SNAPSHOTTER IMAGE ID: ms until the container's output is back.
 run_ms() {
     local start out
@@ -202,13 +213,13 @@ for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|
         reset_node
         log_from=$(($(wc -l <"$work/snapshotter.log") + 1))
         drop_caches
-        before=$(registry_blob_bytes)
+        before=$(registry_blob_bytes) before_gets=$(registry_blob_gets)
         start=$(now)
         pull_meta_ms=$(lazy_pull "$image")
         pull_ms=$(elapsed_ms "$start")
         run_ms lazy-erofs "$image" "l-cold-$setting" >/dev/null
         lazy_cold=$(elapsed_ms "$start")
-        fetched=$(( $(registry_blob_bytes) - before ))
+        fetched=$(( $(registry_blob_bytes) - before )) gets=$(( $(registry_blob_gets) - before_gets ))
         lazy_warm=$(run_ms lazy-erofs "$image" "l-warm-$setting")
         drop_caches
         start=$(now)
@@ -226,7 +237,8 @@ for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|
             "ratio=$(awk "BEGIN { printf \"%.2f\", $lazy_cold / $floor }")" \
             "overlay_ms=$overlay_cold warm_ms=$lazy_warm overlay_warm_ms=$overlay_warm fetched_bytes=$fetched" \
             "pull_ms=$pull_ms floor_pull_ms=$floor_pull_ms read_bytes=$read_bytes fetched_per_read=$(awk "BEGIN { printf \"%.2f\", $fetched / $read_bytes }")" \
-            "pull_meta_ms=$pull_meta_ms floor_pull_meta_ms=$floor_pull_meta_ms backend=$backend"
+            "pull_meta_ms=$pull_meta_ms floor_pull_meta_ms=$floor_pull_meta_ms registry_gets=$gets" \
+            "registry=$registry_mode backend=$backend"
         tail -n +"$log_from" "$work/snapshotter.log" | read_trace "backend=$backend profile=$slug setting=$setting"
     done
 done

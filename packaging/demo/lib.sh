@@ -24,9 +24,18 @@ free_port() {
 }
 
 # start_registry HOST:PORT [NETNS]: docker-registry storing under $work/registry, its
-# access log (one line per request, with bytes sent) in $work/registry-access.log.
+# access log (one line per request, with bytes sent) in $work/registry-access.log. With
+# REGISTRY_REDIRECT=1 it redirects every blob GET to its storage, served by busybox httpd
+# on port 5001 of the same address, as hosted registries redirect to S3 or a CDN.
 start_registry() {
-    local host=$1 netns=${2:-}
+    local host=$1 netns=${2:-} middleware=
+    mkdir -p "$work/registry"
+    if [ -n "${REGISTRY_REDIRECT:-}" ]; then
+        local storage=${host%:*}:5001
+        ${netns:+ip netns exec "$netns"} busybox httpd -f -p "$storage" -h "$work/registry" &
+        pids+=($!)
+        middleware=$(printf 'middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://%s' "$storage")
+    fi
     cat >"$work/registry.yml" <<YML
 version: 0.1
 log:
@@ -36,6 +45,7 @@ storage:
     rootdirectory: $work/registry
 http:
   addr: $host
+$middleware
 YML
     ${netns:+ip netns exec "$netns"} docker-registry serve "$work/registry.yml" \
         >>"$work/registry-access.log" 2>>"$work/registry.log" &

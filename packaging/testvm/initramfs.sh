@@ -4,7 +4,9 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 busybox=/bin/busybox
-[ -x "$busybox" ] && "$busybox" --list 2>/dev/null | grep -qx switch_root ||
+# grep reads the whole list: `grep -q` would stop at the match, and busybox, killed by
+# SIGPIPE while it still writes, would fail the pipeline (pipefail) now and then.
+[ -x "$busybox" ] && "$busybox" --list 2>/dev/null | grep -x switch_root >/dev/null ||
     testvm_die "$busybox (busybox-static) missing: run packaging/setup.sh"
 key=$(cat "$TESTVM_DIR/init.stage1" "$busybox" | sha256sum | cut -c1-16)
 out=$LAZY_EROFS_CACHE/initramfs/$key.cpio.gz
