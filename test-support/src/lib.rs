@@ -230,10 +230,7 @@ pub fn start_docker_registry_with_config(
     extra: &str,
 ) -> anyhow::Result<DockerRegistry> {
     use anyhow::Context;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let host = format!("127.0.0.1:{port}");
+    let host = free_loopback_host()?;
     let config = dir.join("registry-config.yml");
     fs::write(
         &config,
@@ -255,16 +252,29 @@ pub fn start_docker_registry_with_config(
         host,
         access_log,
     };
+    wait_listening(&registry.host, "docker-registry")?;
+    Ok(registry)
+}
+
+/// Waits (up to 20 s) until something accepts connections on `host`.
+fn wait_listening(host: &str, what: &str) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    while std::net::TcpStream::connect(&registry.host).is_err() {
+    while std::net::TcpStream::connect(host).is_err() {
         anyhow::ensure!(
             start.elapsed() < std::time::Duration::from_secs(20),
-            "docker-registry did not listen on {}",
-            registry.host
+            "{what} did not listen on {host}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    Ok(registry)
+    Ok(())
+}
+
+/// A free port on the loopback address, as `127.0.0.1:PORT`.
+fn free_loopback_host() -> anyhow::Result<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(format!("127.0.0.1:{port}"))
 }
 
 /// A static file server (busybox `httpd`, which answers range requests) for `root` on a
@@ -284,10 +294,7 @@ impl Drop for StaticFiles {
 
 pub fn serve_static_files(root: &Path) -> anyhow::Result<StaticFiles> {
     use anyhow::Context;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let host = format!("127.0.0.1:{port}");
+    let host = free_loopback_host()?;
     fs::create_dir_all(root)?;
     let child = Command::new("busybox")
         .args(["httpd", "-f", "-p", &host, "-h"])
@@ -295,15 +302,7 @@ pub fn serve_static_files(root: &Path) -> anyhow::Result<StaticFiles> {
         .spawn()
         .context("start busybox httpd (busybox-static, installed by packaging/setup.sh)")?;
     let files = StaticFiles { child, host };
-    let start = std::time::Instant::now();
-    while std::net::TcpStream::connect(&files.host).is_err() {
-        anyhow::ensure!(
-            start.elapsed() < std::time::Duration::from_secs(20),
-            "busybox httpd did not listen on {}",
-            files.host
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_listening(&files.host, "busybox httpd")?;
     Ok(files)
 }
 
