@@ -171,6 +171,12 @@ impl Config {
             .fetch
             .check()
             .with_context(|| format!("config {}", path.display()))?;
+        for (host, options) in &config.registry.hosts {
+            if let Some(ca_file) = &options.ca_file {
+                lazy_erofs_image::registry::tls::ca_certificates(host, ca_file)
+                    .with_context(|| format!("config {}", path.display()))?;
+            }
+        }
         let holds_password = config.registry.hosts.values().any(|h| h.password.is_some());
         let mode = std::fs::metadata(&path)?.permissions().mode();
         if holds_password && mode & 0o004 != 0 {
@@ -263,6 +269,33 @@ mod tests {
         }
         std::fs::write(&file, "[fetch]\nunit = 262144\n")?;
         assert_eq!(Config::load(Some(&file))?.fetch.unit, 262144);
+        Ok(())
+    }
+
+    #[test]
+    fn a_ca_file_that_holds_no_certificate_is_refused_at_load() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (file, ca) = (dir.path().join("config.toml"), dir.path().join("ca.pem"));
+        std::fs::write(&ca, "not a certificate\n")?;
+        std::fs::write(
+            &file,
+            format!(
+                "[registry.hosts.\"r.example\"]\nca_file = {:?}\n",
+                ca.display().to_string()
+            ),
+        )?;
+        let err = format!("{:#}", Config::load(Some(&file)).expect_err("accepted"));
+        assert!(
+            err.contains("config.toml") && err.contains("r.example") && err.contains("ca.pem"),
+            "{err}"
+        );
+        let tls = lazy_erofs_test_support::tls_files(dir.path())?;
+        std::fs::rename(&tls.ca, &ca)?;
+        assert!(
+            Config::load(Some(&file))?.registry.hosts["r.example"]
+                .ca_file
+                .is_some()
+        );
         Ok(())
     }
 }

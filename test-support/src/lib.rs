@@ -306,6 +306,37 @@ pub fn serve_static_files(root: &Path) -> anyhow::Result<StaticFiles> {
     Ok(files)
 }
 
+/// A CA and a certificate it signs for `127.0.0.1` and `localhost`, as PEM files.
+pub struct TlsFiles {
+    /// The CA's certificate: what a client is told to trust.
+    pub ca: PathBuf,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes a [`TlsFiles`] set under `dir` (`ca.pem`, `server.pem`, `server.key`).
+pub fn tls_files(dir: &Path) -> anyhow::Result<TlsFiles> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "lazy-erofs test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+    let key = rcgen::KeyPair::generate()?;
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+    let certificate = params.signed_by(&key, &ca)?;
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        certificate: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    fs::write(&files.ca, ca.pem())?;
+    fs::write(&files.certificate, certificate.pem())?;
+    fs::write(&files.key, key.serialize_pem())?;
+    Ok(files)
+}
+
 /// The path of one of the workspace's binaries, e.g. `bin_exe!("lazy-erofs")`. Read at run
 /// time first: nextest sets `NEXTEST_BIN_EXE_<name>` to the copy it runs tests from (an
 /// unpacked archive in the VM), while the compiled-in path is the shared target dir,

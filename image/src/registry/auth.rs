@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
 
 use super::retry::Failure;
@@ -124,13 +123,6 @@ impl Auth {
         }
         drop(known);
         lock(&self.tokens).retain(|(host, _, _), _| !hosts.contains(host));
-    }
-
-    pub fn registry_auth(&self, host: &str) -> Result<RegistryAuth, RegistryError> {
-        Ok(match self.credentials(host)? {
-            Credentials::Anonymous => RegistryAuth::Anonymous,
-            Credentials::Basic { username, password } => RegistryAuth::Basic(username, password),
-        })
     }
 
     /// The header for a request to `endpoint`, and whether it was just negotiated (a

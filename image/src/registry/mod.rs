@@ -12,6 +12,7 @@ mod pull;
 mod range;
 mod redirect;
 mod retry;
+pub mod tls;
 mod token;
 mod upload;
 
@@ -19,8 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use document::MAX_DOCUMENT_BYTES;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::{Client, Reference, RegistryOperation};
+use oci_client::{Reference, RegistryOperation};
 use oci_spec::image::{ImageIndex, ImageManifest};
 pub use options::{Credentials, HostOptions, RegistryOptions, RetryPolicy};
 pub use pull::{Document, PlatformManifest};
@@ -59,8 +59,7 @@ struct Endpoint {
 }
 
 pub struct Registry {
-    client: Client,
-    http: reqwest::Client,
+    http: tls::HttpClients,
     auth: Auth,
     options: RegistryOptions,
     observer: Option<std::sync::Arc<dyn observe::Observer>>,
@@ -116,23 +115,8 @@ fn protocol_error(what: &str, reason: impl ToString) -> RegistryError {
 impl Registry {
     pub fn new(options: &RegistryOptions) -> Self {
         prepare_reference_parser();
-        let protocol = if options.insecure_hosts.is_empty() {
-            ClientProtocol::Https
-        } else {
-            ClientProtocol::HttpsExcept(options.insecure_hosts.clone())
-        };
-        let client = Client::new(ClientConfig {
-            protocol,
-            ..ClientConfig::default()
-        });
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .read_timeout(std::time::Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
         Self {
-            client,
-            http,
+            http: tls::HttpClients::new(options),
             auth: Auth::new(options),
             options: options.clone(),
             observer: None,
@@ -287,7 +271,7 @@ impl Registry {
         let base = format!("{}://{host}", self.scheme(host));
         let (authorization, fresh) = self
             .auth
-            .authorization(&self.http, &base, endpoint, operation)
+            .authorization(self.http.get(host), &base, endpoint, operation)
             .await?;
         let started = std::time::Instant::now();
         let result = attempt(authorization).await;
@@ -333,19 +317,24 @@ impl Registry {
             self.push_blob_file(&image, &path, &digest).await?;
         }
         let media_type = desc.media_type().to_string();
-        let header: reqwest::header::HeaderValue = media_type
-            .parse()
-            .map_err(|_| protocol_error(&media_type, "not a header value"))?;
-        let push_auth = self.auth.registry_auth(image.resolve_registry())?;
-        with_retries(&self.options.retry, target, || async {
-            self.client
-                .auth(&image, &push_auth, RegistryOperation::Push)
-                .await
-                .map_err(Failure::from_client)?;
-            self.client
-                .push_manifest_raw(&image, manifest_bytes.clone(), header.clone())
-                .await
-                .map_err(Failure::from_client)
+        let reference = image.digest().or(image.tag()).unwrap_or("latest");
+        let repository_url = self.repository_url(&image)?;
+        let host = image.resolve_registry();
+        with_retries(&self.options.retry, target, || {
+            self.authorized(&image, RegistryOperation::Push, |authorization| {
+                let repository_url = repository_url.clone();
+                let (media_type, manifest_bytes) = (&media_type, &manifest_bytes);
+                async move {
+                    let put = upload::ManifestPut {
+                        repository_url,
+                        authorization: &authorization,
+                        reference,
+                        media_type,
+                        bytes: manifest_bytes,
+                    };
+                    upload::put_manifest(self.http.get(host), &put).await
+                }
+            })
         })
         .await?;
         Ok(desc.digest().to_string())
@@ -364,7 +353,7 @@ impl Registry {
                 let repository_url = repository_url.clone();
                 async move {
                     upload::attempt(
-                        &self.http,
+                        self.http.get(image.resolve_registry()),
                         &upload::Upload {
                             repository_url,
                             authorization: &authorization,
@@ -410,7 +399,7 @@ impl Registry {
                             let whole = whole.clone();
                             async move {
                                 document::attempt(
-                                    &self.http,
+                                    self.http.get(endpoint.reference.resolve_registry()),
                                     &url,
                                     &authorization,
                                     accepted,

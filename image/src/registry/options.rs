@@ -80,6 +80,9 @@ pub struct HostOptions {
     /// A file holding the password (first line), so the configuration file itself
     /// need not be secret.
     pub password_file: Option<PathBuf>,
+    /// PEM certificates of the CA that signs this host's TLS certificate (a private
+    /// registry), trusted for this host besides the public roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for HostOptions {
@@ -89,6 +92,7 @@ impl std::fmt::Debug for HostOptions {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }

@@ -204,7 +204,7 @@ impl Registry {
                     let digest = digest.clone();
                     async move {
                         let response = authorization
-                            .apply(self.http.get(url))
+                            .apply(self.http.get(endpoint.reference.resolve_registry()).get(url))
                             .send()
                             .await
                             .map_err(|e| Failure::from_reqwest(&digest, e))?;

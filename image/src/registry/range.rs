@@ -31,7 +31,8 @@ impl Registry {
                 let endpoint = &endpoint;
                 let url = self.blob_url(endpoint, image, digest)?.to_string();
                 let url = &url;
-                if let Some(bytes) = self.redirected_range(url, digest, offset, len).await {
+                let http = self.http.get(endpoint.reference.resolve_registry());
+                if let Some(bytes) = self.redirected_range(http, url, digest, offset, len).await {
                     return Ok(bytes);
                 }
                 let ranged = with_retries_within(&self.policy(endpoint), digest, len, || {
@@ -46,7 +47,7 @@ impl Registry {
                                 offset,
                                 len,
                             };
-                            attempt(&self.http, &request).await
+                            attempt(http, &request).await
                         },
                     )
                 })
@@ -64,10 +65,12 @@ impl Registry {
     }
 
     /// The range from where the registry last redirected reads of `blob_url`, if it did
-    /// lately: one attempt, without the registry's authorization; `None` (and the URL
+    /// lately: one attempt over the registry's client (its CA, if it has one), without
+    /// its authorization; `None` (and the URL
     /// forgotten) on any failure, for the registry to answer instead.
     async fn redirected_range(
         &self,
+        http: &reqwest::Client,
         blob_url: &str,
         digest: &str,
         offset: u64,
@@ -82,7 +85,7 @@ impl Registry {
             offset,
             len,
         };
-        let result = attempt(&self.http, &request).await;
+        let result = attempt(http, &request).await;
         if let Some(observer) = &self.observer {
             let status = result.as_ref().err().and_then(|f| f.status);
             let outcome = observe::Outcome::of(status, result.is_ok());

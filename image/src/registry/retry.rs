@@ -41,27 +41,6 @@ impl Failure {
         }
     }
 
-    /// Classifies an oci-client error: network trouble, 5xx and 429 are transient.
-    pub fn from_client(error: oci_client::errors::OciDistributionError) -> Self {
-        use oci_client::errors::OciDistributionError as E;
-        let retryable = match &error {
-            E::RequestError(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
-            E::ServerError { code, .. } => *code >= 500 || *code == 429,
-            E::IoError(_) => true,
-            _ => false,
-        };
-        Self {
-            status: match &error {
-                E::ServerError { code, .. } => Some(*code),
-                _ => None,
-            },
-            retryable,
-            retry_after: None,
-            unauthorized: false,
-            error: error.into(),
-        }
-    }
-
     pub fn from_reqwest(what: &str, error: reqwest::Error) -> Self {
         // A redirect's storage URL carries its signature: errors never name URLs (what
         // failed is named by `what`, the log line by its registry).

@@ -152,3 +152,40 @@ pub(super) async fn attempt(http: &reqwest::Client, upload: &Upload<'_>) -> Resu
         }
     }
 }
+
+/// A manifest to put under a tag or digest of a repository.
+pub(super) struct ManifestPut<'a> {
+    pub repository_url: reqwest::Url,
+    pub authorization: &'a Authorization,
+    pub reference: &'a str,
+    pub media_type: &'a str,
+    pub bytes: &'a [u8],
+}
+
+/// One attempt at putting a manifest.
+pub(super) async fn put_manifest(
+    http: &reqwest::Client,
+    put: &ManifestPut<'_>,
+) -> Result<(), Failure> {
+    let what = put.reference;
+    let url = put
+        .repository_url
+        .join(&format!("manifests/{what}"))
+        .map_err(|e| protocol(what, format!("bad manifest URL: {e}")))?;
+    let response = put
+        .authorization
+        .apply(http.put(url))
+        .header(CONTENT_TYPE, put.media_type)
+        .body(put.bytes.to_vec())
+        .send()
+        .await
+        .map_err(|e| Failure::from_reqwest(what, e))?;
+    if response.status().is_success() {
+        return Ok(());
+    }
+    Err(Failure::from_status(
+        what,
+        response.status(),
+        response.headers(),
+    ))
+}
