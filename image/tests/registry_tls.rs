@@ -29,6 +29,23 @@ fn options(host: &str, ca_file: Option<std::path::PathBuf>) -> RegistryOptions {
     options
 }
 
+/// docker-registry serving a certificate a fresh test CA signs, and the CA's files.
+fn tls_registry(
+    dir: &std::path::Path,
+) -> Result<(
+    lazy_erofs_test_support::DockerRegistry,
+    lazy_erofs_test_support::TlsFiles,
+)> {
+    let tls = lazy_erofs_test_support::tls_files(dir)?;
+    let serve_tls = format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        tls.certificate.display(),
+        tls.key.display()
+    );
+    let registry = lazy_erofs_test_support::start_docker_registry_with_config(dir, &serve_tls)?;
+    Ok((registry, tls))
+}
+
 fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
     Ok(Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -40,14 +57,7 @@ fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
 #[test]
 fn a_private_ca_is_trusted_for_its_host_and_ranges_go_over_http2() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let tls = lazy_erofs_test_support::tls_files(dir.path())?;
-    let serve_tls = format!(
-        "  tls:\n    certificate: {}\n    key: {}\n",
-        tls.certificate.display(),
-        tls.key.display()
-    );
-    let registry =
-        lazy_erofs_test_support::start_docker_registry_with_config(dir.path(), &serve_tls)?;
+    let (registry, tls) = tls_registry(dir.path())?;
     let image = format!("{}/lazy/tls:1", registry.host);
     let dst = common::converted_layout(dir.path())?;
     let client = Arc::new(Registry::new(&options(&registry.host, Some(tls.ca))));
@@ -84,14 +94,7 @@ fn a_private_ca_is_trusted_for_its_host_and_ranges_go_over_http2() -> Result<()>
 #[test]
 fn without_the_ca_the_certificate_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let tls = lazy_erofs_test_support::tls_files(dir.path())?;
-    let serve_tls = format!(
-        "  tls:\n    certificate: {}\n    key: {}\n",
-        tls.certificate.display(),
-        tls.key.display()
-    );
-    let registry =
-        lazy_erofs_test_support::start_docker_registry_with_config(dir.path(), &serve_tls)?;
+    let (registry, _tls) = tls_registry(dir.path())?;
     let client = Registry::new(&options(&registry.host, None));
     let err = runtime()?
         .block_on(client.pull_manifest(&format!("{}/lazy/tls:1", registry.host)))
