@@ -2,18 +2,19 @@
 //! registries do (S3, a CDN): a real docker-registry with its `redirect` storage
 //! middleware, its storage served by busybox `httpd` behind the fault-injecting proxy.
 //! The registry is asked once per blob; later ranges go to the storage URL it gave; a
-//! storage URL that fails is forgotten and the registry asked again; every byte read
-//! matches the local blob.
+//! storage URL that fails or stalls is forgotten and the registry asked again; every
+//! byte read matches the local blob.
 
 mod common;
 
 use std::fs;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lazy_erofs_image::blob::BlobReader;
 use lazy_erofs_image::manifest::LazyLayer;
-use lazy_erofs_image::registry::{Registry, RegistryBlob, RegistryOptions};
+use lazy_erofs_image::registry::{Registry, RegistryBlob, RegistryOptions, RetryPolicy};
 use lazy_erofs_test_support::fault_proxy::{Fault, FaultProxy};
 use lazy_erofs_test_support::{DockerRegistry, StaticFiles};
 
@@ -60,13 +61,21 @@ fn setup() -> Result<Setup> {
 }
 
 fn remote(s: &Setup) -> Result<RegistryBlob> {
+    remote_with(s, RetryPolicy::default())
+}
+
+fn remote_with(s: &Setup, retry: RetryPolicy) -> Result<RegistryBlob> {
+    let options = RegistryOptions {
+        retry,
+        ..RegistryOptions::insecure(&s.registry.host)
+    };
     Ok(RegistryBlob {
         runtime: Arc::new(
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?,
         ),
-        registry: Arc::new(Registry::new(&RegistryOptions::insecure(&s.registry.host))),
+        registry: Arc::new(Registry::new(&options)),
         image: format!("{}/lazy/redirect:1", s.registry.host),
         digest: s.layer.digest.clone(),
     })
@@ -137,5 +146,31 @@ fn a_failing_storage_url_is_forgotten_and_the_registry_asked_again() -> Result<(
         ["307", "307"],
         "the registry asked again once, then its new storage URL used"
     );
+    Ok(())
+}
+
+#[test]
+fn a_stalling_storage_url_is_given_up_in_bounded_time() -> Result<()> {
+    let s = setup()?;
+    let budget = Duration::from_secs(2);
+    let policy = RetryPolicy {
+        budget,
+        ..RetryPolicy::default()
+    };
+    let reader = BlobReader::open(remote_with(&s, policy)?, &s.layer.verified_digest)?;
+    let local = BlobReader::open(&s.local[..], &s.layer.verified_digest)?;
+    // The storage sends its headers, then a byte every 2 s (never closing).
+    s.proxy.queue(&[Fault::Trickle]);
+    let chunk = u64::from(reader.header().chunk_size);
+    let started = Instant::now();
+    assert_eq!(reader.read_data(0, chunk)?, local.read_data(0, chunk)?);
+    let took = started.elapsed();
+    assert_eq!(s.proxy.injected(), [Fault::Trickle]);
+    // The budget plus a second per MiB asked, then the registry's answer.
+    assert!(
+        took >= budget && took < budget + Duration::from_secs(4),
+        "the stalled storage held the read {took:?}"
+    );
+    assert_eq!(registry_blob_statuses(&s)?, ["307", "307"]);
     Ok(())
 }

@@ -8,7 +8,7 @@ use reqwest::header::RANGE;
 use tracing::Instrument;
 
 use super::auth::Authorization;
-use super::retry::{Failure, with_retries_within};
+use super::retry::{Failure, bounded_time, with_retries_within};
 use super::{Endpoint, Registry, RegistryError, observe, parse_reference};
 
 impl Registry {
@@ -31,11 +31,21 @@ impl Registry {
                 let endpoint = &endpoint;
                 let url = self.blob_url(endpoint, image, digest)?.to_string();
                 let url = &url;
-                let http = self.http.get(endpoint.reference.resolve_registry());
-                if let Some(bytes) = self.redirected_range(http, url, digest, offset, len).await {
+                let (http, policy) = (
+                    self.http.get(endpoint.reference.resolve_registry()),
+                    &self.policy(endpoint),
+                );
+                let redirected = RangeRequest {
+                    url: url.clone(),
+                    authorization: &Authorization::None,
+                    digest,
+                    offset,
+                    len,
+                };
+                if let Some(bytes) = self.redirected_range(http, policy, &redirected).await {
                     return Ok(bytes);
                 }
-                let ranged = with_retries_within(&self.policy(endpoint), digest, len, || {
+                let ranged = with_retries_within(policy, digest, len, || {
                     self.authorized(
                         &endpoint.reference,
                         RegistryOperation::Pull,
@@ -64,28 +74,32 @@ impl Registry {
         result
     }
 
-    /// The range from where the registry last redirected reads of `blob_url`, if it did
-    /// lately: one attempt over the registry's client (its CA, if it has one), without
-    /// its authorization; `None` (and the URL
-    /// forgotten) on any failure, for the registry to answer instead.
+    /// The range `request` asks of a blob URL, from where the registry last redirected
+    /// reads of it, if it did lately: one attempt over the registry's client (its CA, if
+    /// it has one), without its authorization, bounded in time like a range request
+    /// through the registry. `None` (and the storage URL forgotten) on any failure, for
+    /// the registry to answer instead.
     async fn redirected_range(
         &self,
         http: &reqwest::Client,
-        blob_url: &str,
-        digest: &str,
-        offset: u64,
-        len: u64,
+        policy: &super::RetryPolicy,
+        request: &RangeRequest<'_>,
     ) -> Option<Vec<u8>> {
+        let blob_url = request.url.as_str();
         let storage = self.redirects.get(blob_url)?;
         let started = std::time::Instant::now();
-        let request = RangeRequest {
+        let direct = RangeRequest {
             url: storage.to_string(),
-            authorization: &Authorization::None,
-            digest,
-            offset,
-            len,
+            ..*request
         };
-        let result = attempt(http, &request).await;
+        let within = bounded_time(policy, request.len);
+        let result = match tokio::time::timeout(within, attempt(http, &direct)).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::transient(RegistryError::Protocol {
+                what: request.digest.to_owned(),
+                reason: format!("no answer within {within:?}"),
+            })),
+        };
         if let Some(observer) = &self.observer {
             let status = result.as_ref().err().and_then(|f| f.status);
             let outcome = observe::Outcome::of(status, result.is_ok());

@@ -122,8 +122,12 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Failure>>,
 {
-    let deadline = policy.budget + Duration::from_secs(size / MIN_RATE);
-    retry_loop(policy, what, Some(deadline), attempt).await
+    retry_loop(policy, what, Some(bounded_time(policy, size)), attempt).await
+}
+
+/// The longest a bounded request for `size` bytes may take in all.
+pub(super) fn bounded_time(policy: &RetryPolicy, size: u64) -> Duration {
+    policy.budget + Duration::from_secs(size / MIN_RATE)
 }
 
 async fn retry_loop<T, F, Fut>(
