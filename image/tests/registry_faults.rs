@@ -6,7 +6,6 @@
 mod common;
 
 use std::fs;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -55,16 +54,8 @@ fn remote(s: &Setup, policy: RetryPolicy) -> Result<RegistryBlob> {
         retry: policy,
         ..RegistryOptions::default()
     };
-    Ok(RegistryBlob {
-        runtime: Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?,
-        ),
-        registry: Arc::new(Registry::new(&options)),
-        image: format!("{}/lazy/faults:1", s.proxy.addr),
-        digest: s.layer.digest.clone(),
-    })
+    let image = format!("{}/lazy/faults:1", s.proxy.addr);
+    common::registry_blob(&options, image, &s.layer.digest)
 }
 
 #[test]

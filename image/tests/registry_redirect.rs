@@ -8,7 +8,6 @@
 mod common;
 
 use std::fs;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -69,16 +68,8 @@ fn remote_with(s: &Setup, retry: RetryPolicy) -> Result<RegistryBlob> {
         retry,
         ..RegistryOptions::insecure(&s.registry.host)
     };
-    Ok(RegistryBlob {
-        runtime: Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?,
-        ),
-        registry: Arc::new(Registry::new(&options)),
-        image: format!("{}/lazy/redirect:1", s.registry.host),
-        digest: s.layer.digest.clone(),
-    })
+    let image = format!("{}/lazy/redirect:1", s.registry.host);
+    common::registry_blob(&options, image, &s.layer.digest)
 }
 
 /// The status of each GET of the layer's blob the registry answered.
