@@ -144,14 +144,15 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
-    let mut wrap = |index: usize, size: u64, reader: Box<dyn Read>| -> Box<dyn Read> {
-        let bar = bars.add(
-            ProgressBar::new(size)
-                .with_style(style.clone())
-                .with_message((index + 1).to_string()),
-        );
-        Box::new(bar.wrap_read(reader))
-    };
+    let mut wrap =
+        |index: usize, size: u64, reader: Box<dyn Read + Send>| -> Box<dyn Read + Send> {
+            let bar = bars.add(
+                ProgressBar::new(size)
+                    .with_style(style.clone())
+                    .with_message((index + 1).to_string()),
+            );
+            Box::new(bar.wrap_read(reader))
+        };
 
     // Layout to layout needs no registry client, configuration or scratch space.
     let remote = match (&src, &dst) {

@@ -94,6 +94,7 @@ fn corrupt_gzip_is_an_error() -> Result<()> {
         [
             "checksum mismatch",
             "corrupt deflate",
+            "corrupt gzip",
             "invalid gzip",
             "crc"
         ]
@@ -164,4 +165,22 @@ fn pax_value_with_a_newline_is_refused_not_misread() {
         "the forged path was used: {message}"
     );
     assert!(out.is_empty());
+}
+
+/// The tar is inflated on a thread of its own, a few MiB ahead of the parser: a bad
+/// entry at the start of a long layer ends the conversion there, the inflating thread
+/// with it (it must not wait forever to hand over blocks nobody reads).
+#[test]
+fn a_bad_entry_at_the_start_of_a_long_layer_ends_the_conversion() -> Result<()> {
+    let big = vec![7u8; 32 << 20];
+    let tar = file_tar(&[(b"../escape", b"x"), (b"big", &big)]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar)?;
+    let (result, out) = convert(&gz.finish()?);
+    assert!(
+        matches!(result, Err(ConvertError::PathEscapes(ref p)) if p == "../escape"),
+        "{result:?}"
+    );
+    assert!(out.is_empty());
+    Ok(())
 }

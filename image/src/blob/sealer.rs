@@ -25,13 +25,39 @@ pub(super) struct Sealed {
     pub sha256: [u8; 32],
 }
 
-fn seal(chunk: Vec<u8>, compression: Compression) -> Result<Sealed, std::io::Error> {
+/// One thread's sealing state: its zstd context is made once and reused for every
+/// chunk (a fresh context per chunk set up and cleared its tables each time).
+struct ChunkSealer {
+    compression: Compression,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl ChunkSealer {
+    fn new(compression: Compression) -> Self {
+        Self {
+            compression,
+            zstd: None,
+        }
+    }
+
+    fn seal(&mut self, chunk: Vec<u8>) -> Result<Sealed, std::io::Error> {
+        let compressed = match self.compression {
+            Compression::Zstd { level } => {
+                let zstd = match &mut self.zstd {
+                    Some(zstd) => zstd,
+                    none => none.insert(zstd::bulk::Compressor::new(level)?),
+                };
+                Some(zstd.compress(&chunk)?)
+            }
+            Compression::None => None,
+        };
+        Ok(sealed(chunk, compressed))
+    }
+}
+
+fn sealed(chunk: Vec<u8>, compressed: Option<Vec<u8>>) -> Sealed {
     let sha256: [u8; 32] = Sha256::digest(&chunk).into();
-    let compressed = match compression {
-        Compression::Zstd { level } => Some(zstd::bulk::compress(&chunk, level)?),
-        Compression::None => None,
-    };
-    Ok(match compressed {
+    match compressed {
         Some(bytes) if bytes.len() < chunk.len() => Sealed {
             bytes,
             compressed: true,
@@ -42,7 +68,7 @@ fn seal(chunk: Vec<u8>, compression: Compression) -> Result<Sealed, std::io::Err
             compressed: false,
             sha256,
         },
-    })
+    }
 }
 
 /// The threads `0` means: this machine's cores, at most [`MAX_THREADS`].
@@ -58,7 +84,8 @@ type Queue = Arc<Mutex<Receiver<(u64, Vec<u8>)>>>;
 
 /// Seals chunks on worker threads (inline with one thread) and hands them back in order.
 pub(super) struct Sealer {
-    compression: Compression,
+    /// Seals inline when there are no workers.
+    inline: ChunkSealer,
     jobs: Option<SyncSender<(u64, Vec<u8>)>>,
     done: Option<Receiver<Done>>,
     workers: Vec<JoinHandle<()>>,
@@ -79,7 +106,7 @@ impl Sealer {
             .min(MAX_INFLIGHT_BYTES / chunk_size.max(1))
             .max(1);
         let mut sealer = Self {
-            compression,
+            inline: ChunkSealer::new(compression),
             jobs: None,
             done: None,
             workers: Vec::new(),
@@ -106,7 +133,7 @@ impl Sealer {
     /// Takes `chunk`; returns the chunks sealed since, in order (maybe none yet).
     pub fn submit(&mut self, chunk: Vec<u8>) -> Result<Vec<Sealed>, BlobError> {
         let Some(jobs) = &self.jobs else {
-            return Ok(vec![seal(chunk, self.compression)?]);
+            return Ok(vec![self.inline.seal(chunk)?]);
         };
         jobs.send((self.submitted, chunk))
             .map_err(|_| workers_gone())?;
@@ -171,6 +198,7 @@ fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("seal-{i}"))
         .spawn(move || {
+            let mut sealer = ChunkSealer::new(compression);
             loop {
                 let job = queue
                     .lock()
@@ -178,10 +206,9 @@ fn spawn_worker(
                     .recv();
                 let Ok((seq, chunk)) = job else { return };
                 // A panic must still answer its chunk: the writer waits for every one.
-                let sealed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    seal(chunk, compression)
-                }))
-                .unwrap_or_else(|_| Err(std::io::Error::other("sealing a chunk panicked")));
+                let sealed =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sealer.seal(chunk)))
+                        .unwrap_or_else(|_| Err(std::io::Error::other("sealing a chunk panicked")));
                 if done.send((seq, sealed)).is_err() {
                     return;
                 }
@@ -239,6 +266,23 @@ mod tests {
         }
         for threads in [2, 3, 8] {
             assert!(sealed_with(threads) == one, "{threads} threads differ");
+        }
+    }
+
+    /// The reused zstd context writes what a fresh one per chunk wrote: converting an
+    /// image again gives the blobs it gave before the context was kept.
+    #[test]
+    fn a_reused_context_compresses_each_chunk_as_a_fresh_one() {
+        let mut sealer = ChunkSealer::new(Compression::Zstd { level: 3 });
+        for (i, chunk) in chunks().into_iter().enumerate() {
+            let fresh = zstd::bulk::compress(&chunk, 3).expect("zstd");
+            let sealed = sealer.seal(chunk.clone()).expect("seal");
+            let want = if fresh.len() < chunk.len() {
+                fresh
+            } else {
+                chunk
+            };
+            assert_eq!(sealed.bytes, want, "chunk {i}");
         }
     }
 }

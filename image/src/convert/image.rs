@@ -137,7 +137,7 @@ pub fn convert_layout(
     dst: &Path,
     platform: &str,
     options: &ConvertOptions,
-    wrap: &mut dyn FnMut(usize, u64, Box<dyn Read>) -> Box<dyn Read>,
+    wrap: &mut dyn FnMut(usize, u64, Box<dyn Read + Send>) -> Box<dyn Read + Send>,
 ) -> Result<Vec<LayerReport>, ImageError> {
     let source = OciLayout::open(src)?;
     let target = OciLayout::create(dst)?;
@@ -198,7 +198,7 @@ pub fn convert_layout(
         if !is_tar_layer(&media_type) {
             return Err(ImageError::LayerMediaType { digest, media_type });
         }
-        let file: Box<dyn Read> = Box::new(source.open_blob(&digest)?);
+        let file: Box<dyn Read + Send> = Box::new(source.open_blob(&digest)?);
         let mut checked = DigestReader::new(wrap(i, layer.size(), file));
         let tmp = target.temp_file()?;
         let converted = convert_layer(&mut checked, tmp.as_file(), options, target.root())

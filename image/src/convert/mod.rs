@@ -6,13 +6,12 @@
 //! layer's size. At the end the EROFS metadata is written and the blob assembled.
 
 mod image;
+mod inflate;
 mod lanes;
 mod layer_tree;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
-
-use sha2::{Digest, Sha256};
 
 use crate::blob::{BlobError, BlobInfo, BlobWriter, Compression, DEFAULT_CHUNK_SIZE, hex};
 use crate::erofs::{ErofsError, TreeError, WriteOptions, write_metadata};
@@ -101,51 +100,26 @@ pub struct ConvertedLayer {
 /// Converts a layer read from `input` into a blob written to `out`. `temp_dir` holds the
 /// compressed data section until the metadata is known.
 pub fn convert_layer(
-    input: impl Read,
+    input: impl Read + Send,
     out: impl Write,
     options: &ConvertOptions,
     temp_dir: &Path,
 ) -> Result<ConvertedLayer, ConvertError> {
-    let source_size = std::rc::Rc::new(std::cell::Cell::new(0u64));
-    let mut counted = CountingReader {
-        inner: BufReader::with_capacity(1 << 20, input),
-        count: source_size.clone(),
-    };
-    let magic = counted
-        .inner
-        .fill_buf()?
-        .get(..4)
-        .map(<[u8]>::to_vec)
-        .unwrap_or_default();
-    let tar_stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(&mut counted))
-    } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        Box::new(zstd::stream::read::Decoder::new(&mut counted)?)
-    } else {
-        Box::new(&mut counted)
-    };
-    let mut hashed = HashingReader {
-        inner: tar_stream,
-        hash: Sha256::new(),
-    };
     let mut data = Lanes::new(options, temp_dir)?;
     let mut tree = LayerTree::new();
     let mut entries = 0u64;
-    {
-        let mut archive = tar::Archive::new(&mut hashed);
-        for entry in archive.entries()? {
-            let entry = entry.map_err(|e| ConvertError::Entry {
-                entry: format!("#{}", entries + 1),
-                reason: e.to_string(),
-            })?;
-            tree.add(entry, &mut data)?;
-            entries += 1;
-        }
-    }
-    // Drain what follows the end-of-archive marker so the diff id covers the whole tar.
-    io::copy(&mut hashed, &mut io::sink())?;
-    let diff_id = format!("sha256:{}", hex(&hashed.hash.finalize()));
-    let source_size = source_size.get();
+    let inflated = std::thread::scope(|scope| {
+        let (mut tar_stream, inflating) = inflate::spawn(scope, input);
+        let parsed = parse(&mut tar_stream, &mut tree, &mut data, &mut entries);
+        // Dropping the stream ends the inflating thread early if parsing failed.
+        drop(tar_stream);
+        let inflated = inflating
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("inflating the layer panicked")));
+        parsed?;
+        Ok::<_, ConvertError>(inflated?)
+    })?;
+    let diff_id = format!("sha256:{}", hex(&inflated.tar_sha256));
     let data = tree.finish_data(data)?;
     let data_blocks = u32::try_from(data.size / 4096).map_err(|_| ConvertError::TooLarge)?;
     let data_tag = options
@@ -163,34 +137,31 @@ pub fn convert_layer(
     Ok(ConvertedLayer {
         blob,
         diff_id,
-        source_size,
+        source_size: inflated.source_size,
         entries,
         data_tag,
     })
 }
 
-struct CountingReader<R> {
-    inner: R,
-    count: std::rc::Rc<std::cell::Cell<u64>>,
-}
-
-impl<R: Read> Read for CountingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.set(self.count.get() + n as u64);
-        Ok(n)
+/// Every tar entry of `tar_stream` into `tree` and `data`, then the rest of the stream
+/// (what follows the end-of-archive marker still counts for the diff id).
+fn parse(
+    tar_stream: &mut impl Read,
+    tree: &mut LayerTree,
+    data: &mut Lanes,
+    entries: &mut u64,
+) -> Result<(), ConvertError> {
+    {
+        let mut archive = tar::Archive::new(&mut *tar_stream);
+        for entry in archive.entries()? {
+            let entry = entry.map_err(|e| ConvertError::Entry {
+                entry: format!("#{}", *entries + 1),
+                reason: e.to_string(),
+            })?;
+            tree.add(entry, data)?;
+            *entries += 1;
+        }
     }
-}
-
-struct HashingReader<R> {
-    inner: R,
-    hash: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
+    io::copy(tar_stream, &mut io::sink())?;
+    Ok(())
 }
