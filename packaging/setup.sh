@@ -59,6 +59,8 @@ default_packages=(
     golang-go golang-github-containerd-containerd-dev
     # tools the tests use
     python3 curl jq util-linux kmod iproute2 psmisc procps
+    # the benchmark's blob storage behind a redirecting registry
+    nginx
 )
 # QEMU 10 (matches the qemu-utils that Debian 12 images carry from backports)
 backports_packages=(qemu-system-x86)

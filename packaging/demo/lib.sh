@@ -25,15 +25,15 @@ free_port() {
 
 # start_registry HOST:PORT [NETNS]: docker-registry storing under $work/registry, its
 # access log (one line per request, with bytes sent) in $work/registry-access.log. With
-# REGISTRY_REDIRECT=1 it redirects every blob GET to its storage, served by busybox httpd
-# on port 5001 of the same address, as hosted registries redirect to S3 or a CDN.
+# REGISTRY_REDIRECT=1 it redirects every blob GET to its storage, served by nginx on port
+# 5001 of the same address, as hosted registries redirect to S3 or a CDN (which, like
+# nginx, keep connections alive between requests).
 start_registry() {
     local host=$1 netns=${2:-} middleware=
     mkdir -p "$work/registry"
     if [ -n "${REGISTRY_REDIRECT:-}" ]; then
         local storage=${host%:*}:5001
-        ${netns:+ip netns exec "$netns"} busybox httpd -f -p "$storage" -h "$work/registry" &
-        pids+=($!)
+        start_storage "$storage" "$netns"
         middleware=$(printf 'middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://%s' "$storage")
     fi
     cat >"$work/registry.yml" <<YML
@@ -51,6 +51,40 @@ YML
         >>"$work/registry-access.log" 2>>"$work/registry.log" &
     pids+=($!)
     wait_for docker-registry curl -sf "http://$host/v2/"
+}
+
+# start_storage HOST:PORT [NETNS]: nginx serving $work/registry read-only, keep-alive on,
+# everything it writes under $work/nginx (the host's root is read-only in the test VM).
+start_storage() {
+    local listen=$1 netns=${2:-} dir=$work/nginx
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<CONF
+daemon off;
+user root;
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 256; }
+http {
+    access_log $dir/access.log;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    sendfile on;
+    keepalive_timeout 300s;
+    keepalive_requests 100000;
+    server {
+        listen $listen;
+        root $work/registry;
+        location / { limit_except GET { deny all; } }
+    }
+}
+CONF
+    ${netns:+ip netns exec "$netns"} nginx -e "$dir/error.log" -c "$dir/nginx.conf" &
+    pids+=($!)
+    wait_for nginx curl -s -o /dev/null "http://$listen/"
 }
 
 # Bytes the registry sent in answer to blob GETs so far.
