@@ -51,6 +51,8 @@ impl Default for CriConfig {
 pub struct FetchConfig {
     /// Bytes fetched ahead of a reader walking forward through a layer; 0: off.
     pub readahead: u64,
+    /// Two reads of a layer at most this many bytes apart fetch what lies between; 0: off.
+    pub readahead_gap: u64,
     /// Start-up regions wait while a layer's metadata is read (see the fetcher).
     pub startup_yields: bool,
     /// Bytes fetched for a READ at least, rounded up to whole chunks of the layer.
@@ -76,6 +78,7 @@ impl Default for FetchConfig {
         let fetcher = lazy_erofs_ondemand::fetcher::FetcherConfig::default();
         Self {
             readahead: fetcher.readahead,
+            readahead_gap: fetcher.readahead_gap,
             startup_yields: fetcher.startup_yields,
             unit: fetcher.chunk_size,
         }

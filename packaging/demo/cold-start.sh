@@ -5,7 +5,8 @@
 # (shaped with tc netem per profile); containerd's overlayfs snapshotter with
 # `ctr image pull` against lazy-erofs with `lazy-erofs pull`, same containerd, same
 # registry. Cold start = pull + create + run until python's output; warm = run again.
-# Lazy settings (SETTINGS="…"): on, off (readahead), startup, eager (the start-up image,
+# Lazy settings (SETTINGS="…"): on, off (readahead), nogap (readahead, but not of the
+# chunks between two near reads), startup, eager (the start-up image,
 # its regions behind the mounts or not), chunkN (the plain image converted in N KiB
 # chunks, fetched in units of one chunk). REGISTRY_REDIRECT=1: the registry redirects
 # blob GETs to its storage (see lib.sh); bytes are then counted as they leave the
@@ -202,6 +203,7 @@ for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|
         esac
         case $setting in
         off) snapshotter_toml=$(printf '[fetch]\nreadahead = 0\n') ;;
+        nogap) snapshotter_toml=$(printf '[fetch]\nreadahead_gap = 0\n') ;;
         eager) snapshotter_toml=$(printf '[fetch]\nstartup_yields = false\n') ;;
         chunk*)
             convert_chunks "${setting#chunk}" "$image"

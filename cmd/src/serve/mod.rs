@@ -418,6 +418,7 @@ pub fn fetcher(args: &FetcherArgs) -> Result<()> {
     let config = FetcherConfig {
         deadline: options.retry.budget,
         readahead: loaded.fetch.readahead,
+        readahead_gap: loaded.fetch.readahead_gap,
         readahead_budget: FetcherConfig::budget_for(loaded.fetch.readahead),
         startup_yields: loaded.fetch.startup_yields,
         chunk_size: loaded.fetch.unit,

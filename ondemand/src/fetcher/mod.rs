@@ -56,6 +56,9 @@ pub struct FetcherConfig {
     /// Bytes fetched ahead of a reader walking forward, at most (0: off). Readahead
     /// fetches are verified like any other and only ever written whole.
     pub readahead: u64,
+    /// Two READs of an object at most this many bytes apart start the fetch of the
+    /// units between them (0: off; off as well when `readahead` is 0). See [`ahead`].
+    pub readahead_gap: u64,
     /// Bytes in flight ahead of READs over all objects at once, at most: many readers
     /// walking forward together must not hold unbounded buffers. A readahead past it is
     /// not started (the READ that comes for those bytes fetches them).
@@ -81,6 +84,7 @@ impl Default for FetcherConfig {
             deadline: Duration::from_secs(30),
             failure_memo: Duration::from_secs(1),
             readahead: 16 << 20,
+            readahead_gap: 4 << 20,
             readahead_budget: Self::budget_for(16 << 20),
             startup_yields: true,
         }

@@ -212,3 +212,42 @@ async fn startup_runs_wait_for_metadata_reads_in_flight() {
     assert_eq!(run.stats.get(Counter::StartupFetches), 2);
     let _ = run.finish().await;
 }
+
+/// Two READs of units close together (an importer reading one directory's files in no
+/// order) fetch the units between them in one request while the reader goes on; its
+/// READs of those units join that fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_units_between_two_near_reads_are_fetched_once_in_one_request() {
+    let source = Arc::new(FakeSource::new(data(16 * MIB as usize)));
+    let run = start(&[("layer", source.clone())], &[], FetcherConfig::default());
+    assert_eq!(run.open(1, "layer").await, Ok(16 * MIB));
+    run.read_and_wait(10, 1, 5 * MIB, 16 << 10, 1).await;
+    run.read_and_wait(11, 1, 2 * MIB, 16 << 10, 2).await;
+    // Units 3 and 4 (between 2 and 5) were started by the second READ.
+    run.script
+        .recorder()
+        .wait_until(|a| writes(a).len() == 3)
+        .await;
+    assert_eq!(
+        source.sorted_calls(),
+        vec![
+            (2 * MIB, MIB as usize),
+            (3 * MIB, 2 * MIB as usize),
+            (5 * MIB, MIB as usize)
+        ],
+        "the gap in one request"
+    );
+    assert_eq!(run.stats.get(Counter::ReadAheadFetches), 2);
+    assert_eq!(
+        run.script.file(1)[2 * MIB as usize..6 * MIB as usize],
+        source.data[2 * MIB as usize..6 * MIB as usize],
+        "bytes fetched for the gap differ"
+    );
+    // Far from both: nothing between.
+    run.read_and_wait(12, 1, 12 * MIB, 4096, 3).await;
+    assert_eq!(source.reads(), 4);
+    // A READ of a unit the gap fetched is answered without another request.
+    run.read_and_wait(13, 1, 4 * MIB, 4096, 4).await;
+    assert_eq!(source.reads(), 4, "the gap's unit fetched again");
+    let _ = run.finish().await;
+}
