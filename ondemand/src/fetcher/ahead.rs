@@ -81,7 +81,12 @@ impl ReadAhead {
         }
         let forward = state.seen && first >= state.next && first <= state.next.max(state.until);
         state.seen = true;
-        let between = state.between(first, end, gap);
+        // A forward READ continues the stream: nothing lies between it and the last one.
+        let between = if forward {
+            Vec::new()
+        } else {
+            state.between(first, end, gap)
+        };
         if state.recent.len() == RECENT {
             state.recent.pop_front();
         }
@@ -104,26 +109,7 @@ impl ReadAhead {
         state.until = state.until.max(range.end);
         range.filter(|unit| !state.written.contains(unit)).collect()
     }
-}
 
-impl State {
-    /// Unwritten units between a READ of `first..end` and each recent READ whose
-    /// nearest unit is at most `gap` units from the READ's nearest one, in order.
-    fn between(&self, first: u64, end: u64, gap: u64) -> Vec<u64> {
-        let mut units = BTreeSet::new();
-        for other in &self.recent {
-            if other.end <= first && first + 1 - other.end <= gap {
-                units.extend(other.end..first);
-            } else if other.start >= end && other.start + 1 - end <= gap {
-                units.extend(end..other.start);
-            }
-        }
-        units.retain(|unit| !self.written.contains(unit));
-        units.into_iter().collect()
-    }
-}
-
-impl ReadAhead {
     /// The units from `index` on were not started after all (over the budget): a later
     /// forward READ asks for them again.
     pub(super) fn not_started(&self, index: u64) {
@@ -145,6 +131,23 @@ impl ReadAhead {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl State {
+    /// Unwritten units between a READ of `first..end` and each recent READ whose
+    /// nearest unit is at most `gap` units from the READ's nearest one, in order.
+    fn between(&self, first: u64, end: u64, gap: u64) -> Vec<u64> {
+        let mut units = BTreeSet::new();
+        for other in &self.recent {
+            if other.end <= first && first + 1 - other.end <= gap {
+                units.extend(other.end..first);
+            } else if other.start >= end && other.start + 1 - end <= gap {
+                units.extend(end..other.start);
+            }
+        }
+        units.retain(|unit| !self.written.contains(unit));
+        units.into_iter().collect()
     }
 }
 
