@@ -77,6 +77,7 @@ async fn privileged_vm_ctr_runs_a_debian_image_on_lazy_erofs() -> Result<()> {
 
     // containerd's view and ours agree once its garbage collector has removed the
     // containers' snapshots from us (it does so shortly after `ctr run --rm`).
+    containerd.collect_garbage()?;
     let theirs = containerd_snapshots(&containerd)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut ours = our_snapshots(&daemon).await?;
@@ -154,9 +155,11 @@ async fn privileged_vm_kill_9_under_containerd_keeps_its_view_and_ours_equal() -
         !in_flight.is_empty(),
         "no call ever failed: the kills missed"
     );
-    // A removal makes containerd collect garbage: backend snapshots it has no record of.
+    // A removal marks our snapshotter for containerd's garbage collector, which removes
+    // backend snapshots it has no record of; the collection is then run and waited for.
     containerd.ctr(&[&sn[..], &["prepare", "gc-trigger", "base"]].concat())?;
     containerd.ctr(&[&sn[..], &["rm", "gc-trigger"]].concat())?;
+    containerd.collect_garbage()?;
 
     let theirs = containerd_snapshots(&containerd)?;
     let names = |set: &BTreeSet<(String, String)>| -> BTreeSet<String> {
@@ -186,10 +189,26 @@ async fn privileged_vm_kill_9_under_containerd_keeps_its_view_and_ours_equal() -
     );
     ensure!(
         unexplained.is_empty(),
-        "views differ beyond the calls in flight: {unexplained:?}\ncontainerd: {:?}\nours: {:?}",
+        "views differ beyond the calls in flight: {unexplained:?}\ncontainerd: {:?}\nours: {:?}\n\
+         containerd's warnings (a failed garbage collection names the call):\n{}\n\
+         our warnings:\n{}",
         names(&theirs),
-        names(&ours)
+        names(&ours),
+        warnings(&containerd.log()),
+        warnings(&daemon.log())
     );
     ensure!(theirs.len() > 10, "too little happened: {theirs:?}");
     Ok(())
+}
+
+/// The last warning and error lines of a log, for a failure message.
+fn warnings(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|line| {
+            let line = line.to_lowercase();
+            line.contains("warn") || line.contains("error")
+        })
+        .collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }

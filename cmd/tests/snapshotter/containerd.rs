@@ -212,6 +212,17 @@ disabled_plugins = [{disabled}]
 }
 
 impl Containerd {
+    /// Runs containerd's garbage collector now and waits for it, backend snapshot
+    /// cleanup included: a lease removed with `--sync` schedules a collection and waits.
+    /// Its scheduler can otherwise drop a removal that lands while a collection is
+    /// finishing (the event is older than that collection's end), leaving the backend
+    /// snapshot until the next removal.
+    pub fn collect_garbage(&self) -> Result<()> {
+        self.ctr(&["leases", "create", "--id", "gc-now"])?;
+        self.ctr(&["leases", "rm", "--sync", "gc-now"])?;
+        Ok(())
+    }
+
     /// `ctr snapshots ls` for lazy-erofs as (key, kind) pairs.
     pub fn snapshot_kinds(&self) -> Result<std::collections::BTreeSet<(String, String)>> {
         let listing = self.ctr(&["snapshots", "--snapshotter", "lazy-erofs", "ls"])?;
