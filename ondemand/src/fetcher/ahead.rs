@@ -179,8 +179,12 @@ impl<K: Kernel> Fetcher<K> {
                 object.ahead.not_started(index);
                 return;
             };
-            let (fetch, covered) = self.run(object_id, object, index, len, Some(permit));
-            self.parts.stats.add(Counter::ReadAheadFetches, covered);
+            let super::Run {
+                fetch,
+                covered,
+                started,
+            } = self.run(object_id, object, index, len, Some(permit));
+            self.parts.stats.add(Counter::ReadAheadFetches, started);
             at += covered as usize;
             tokio::spawn(async move {
                 if let Err(err) = fetch.await {

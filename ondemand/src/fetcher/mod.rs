@@ -374,14 +374,14 @@ impl<K: Kernel> Fetcher<K> {
 
     /// The shared fetch-and-write of chunk `index`, started if nobody has started it.
     fn chunk(&self, object_id: u32, object: &Arc<Object<K::Object>>, index: u64) -> ChunkFetch {
-        self.run(object_id, object, index, 1, None).0
+        self.run(object_id, object, index, 1, None).fetch
     }
 
     /// The shared fetch-and-write of units `first..first + len` in one request, started
     /// unless `first` is in flight (whose fetch is returned); the run stops short of a
-    /// unit in flight or written. Returns the fetch and how many units it covers. A
-    /// readahead's `budget` permit is held until its fetch is done (all of it, should
-    /// the run stop short), or dropped at once if nothing new starts.
+    /// unit in flight or written. A readahead's `budget` permit is held until its fetch
+    /// is done (all of it, should the run stop short), or dropped at once if nothing new
+    /// starts.
     fn run(
         &self,
         object_id: u32,
@@ -389,23 +389,20 @@ impl<K: Kernel> Fetcher<K> {
         first: u64,
         len: u64,
         budget: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> (ChunkFetch, u64) {
+    ) -> Run {
         let mut inflight = self
             .inflight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(fetch) = inflight.get(&(object_id, first)) {
-            return (fetch.clone(), 1);
+            return Run::joined(fetch.clone());
         }
         // Verified and written (ahead of this READ, which raced the write): done.
         if object.ahead.is_written(first) {
-            return (futures::future::ready(Ok(())).boxed().shared(), 1);
+            return Run::joined(futures::future::ready(Ok(())).boxed().shared());
         }
         if let Some(why) = self.failures.recent((object_id, first)) {
-            return (
-                futures::future::ready(Err(Arc::new(why))).boxed().shared(),
-                1,
-            );
+            return Run::joined(futures::future::ready(Err(Arc::new(why))).boxed().shared());
         }
         let free = |index: u64| {
             !inflight.contains_key(&(object_id, index)) && !object.ahead.is_written(index)
@@ -440,7 +437,30 @@ impl<K: Kernel> Fetcher<K> {
         for index in first..first + len {
             inflight.insert((object_id, index), fetch.clone());
         }
-        (fetch, len)
+        Run {
+            fetch,
+            covered: len,
+            started: len,
+        }
+    }
+}
+
+/// What [`Fetcher::run`] gave: the fetch that covers its first unit, how many units
+/// from there that fetch covers, and how many of them this call started (0 when it
+/// joined a fetch in flight or found the unit done or failed).
+struct Run {
+    fetch: ChunkFetch,
+    covered: u64,
+    started: u64,
+}
+
+impl Run {
+    fn joined(fetch: ChunkFetch) -> Self {
+        Self {
+            fetch,
+            covered: 1,
+            started: 0,
+        }
     }
 }
 

@@ -92,10 +92,10 @@ impl<K: Kernel> Fetcher<K> {
             while len < per_run && index + len < units && !held(index + len) {
                 len += 1;
             }
-            let (fetch, covered) = self.run(object_id, object, index, len, None);
-            fetches.push(fetch);
-            fetched += covered;
-            index += covered;
+            let run = self.run(object_id, object, index, len, None);
+            fetches.push(run.fetch);
+            fetched += run.started;
+            index += run.covered;
         }
         if fetches.is_empty() {
             return None;

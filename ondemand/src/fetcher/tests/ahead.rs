@@ -251,3 +251,44 @@ async fn the_units_between_two_near_reads_are_fetched_once_in_one_request() {
     assert_eq!(source.reads(), 4, "the gap's unit fetched again");
     let _ = run.finish().await;
 }
+
+/// Readahead that finds its units already in flight joins those fetches and counts
+/// nothing: `readahead_fetches` counts the units it started, not the ones it joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_counts_only_the_units_it_started() {
+    let mut source = FakeSource::new(data(16 * MIB as usize));
+    source.delay = Duration::from_millis(300);
+    source.slow_from = 3 * MIB;
+    let source = Arc::new(source);
+    let run = start(&[("layer", source.clone())], &[], FetcherConfig::default());
+    assert_eq!(run.open(1, "layer").await, Ok(16 * MIB));
+    run.read_and_wait(10, 1, 5 * MIB, 4096, 1).await;
+    // Unit 3 near unit 5: its READ starts unit 4 between them.
+    run.script.read(11, 1, 3 * MIB, 4096);
+    while source.reads() < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(run.stats.get(Counter::ReadAheadFetches), 1, "unit 4");
+    // Unit 2 near unit 5: units 3 and 4 lie between, both in flight already.
+    run.script.read(12, 1, 2 * MIB, 4096);
+    run.script
+        .recorder()
+        .wait_until(|a| completes(a).len() == 3)
+        .await;
+    assert_eq!(
+        source.sorted_calls(),
+        vec![
+            (2 * MIB, MIB as usize),
+            (3 * MIB, MIB as usize),
+            (4 * MIB, MIB as usize),
+            (5 * MIB, MIB as usize)
+        ],
+        "each unit fetched once"
+    );
+    assert_eq!(
+        run.stats.get(Counter::ReadAheadFetches),
+        1,
+        "joined units counted"
+    );
+    let _ = run.finish().await;
+}
