@@ -3,7 +3,7 @@
 //! that the broker (this process) hands to the fetcher child.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use lazy_erofs_snapshotter::lazy::{LazyRecord, View, fetch_metadata};
 
 use lazy_erofs_ondemand::fanotify::keeper::adopt;
 
-use super::{ServeArgs, fetcher_command, keeper, layer_spec, log_event, status_lines};
+use super::{ServeArgs, fetcher_command, keeper, layer_spec, lazy_layers, log_event, status_lines};
 
 /// How long a planned stop waits for in-flight reads before denying what is left.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -37,6 +37,13 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
     let Some(mount_dir) = &args.mount_dir else {
         bail!("--backend fanotify mounts the image's layers: give --mount-dir DIR");
     };
+    // The image's layers are checked before the kernel is touched.
+    let registry = Arc::new(args.registry.registry()?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let layers = lazy_layers(&runtime, &registry, image)?;
     // A keeper left by a previous run holds the group its mounts still use: adopt it.
     let group = match adopt(&args.cache_dir) {
         Some(group) => {
@@ -58,11 +65,11 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
     config.restore = false;
     let supervisor = Supervisor::with_transport(Transport::Fanotify(broker.clone()), config)?;
 
-    let registry = Arc::new(args.registry.registry()?);
     let layers = prepare_layers(
+        &runtime,
         &registry,
         image,
-        &args.cache_dir,
+        layers,
         &broker,
         &supervisor,
         args,
@@ -130,29 +137,17 @@ pub fn run(args: &ServeArgs, term: &Arc<AtomicBool>) -> Result<()> {
 /// the fetcher), creates its sparse data file,
 /// registers it with the supervisor (for the fetcher) and the broker (marking it).
 fn prepare_layers(
+    runtime: &tokio::runtime::Runtime,
     registry: &Arc<Registry>,
     image: &str,
-    cache_dir: &Path,
+    (repository, layers): (String, Vec<LazyLayer>),
     broker: &Broker,
     supervisor: &Supervisor,
     options: &ServeArgs,
 ) -> Result<Vec<Prepared>> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let (manifest, digest) = runtime
-        .block_on(registry.pull_manifest(image))
-        .with_context(|| format!("pulling the manifest of {image}"))?;
-    let repository = lazy_erofs_image::registry::repository_of(image)?;
+    let cache_dir = options.cache_dir.as_path();
     let mut prepared = Vec::new();
-    for (index, descriptor) in manifest.layers().iter().enumerate() {
-        let Some(lazy) = LazyLayer::from_descriptor(descriptor)? else {
-            bail!(
-                "{image}@{digest}: layer {} is not lazy (convert it first)",
-                index + 1
-            );
-        };
+    for (index, lazy) in layers.into_iter().enumerate() {
         let record = LazyRecord::new(image, &repository, &lazy);
         let (dir, registry) = (cache_dir.to_path_buf(), registry.clone());
         // Once, through the verifying reader; the rest of the verified region is kept

@@ -90,18 +90,9 @@ fn lazy_layer_blobs(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (manifest, digest) = runtime
-        .block_on(registry.pull_manifest(image))
-        .with_context(|| format!("pulling the manifest of {image}"))?;
-    let repository = lazy_erofs_image::registry::repository_of(image)?;
+    let (repository, layers) = lazy_layers(&runtime, registry, image)?;
     let mut blobs = Vec::new();
-    for (index, layer) in manifest.layers().iter().enumerate() {
-        let Some(lazy) = LazyLayer::from_descriptor(layer)? else {
-            bail!(
-                "{image}@{digest}: layer {} is not lazy (convert it first)",
-                index + 1
-            );
-        };
+    for (index, lazy) in layers.into_iter().enumerate() {
         let spec = |view| layer_spec(image, &lazy, view, throttle);
         let fsid = lazy_erofs_image::manifest::layer_fsid(&lazy.binding(&repository));
         println!(
@@ -116,6 +107,33 @@ fn lazy_layer_blobs(
         }
     }
     Ok(blobs)
+}
+
+/// The repository of `image` and its layers from its manifest, each of which must be
+/// lazy.
+fn lazy_layers(
+    runtime: &tokio::runtime::Runtime,
+    registry: &Registry,
+    image: &str,
+) -> Result<(String, Vec<LazyLayer>)> {
+    let (manifest, digest) = runtime
+        .block_on(registry.pull_manifest(image))
+        .with_context(|| format!("pulling the manifest of {image}"))?;
+    let repository = lazy_erofs_image::registry::repository_of(image)?;
+    let layers = manifest
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(index, descriptor)| {
+            LazyLayer::from_descriptor(descriptor)?.with_context(|| {
+                format!(
+                    "{image}@{digest}: layer {} is not lazy (convert it first)",
+                    index + 1
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((repository, layers))
 }
 
 /// How the fetcher is told about one view of a lazy layer of `image`.
@@ -189,12 +207,13 @@ fn fetcher_command(args: &ServeArgs) -> Result<Vec<std::ffi::OsString>> {
 }
 
 fn run_cachefiles(args: &ServeArgs, stop: &Arc<AtomicBool>) -> Result<()> {
-    let device = Device::bind(&args.cache_dir, &args.tag)
-        .with_context(|| format!("binding an ondemand cache in {}", args.cache_dir.display()))?;
+    // The image's layers are checked before the kernel is touched.
     let lazy_blobs = match &args.image {
         Some(image) => lazy_layer_blobs(&args.registry.registry()?, image, args.throttle)?,
         None => Vec::new(),
     };
+    let device = Device::bind(&args.cache_dir, &args.tag)
+        .with_context(|| format!("binding an ondemand cache in {}", args.cache_dir.display()))?;
     let mut config = SupervisorConfig::new(args.run_dir.clone(), fetcher_command(args)?);
     config.restore = !args.no_restore;
     let supervisor = Supervisor::new(device, config)?;
