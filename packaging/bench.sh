@@ -26,6 +26,8 @@ layers=$(bash packaging/testdata/debian-layers.sh)
 # Both backends: cachefiles in the 6.12 VM, fanotify in the 7.3 VM (no fscache there).
 for series in 6 7; do
     echo "=== cold start of a python image: lazy-erofs vs overlayfs, shaped link (test VM, kernel series $series)"
-    packaging/testvm/run.sh --kernel-series "$series" --mem 6G -- bash "$PWD/packaging/demo/cold-start.sh" \
+    # REPEAT=N (default 1) runs each setting N times and prints medians as well.
+    packaging/testvm/run.sh --kernel-series "$series" --mem 6G -- env REPEAT="${REPEAT:-1}" \
+        bash "$PWD/packaging/demo/cold-start.sh" \
         "$CARGO_TARGET_DIR/release" "$layers" /scratch
 done

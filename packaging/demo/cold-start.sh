@@ -10,7 +10,9 @@
 # its regions behind the mounts or not), chunkN (the plain image converted in N KiB
 # chunks, fetched in units of one chunk). REGISTRY_REDIRECT=1: the registry redirects
 # blob GETs to its storage (see lib.sh); bytes are then counted as they leave the
-# registry's namespace.
+# registry's namespace. REPEAT=N runs the settings N times, in passes of alternating
+# direction (on nogap nogap on …), and prints each setting's medians
+# (`cold_start_median`): identical runs in one VM run differed by up to a fifth.
 # Usage: cold-start.sh BIN_DIR LAYERS_DIR WORK_DIR
 set -euo pipefail
 bin=$1 layers=$2 work=$3
@@ -111,6 +113,33 @@ read_trace() {
         }'
 }
 
+# Each profile and setting's median cold start, floor and ratio (each run's own lazy /
+# floor) over the `cold_start` lines on stdin, and the ratios in run order.
+cold_start_medians() {
+    awk '
+        function median(list,   v, n, i, j, t) {
+            n = split(list, v, ",")
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+            return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+        }
+        function add(list, x) { return list == "" ? x : list "," x }
+        {
+            for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+            key = "profile=" f["profile"] " setting=" f["setting"] " backend=" f["backend"]
+            if (!(key in runs)) order[++keys] = key
+            runs[key]++
+            lazy[key] = add(lazy[key], f["lazy_ms"]); floor[key] = add(floor[key], f["floor_ms"])
+            ratio[key] = add(ratio[key], f["ratio"])
+        }
+        END {
+            for (k = 1; k <= keys; k++) {
+                key = order[k]
+                printf "cold_start_median %s runs=%d lazy_ms=%d floor_ms=%d ratio=%.2f ratios=%s\n",
+                    key, runs[key], median(lazy[key]), median(floor[key]), median(ratio[key]), ratio[key]
+            }
+        }'
+}
+
 # Warm starts, both images on one node: each run once (cold), then runs alternating
 # overlayfs and lazy-erofs, the median of each (single runs under TCG vary by ±0.3 s).
 # WARM_ONLY=1 stops after this, SKIP_WARM=1 skips it.
@@ -171,8 +200,9 @@ convert_chunks() { # KIB REF, once per REF
 
 printf '\n| backend, profile | overlayfs cold | lazy-erofs cold | ratio | overlayfs warm | lazy-erofs warm | floor (all local, page cache dropped) | lazy bytes fetched / image |\n|---|---|---|---|---|---|---|---|\n' >"$work/table.md"
 # label|rate|one-way delay (netem on both ends: RTT is twice the delay)|order of the
-# lazy runs (the second lazy run of a profile measured slower whatever its setting, so
-# readahead on and the start-up image each go first once). "eager" is the start-up
+# lazy runs (readahead on and the start-up image each go first once: the second lazy
+# run of a profile often measured slower whatever its setting, though two runs of one
+# setting in one VM run differed by a fifth either way; REPEAT=3 for medians). "eager" is the start-up
 # image with its regions fetched as each layer opens (`startup_yields = false`, as
 # before they gave way to the mounts). SETTINGS="…" runs those settings in every
 # profile instead; PROFILES=unshaped|shaped runs only that one.
@@ -180,6 +210,11 @@ for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|
     IFS='|' read -r label rate delay order <<<"$profile"
     case "${PROFILES:-both}:$rate" in unshaped:?* | shaped:) continue ;; esac
     order=${SETTINGS:-$order}
+    # Passes alternate direction (A B, B A, A B …): later runs in one VM run measure
+    # slower, so each setting's positions even out over two passes.
+    order=$(for pass in $(seq 1 "${REPEAT:-1}"); do
+        if [ $((pass % 2)) = 1 ]; then printf '%s ' $order; else printf '%s\n' $order | tac | tr '\n' ' '; fi
+    done)
     if [ -z "$rate" ]; then shape none; else shape "$rate" "$delay"; fi
 
     reset_node
@@ -240,9 +275,11 @@ for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|
             "overlay_ms=$overlay_cold warm_ms=$lazy_warm overlay_warm_ms=$overlay_warm fetched_bytes=$fetched" \
             "pull_ms=$pull_ms floor_pull_ms=$floor_pull_ms read_bytes=$read_bytes fetched_per_read=$(awk "BEGIN { printf \"%.2f\", $fetched / $read_bytes }")" \
             "pull_meta_ms=$pull_meta_ms floor_pull_meta_ms=$floor_pull_meta_ms registry_gets=$gets" \
-            "registry=$registry_mode backend=$backend"
+            "registry=$registry_mode backend=$backend" | tee -a "$work/cold-start.lines"
         tail -n +"$log_from" "$work/snapshotter.log" | read_trace "backend=$backend profile=$slug setting=$setting"
     done
 done
 shape none
 cat "$work/table.md"
+[ "${REPEAT:-1}" -gt 1 ] && cold_start_medians <"$work/cold-start.lines"
+true
