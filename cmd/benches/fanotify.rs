@@ -18,7 +18,7 @@ mod util;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use util::{mb_per_s, read_all, registry_get_mb_s};
@@ -104,25 +104,10 @@ fn main() -> Result<()> {
     let kill_dir = work.path().join("kills");
     fs::create_dir_all(&kill_dir)?;
     let serve = fanotify::serve(&kill_dir, &image, Some("latency=5ms,rate=64MiB"), true)?;
-    let reader = {
-        let path = fanotify::path(&kill_dir, name);
-        std::thread::spawn(move || read_all(&path))
-    };
-    let mut kills = 0;
-    while !reader.is_finished() && kills < 30 {
-        std::thread::sleep(Duration::from_millis(300));
-        if !reader.is_finished() {
-            serve.kill_fetcher()?;
-            kills += 1;
-        }
-    }
-    let (kill_bytes, kill_took) = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    ensure!(
-        kill_bytes == bytes,
-        "reader under kills got {kill_bytes} bytes"
-    );
+    let (kill_took, kills) =
+        util::read_under_kills(fanotify::path(&kill_dir, name), bytes, || {
+            serve.kill_fetcher()
+        })?;
     let failover = serve.stop()?;
     fanotify::keeper_gone(&kill_dir)?;
 

@@ -16,7 +16,6 @@ mod util;
 
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::{Serve, ServeOptions};
@@ -107,25 +106,8 @@ fn main() -> Result<()> {
     )?;
     let mnt = failover_dir.join("mnt");
     common::mount_ok("bench", &mnt)?;
-    let reader = {
-        let path = mnt.join(file);
-        std::thread::spawn(move || read_all(&path))
-    };
-    let mut kills = 0;
-    while !reader.is_finished() && kills < 30 {
-        std::thread::sleep(Duration::from_millis(300));
-        if !reader.is_finished() {
-            serve.kill_fetcher()?;
-            kills += 1;
-        }
-    }
-    let (failover_bytes, failover_took) = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    ensure!(
-        failover_bytes == bytes,
-        "reader under kills got {failover_bytes} bytes"
-    );
+    let (failover_took, kills) =
+        util::read_under_kills(mnt.join(file), bytes, || serve.kill_fetcher())?;
     common::umount(&mnt)?;
     let failover = serve.stop()?;
 

@@ -24,6 +24,30 @@ pub fn read_all(path: &Path) -> Result<(u64, Duration)> {
     Ok((total, start.elapsed()))
 }
 
+/// Reads `path` to the end (as [`read_all`]) on a thread while `kill` SIGKILLs the
+/// fetcher every 300 ms, at most 30 times; checks the bytes read are `bytes`. Returns
+/// the read's time and the kills.
+pub fn read_under_kills(
+    path: std::path::PathBuf,
+    bytes: u64,
+    mut kill: impl FnMut() -> Result<()>,
+) -> Result<(Duration, u32)> {
+    let reader = std::thread::spawn(move || read_all(&path));
+    let mut kills = 0;
+    while !reader.is_finished() && kills < 30 {
+        std::thread::sleep(Duration::from_millis(300));
+        if !reader.is_finished() {
+            kill()?;
+            kills += 1;
+        }
+    }
+    let (read, took) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    anyhow::ensure!(read == bytes, "reader under kills got {read} bytes");
+    Ok((took, kills))
+}
+
 pub fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / 1e6 / took.as_secs_f64()
 }
