@@ -37,12 +37,17 @@ mod daemon_client {
     >;
 }
 
-/// Prepare → commit layers on top of each other, removing the top now and then, until
-/// a call fails (the daemon was killed).
 /// Whether a failed call failed because the daemon died (the connection went), not
 /// because it refused the call: anything else is a bug this test must report.
 fn killed(status: &tonic::Status) -> Result<()> {
-    let message = status.message().to_lowercase();
+    // The transport's error is the status's source: a request cut off by the kill reads
+    // "operation was canceled" with hyper's "connection closed" beneath it.
+    let message = format!(
+        "{} {:?}",
+        status.message(),
+        std::error::Error::source(status)
+    )
+    .to_lowercase();
     let transport = [
         "transport",
         "connection",
@@ -54,12 +59,17 @@ fn killed(status: &tonic::Status) -> Result<()> {
     .any(|m| message.contains(m));
     ensure!(
         status.code() == tonic::Code::Unavailable
-            || (matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal) && transport),
+            || (matches!(
+                status.code(),
+                tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+            ) && transport),
         "a call failed, but not from the kill: {status:?}"
     );
     Ok(())
 }
 
+/// Prepare → commit layers on top of each other, removing the top now and then, until
+/// a call fails (the daemon was killed).
 async fn churn(c: &mut daemon_client::Client, model: &mut Model, round: usize) -> Result<()> {
     for step in 0.. {
         let parent = model
@@ -204,4 +214,18 @@ async fn kill_9_during_prepare_commit_remove_leaves_a_consistent_store_and_tree(
         "kills rarely hit a call: {calls_interrupted}"
     );
     Ok(())
+}
+
+/// The failures a kill causes pass [`killed`], including a request cut off mid-call
+/// (seen once in CI); a refusal by a living daemon does not.
+#[test]
+fn a_cut_connection_counts_as_the_kill_and_a_refusal_does_not() {
+    let mut cut = tonic::Status::cancelled("operation was canceled");
+    cut.set_source(std::sync::Arc::new(std::io::Error::other(
+        "hyper::Error(Canceled, \"connection closed\")",
+    )));
+    assert!(killed(&cut).is_ok());
+    assert!(killed(&tonic::Status::unavailable("tcp connect error")).is_ok());
+    assert!(killed(&tonic::Status::cancelled("operation was canceled")).is_err());
+    assert!(killed(&tonic::Status::already_exists("snapshot exists")).is_err());
 }
