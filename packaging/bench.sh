@@ -17,6 +17,11 @@ fanotify_bench=$(cargo bench --locked -p lazy-erofs-cmd --bench fanotify --no-ru
     jq -r 'select(.profile.test == true and .target.name == "fanotify") | .executable' | tail -n1)
 [ -x "$fanotify_bench" ] || { echo "fanotify bench binary not found" >&2; exit 1; }
 "$fanotify_bench"
+echo "=== cold start of a python image on the host (fanotify, unshaped: no netem here), medians of 3"
+host_work=$(mktemp -d)
+PROFILES=unshaped REPEAT=3 bash packaging/demo/cold-start.sh "$CARGO_TARGET_DIR/release" \
+    "$(bash packaging/testdata/debian-layers.sh)" "$host_work"
+rm -rf "$host_work" # ~300 MB: the registry's blobs and the image layout
 echo "=== lazy reads, cachefiles backend (test VM)"
 bench=$(cargo bench --locked -p lazy-erofs-cmd --bench ondemand --no-run --message-format json 2>/dev/null |
     jq -r 'select(.profile.test == true and .target.name == "ondemand") | .executable' | tail -n1)
