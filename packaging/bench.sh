@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks (release build) and prints their figures: layer conversion and
-# snapshotter call latency on the host, lazy reads and cold starts in the test VMs.
+# snapshotter call latency and an unshaped cold start on the host, lazy reads and cold
+# starts in the test VMs.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash packaging/setup.sh
