@@ -202,9 +202,9 @@ printf '\n| backend, profile | overlayfs cold | lazy-erofs cold | ratio | overla
 # label|rate|one-way delay (netem on both ends: RTT is twice the delay)|order of the
 # lazy runs (readahead on and the start-up image each go first once: the second lazy
 # run of a profile often measured slower whatever its setting, though two runs of one
-# setting in one VM run differed by a fifth either way; REPEAT=3 for medians). "eager" is the start-up
-# image with its regions fetched as each layer opens (`startup_yields = false`, as
-# before they gave way to the mounts). SETTINGS="…" runs those settings in every
+# setting in one VM run differed by a fifth either way; REPEAT=3 for medians). "eager"
+# is the start-up image with its regions fetched as each layer opens
+# (`startup_yields = false`, as before they gave way to the mounts). SETTINGS="…" runs those settings in every
 # profile instead; PROFILES=unshaped|shaped runs only that one.
 for profile in "unshaped|||startup eager on off" "100 Mbit/s, 20 ms RTT|100mbit|10ms|eager startup on off"; do
     IFS='|' read -r label rate delay order <<<"$profile"

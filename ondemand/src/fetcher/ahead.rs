@@ -179,13 +179,12 @@ impl<K: Kernel> Fetcher<K> {
                 object.ahead.not_started(index);
                 return;
             };
-            let super::Run {
-                fetch,
-                covered,
-                started,
-            } = self.run(object_id, object, index, len, Some(permit));
-            self.parts.stats.add(Counter::ReadAheadFetches, started);
-            at += covered as usize;
+            let run = self.run(object_id, object, index, len, Some(permit));
+            self.parts
+                .stats
+                .add(Counter::ReadAheadFetches, run.started());
+            at += run.covered as usize;
+            let fetch = run.fetch;
             tokio::spawn(async move {
                 if let Err(err) = fetch.await {
                     tracing::debug!(

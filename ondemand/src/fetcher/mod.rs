@@ -440,18 +440,18 @@ impl<K: Kernel> Fetcher<K> {
         Run {
             fetch,
             covered: len,
-            started: len,
+            joined: false,
         }
     }
 }
 
 /// What [`Fetcher::run`] gave: the fetch that covers its first unit, how many units
-/// from there that fetch covers, and how many of them this call started (0 when it
-/// joined a fetch in flight or found the unit done or failed).
+/// from there that fetch covers, and whether it joined a fetch in flight (or found the
+/// unit done or failed) instead of starting one.
 struct Run {
     fetch: ChunkFetch,
     covered: u64,
-    started: u64,
+    joined: bool,
 }
 
 impl Run {
@@ -459,8 +459,13 @@ impl Run {
         Self {
             fetch,
             covered: 1,
-            started: 0,
+            joined: true,
         }
+    }
+
+    /// The units this call started fetching.
+    fn started(&self) -> u64 {
+        if self.joined { 0 } else { self.covered }
     }
 }
 

@@ -93,9 +93,9 @@ impl<K: Kernel> Fetcher<K> {
                 len += 1;
             }
             let run = self.run(object_id, object, index, len, None);
-            fetches.push(run.fetch);
-            fetched += run.started;
+            fetched += run.started();
             index += run.covered;
+            fetches.push(run.fetch);
         }
         if fetches.is_empty() {
             return None;
